@@ -1,0 +1,60 @@
+"""The command line: --dry_run reproduces Marin's numbers; user mistakes are one line on stderr and exit code 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI must not inherit the tests' 8 devices
+  return subprocess.run([sys.executable, "-m", "tinyjax.main", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name,model_size,steps,tokens,model_flops", [
+    ("c4_30m", 33_784_960, 4_577, 599_916_544, None),
+    ("c4_50m", 50_874_048, 7_629, 999_948_288, 1.6698528441040896e17),  # Marin llama_50m_muon_1x
+    ("c4_75m", 73_273_600, 11_444, 1_499_987_968, None),
+    ("c4_130m", 154_147_328, 4_959, 2_599_944_192, 1.777337490915459e18),  # Marin muon_llama_scaling/130m
+])
+def test_dry_run_reproduces_marin(name, model_size, steps, tokens, model_flops):
+  r = run_main(f"--config=configs/{name}.py", "--dry_run")
+  assert r.returncode == 0, r.stderr
+  plan = json.loads(r.stdout)
+  assert plan["model_size"] == model_size, "Marin's total_trainable_params must match exactly"
+  assert plan["num_train_steps"] == steps and plan["total_tokens"] == tokens, "Marin's 20*P//(B*S) step rule"
+  assert plan["model_flops"] == pytest.approx(3 * plan["flops_per_token"] * tokens, rel=1e-12)
+  if model_flops is not None:
+    assert abs(plan["model_flops"] / model_flops - 1) < 1e-9, "model_flops differs from the leaderboard"
+  groups = plan["optimizer_groups"]
+  assert "lm_head/kernel" in groups["adam"] and "embed_tokens/embedding" in groups["adam"]
+  assert all(p.endswith("kernel") and "lm_head" not in p for p in groups["muon"])
+  assert {"mesh", "env", "non_embedding_params", "flops_per_token", "tokens_per_step"} <= plan.keys()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.nope=3"], "unknown config key config.model.nope"),
+    (["--config.model.hidden_dim=abc"], "--config.model.hidden_dim=abc"),
+    (["--config.model.hidden_dim=0"], "config.model.hidden_dim=0 is invalid: must be a positive integer"),
+    (["--config.model.num_heads=5"], "config.model.num_heads=5 is invalid: must divide model.hidden_dim=192"),
+    (["--config.optimizer.name=sgd"], "config.optimizer.name='sgd' is invalid: allowed: muon, adamw"),
+    (["--config.optimizer.lr_schedule=wsd"], "allowed: linear, cosine, constant"),
+    (["--config.train.train_batch_size=3", "--config.env.host_device_count=2"],
+     "config.train.train_batch_size=3 is invalid: must be divisible by the data-parallel size 2"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+  r = run_main("--config=configs/c4_50m.py", "--dry_run", *args)
+  assert r.returncode == 2, f"user mistakes exit 2, got {r.returncode}: {r.stderr}"
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "Traceback" not in r.stderr, f"expected one line, got: {r.stderr}"
+  assert message in lines[0]
+
+
+def test_missing_config_file():
+  r = run_main("--config=configs/missing.py")
+  assert r.returncode == 2 and r.stderr.strip() == "tinyjax: error: --config=configs/missing.py: no such config file " \
+      "(see configs/)"

@@ -1,0 +1,246 @@
+"""The one place that declares every config key (with a comment), validates a config, and derives run sizes.
+
+Experiment files in configs/ call `base()` and override; no other module reads a key that is not declared here.
+Field names follow Marin/Levanter (LlamaConfig, SimpleTrainConfig, MuonConfig/AdamConfig) where they exist.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_collections as mlc
+from ml_collections import config_dict
+
+from tinyjax import flops, model
+
+# Marin's vocabulary: len(marin-tokenizer) = Llama-3 tokenizer (experiments/llama.py llama3_tokenizer_vocab_size).
+MARIN_VOCAB_SIZE = 128_256
+# Chinchilla: 20 training tokens per (nominal) parameter; Marin computes steps as 20·P_nominal // (batch·seq).
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+OPTIMIZERS = ("muon", "adamw")
+SCHEDULES = ("linear", "cosine", "constant")
+COEFFICIENT_TYPES = ("simple", "quintic")
+DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "block")
+
+
+# Marin experiments/llama.py shapes: (hidden_dim, intermediate_dim, num_layers, num_heads, num_kv_heads, seq_len).
+MARIN_MODELS = {
+    "llama_nano": (32, 128, 2, 2, 2, 512),
+    "llama_30m": (128, 448, 4, 2, 2, 1024),
+    "llama_50m": (192, 448, 4, 2, 2, 1024),
+    "llama_75m": (256, 896, 8, 4, 4, 1024),
+    "llama_150m": (512, 1792, 6, 8, 8, 1024),
+    "llama_300m": (768, 2688, 12, 12, 12, 1024),
+}
+
+
+def marin_model(cfg: mlc.ConfigDict, name: str) -> None:
+  """Sets cfg.model's shape to Marin's `name` (experiments/llama.py), vocab 128,256, untied head."""
+  m = cfg.model
+  m.hidden_dim, m.intermediate_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.seq_len = MARIN_MODELS[name]
+  m.vocab_size, m.tie_word_embeddings = MARIN_VOCAB_SIZE, False
+
+
+def adamw_defaults(cfg: mlc.ConfigDict) -> None:
+  """Sets cfg.optimizer to Levanter's AdamConfig defaults (the base defaults are MuonConfig's)."""
+  o = cfg.optimizer
+  o.name, o.learning_rate, o.weight_decay, o.nesterov = "adamw", 6e-4, 0.1, False
+  o.beta1, o.beta2, o.epsilon, o.max_grad_norm = 0.9, 0.95, 1e-8, 1.0
+  o.warmup, o.decay, o.min_lr_ratio, o.lr_schedule = 0.01, None, 0.1, "cosine"
+
+
+class ConfigError(ValueError):
+  """A user mistake in the config: the message names the key and what is allowed."""
+
+
+def base() -> mlc.ConfigDict:
+  """Every key tinyjax reads, with its default. Defaults mirror Levanter's where a Levanter field exists."""
+  c = mlc.ConfigDict()
+  c.seed = 0  # model-init PRNG seed (Marin: trainer.seed = 0)
+
+  c.model = m = mlc.ConfigDict()
+  m.hidden_dim = 192  # d_model (Levanter LlamaConfig.hidden_dim)
+  m.intermediate_dim = 448  # SwiGLU inner width
+  m.num_layers = 4  # transformer blocks
+  m.num_heads = 2  # query heads; head_dim = hidden_dim // num_heads
+  m.num_kv_heads = 2  # key/value heads (GQA when < num_heads); must divide num_heads
+  m.seq_len = 1024  # training/eval window length in tokens
+  m.vocab_size = MARIN_VOCAB_SIZE  # embedding rows; must be >= the tokenizer's vocabulary
+  m.tie_word_embeddings = False  # Levanter default: untied lm_head
+  m.use_qk_norm = False  # RMSNorm on q and k per head (qwen3-style; for stability studies)
+  m.layer_norm_epsilon = 1e-5  # RMSNorm eps (Levanter default)
+  m.rope_theta = 10000.0  # RoPE base (Levanter DefaultRotaryEmbeddingsConfig)
+  m.param_dtype = "float32"  # master weights (Marin jmp policy p=f32)
+  m.compute_dtype = "bfloat16"  # matmul/activation dtype (Marin jmp policy c=bfloat16); loss is always fp32
+  m.remat = "none"  # "none" | "block": rematerialise each block in the backward pass (Levanter: gradient_checkpointing)
+
+  c.optimizer = o = mlc.ConfigDict()
+  o.name = "muon"  # "muon" (Levanter MuonConfig) | "adamw" (Levanter AdamConfig)
+  o.learning_rate = 6e-4  # peak LR: Muon group for muon, all params for adamw (OptimizerConfig default)
+  o.adam_lr = 6e-4  # muon only: peak LR of the Adam group (embedding, lm_head, norms)
+  o.lr_scaling_base_batch = 0  # >0: scale both LRs by sqrt(train_batch_size / this) (sqrt batch-size rule); 0 = off
+  o.momentum = 0.95  # muon: heavy-ball momentum (no dampening)
+  o.nesterov = True  # muon: Nesterov momentum (MuonConfig default); adamw: NAdam update (use adamw_defaults)
+  o.backend_steps = 5  # muon: Newton-Schulz iterations
+  o.coefficient_type = "simple"  # muon: "simple" (all 2025 Marin runs) | "quintic" (Levanter default since 2026-01-29)
+  o.muon_epsilon = 1e-8  # muon: X = u / (||u||_F + muon_epsilon)
+  o.use_kimi_scaling = False  # muon: scale by 0.2*sqrt(max(out,in)) instead of sqrt(max(1,out/in))
+  o.beta1 = 0.9  # Adam beta1 (adam group for muon)
+  o.beta2 = 0.95  # Adam beta2
+  o.epsilon = 1e-8  # Adam epsilon (added outside the sqrt)
+  o.max_grad_norm = 1.0  # global-norm clip; muon: Adam group only (Levanter); 0 = no clipping
+  o.weight_decay = 0.0  # decoupled, x lr; masked off for norms and the embedding (Levanter)
+  o.adam_weight_decay = config_dict.placeholder(float)  # muon: Adam-group decay; None = weight_decay
+  o.warmup = 0.01  # <= 1: fraction of steps; > 1: steps. Linear from 0 (Levanter)
+  o.decay = config_dict.placeholder(float)  # <= 1: fraction; > 1: steps; None: every post-warmup step
+  o.min_lr_ratio = 0.1  # final LR = peak * min_lr_ratio
+  o.lr_schedule = "cosine"  # decay shape: "linear" | "cosine" | "constant"
+
+  c.train = t = mlc.ConfigDict()
+  t.train_batch_size = 128  # global batch in sequences
+  t.num_train_steps = 0  # > 0: number of steps; 0: derive from chinchilla_multiple
+  t.chinchilla_multiple = 1.0  # > 0 and num_train_steps == 0: steps = multiple*20*nominal_params // tokens_per_step
+  t.nominal_params = 0  # parameter count the Chinchilla budget uses (Marin: 30e6/50e6/130e6...); 0 = model_size
+  t.grad_accum_steps = 1  # microbatches per step (gradient accumulation); must divide the per-process batch
+  t.z_loss_weight = 0.0  # > 0: add weight * logsumexp(logits)^2 per token (Marin z_loss_weight)
+  t.steps_per_eval = 1000  # eval every this many steps and at the end (Marin default 1000)
+  t.max_eval_batches = 0  # cap on eval batches per set; 0 = all windows (Marin: None)
+  t.eval_batch_size = 0  # 0 = train_batch_size (Marin's default)
+  t.log_every = 10  # steps between metrics lines (the only host syncs in the loop)
+  t.data_seed = 42  # shuffle seed of the training windows (Marin speedrun forces 42)
+
+  c.data = d = mlc.ConfigDict()
+  d.train_urls = ["builtin:python-docs/train"]  # sources of training documents (builtin: the offline corpus)
+  d.validation_urls = {"python_docs": ["builtin:python-docs/validation"]}  # eval-set name -> sources
+  d.tokenizer = "builtin"  # "builtin" (BPE trained on the train split) | HF hub name | path to tokenizer.json
+  d.cache_dir = "~/.cache/tinyjax"  # root of token caches and trained tokenizers
+  d.text_key = "text"  # JSON field holding a document's text
+  d.num_workers = 0  # Grain worker processes (0 = in-process; order does not depend on it)
+
+  c.mesh = mlc.ConfigDict()
+  c.mesh.data = -1  # devices on the data axis; -1 = all devices
+  c.mesh.fsdp = False  # also shard params and optimizer state over the data axis (ZeRO-3 style)
+
+  c.env = e = mlc.ConfigDict()
+  e.platform = ""  # JAX_PLATFORMS ("cpu", "gpu", "tpu"); "" = leave as is
+  e.host_device_count = 0  # > 0: fake this many CPU devices (testing sharding on one host)
+  e.xla_flags = ""  # extra XLA_FLAGS, space separated, appended to the environment's
+  e.jax_threefry_partitionable = True  # Levanter DEFAULT_JAX_CONFIG
+  e.jax_softmax_custom_jvp = True  # Levanter DEFAULT_JAX_CONFIG
+  e.jax_default_matmul_precision = ""  # "" = backend default; e.g. "highest" for fp32 matmuls on TPU/GPU
+  e.compilation_cache_dir = ""  # persistent XLA compilation cache; "" = off
+  return c
+
+
+def _fraction_or_steps(value: float, total: int) -> int:
+  """Levanter _convert_frac_or_steps: <= 1 is a fraction of total, > 1 a step count."""
+  return int(value * total) if value <= 1.0 else int(value)
+
+
+def tokens_per_step(cfg) -> int:
+  return cfg.train.train_batch_size * cfg.model.seq_len
+
+
+def num_train_steps(cfg, model_size: int) -> int:
+  """Explicit steps win; otherwise Marin's 20·P_nominal·multiple // (batch·seq)."""
+  if cfg.train.num_train_steps > 0:
+    return cfg.train.num_train_steps
+  nominal = cfg.train.nominal_params or model_size
+  return int(cfg.train.chinchilla_multiple * CHINCHILLA_TOKENS_PER_PARAM * nominal) // tokens_per_step(cfg)
+
+
+def learning_rates(cfg) -> tuple[float, float]:
+  """(learning_rate, adam_lr) after the optional sqrt batch-size rule."""
+  o = cfg.optimizer
+  scale = 1.0
+  if o.lr_scaling_base_batch > 0:
+    scale = math.sqrt(cfg.train.train_batch_size / o.lr_scaling_base_batch)
+  return o.learning_rate * scale, o.adam_lr * scale
+
+
+def warmup_steps(cfg, total: int) -> int:
+  return _fraction_or_steps(cfg.optimizer.warmup, total)
+
+
+def decay_steps(cfg, total: int) -> int:
+  warm = warmup_steps(cfg, total)
+  if cfg.optimizer.decay is None:
+    return total - warm
+  return _fraction_or_steps(cfg.optimizer.decay, total)
+
+
+def _require(ok: bool, key: str, allowed: str, value) -> None:
+  if not ok:
+    raise ConfigError(f"config.{key}={value!r} is invalid: {allowed}")
+
+
+def validate(cfg, num_devices: int | None = None) -> None:
+  """Raises ConfigError naming the first bad key; num_devices enables the mesh/batch divisibility checks."""
+  m, o, t, d = cfg.model, cfg.optimizer, cfg.train, cfg.data
+  for key in ("hidden_dim", "intermediate_dim", "num_layers", "num_heads", "num_kv_heads", "seq_len", "vocab_size"):
+    _require(getattr(m, key) > 0, f"model.{key}", "must be a positive integer", getattr(m, key))
+  _require(m.hidden_dim % m.num_heads == 0, "model.num_heads",
+           f"must divide model.hidden_dim={m.hidden_dim}", m.num_heads)
+  _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+           f"must divide model.num_heads={m.num_heads}", m.num_kv_heads)
+  _require(((m.hidden_dim // m.num_heads) % 2) == 0, "model.num_heads",
+           "must leave an even head_dim (RoPE rotates pairs)", m.num_heads)
+  _require(m.seq_len >= 2, "model.seq_len", "must be >= 2 (one input and one target)", m.seq_len)
+  _require(m.layer_norm_epsilon > 0, "model.layer_norm_epsilon", "must be > 0", m.layer_norm_epsilon)
+  _require(m.param_dtype in DTYPES, "model.param_dtype", f"allowed: {', '.join(DTYPES)}", m.param_dtype)
+  _require(m.compute_dtype in DTYPES, "model.compute_dtype", f"allowed: {', '.join(DTYPES)}", m.compute_dtype)
+  _require(m.remat in REMAT, "model.remat", f"allowed: {', '.join(REMAT)}", m.remat)
+
+  _require(o.name in OPTIMIZERS, "optimizer.name", f"allowed: {', '.join(OPTIMIZERS)}", o.name)
+  _require(o.lr_schedule in SCHEDULES, "optimizer.lr_schedule", f"allowed: {', '.join(SCHEDULES)}", o.lr_schedule)
+  _require(o.coefficient_type in COEFFICIENT_TYPES, "optimizer.coefficient_type",
+           f"allowed: {', '.join(COEFFICIENT_TYPES)}", o.coefficient_type)
+  for key in ("learning_rate", "adam_lr"):
+    _require(getattr(o, key) > 0, f"optimizer.{key}", "must be > 0", getattr(o, key))
+  for key in ("beta1", "beta2", "momentum"):
+    _require(0 <= getattr(o, key) < 1, f"optimizer.{key}", "must be in [0, 1)", getattr(o, key))
+  for key in ("epsilon", "muon_epsilon", "max_grad_norm", "weight_decay", "min_lr_ratio", "warmup",
+              "lr_scaling_base_batch"):
+    _require(getattr(o, key) >= 0, f"optimizer.{key}", "must be >= 0", getattr(o, key))
+  _require(o.backend_steps > 0, "optimizer.backend_steps", "must be a positive integer", o.backend_steps)
+  _require(o.decay is None or o.decay >= 0, "optimizer.decay", "must be >= 0 (or None)", o.decay)
+  for key in ("warmup", "decay"):  # Levanter _convert_frac_or_steps: > 1 means a whole number of steps
+    value = getattr(o, key)
+    _require(value is None or value <= 1 or float(value).is_integer(), f"optimizer.{key}",
+             "must be a fraction <= 1 or a whole number of steps", value)
+
+  _require(t.train_batch_size > 0, "train.train_batch_size", "must be a positive integer", t.train_batch_size)
+  _require(t.num_train_steps >= 0, "train.num_train_steps", "must be >= 0 (0 = use chinchilla_multiple)",
+           t.num_train_steps)
+  _require(t.num_train_steps > 0 or t.chinchilla_multiple > 0, "train.num_train_steps",
+           "must be > 0 unless train.chinchilla_multiple > 0", t.num_train_steps)
+  _require(t.chinchilla_multiple >= 0, "train.chinchilla_multiple", "must be >= 0", t.chinchilla_multiple)
+  _require(t.grad_accum_steps > 0, "train.grad_accum_steps", "must be a positive integer", t.grad_accum_steps)
+  for key in ("steps_per_eval", "log_every"):
+    _require(getattr(t, key) > 0, f"train.{key}", "must be a positive integer", getattr(t, key))
+  for key in ("max_eval_batches", "eval_batch_size", "nominal_params"):
+    _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 = default)", getattr(t, key))
+  _require(t.z_loss_weight >= 0, "train.z_loss_weight", "must be >= 0", t.z_loss_weight)
+  _require(len(d.train_urls) > 0, "data.train_urls", "must name at least one source", list(d.train_urls))
+  _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+  _require(cfg.mesh.data == -1 or cfg.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive",
+           cfg.mesh.data)
+  _require(cfg.env.host_device_count >= 0, "env.host_device_count", "must be >= 0", cfg.env.host_device_count)
+
+  steps = num_train_steps(cfg, flops.param_counts(model.ModelConfig.from_config(m))["model_size"])
+  _require(steps > 0, "train.chinchilla_multiple", "gives 0 steps at this batch and seq_len", t.chinchilla_multiple)
+  _require(warmup_steps(cfg, steps) + decay_steps(cfg, steps) <= steps, "optimizer.decay",
+           f"warmup + decay must fit in the {steps} training steps", o.decay)
+
+  if num_devices is not None:
+    data = num_devices if cfg.mesh.data == -1 else cfg.mesh.data
+    _require(data <= num_devices and num_devices % data == 0, "mesh.data",
+             f"must divide the {num_devices} available devices", cfg.mesh.data)
+    _require(t.train_batch_size % data == 0, "train.train_batch_size",
+             f"must be divisible by the data-parallel size {data}", t.train_batch_size)
+    _require((t.train_batch_size // data) % t.grad_accum_steps == 0, "train.grad_accum_steps",
+             f"must divide the per-device batch {t.train_batch_size // data}", t.grad_accum_steps)
+    eval_bs = t.eval_batch_size or t.train_batch_size
+    _require(eval_bs % data == 0, "train.eval_batch_size",
+             f"must be divisible by the data-parallel size {data}", eval_bs)

@@ -1,0 +1,192 @@
+"""A Flax (Linen) Llama identical to Levanter's LlamaLMHeadModel, plus its next-token loss.
+
+Conventions: shape suffixes name the dimensions of every array.
+  B batch · L sequence length · D hidden_dim · H query heads · G kv heads · R = H/G queries per kv head
+  K head_dim · F intermediate_dim · V vocab_size
+Kernels are Flax-style (in, out); Levanter stores (out, in), which only matters for Muon (see optim.py).
+Source facts: ../shared/reference/marin-speedrun.md §2 (architecture, init), §8 (loss, document masking).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  hidden_dim: int
+  intermediate_dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  seq_len: int
+  vocab_size: int
+  tie_word_embeddings: bool = False
+  use_qk_norm: bool = False
+  layer_norm_epsilon: float = 1e-5
+  rope_theta: float = 10000.0
+  param_dtype: str = "float32"
+  compute_dtype: str = "bfloat16"
+  remat: str = "none"
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "ModelConfig":
+    return cls(**{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)})
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_dim // self.num_heads
+
+
+def _truncated_normal(scale: float):
+  """Haliax init: truncated_normal(-3, 3) * scale, NOT re-normalised to unit std (unlike flax's initializer)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.truncated_normal(key, -3.0, 3.0, shape, dtype) * scale
+  return init
+
+
+def _dense(features: int, fan_in: int, cfg: ModelConfig, name: str) -> nn.Dense:
+  # Haliax Linear: truncated normal * 1/sqrt(fan_in), no bias.
+  return nn.Dense(features, use_bias=False, kernel_init=_truncated_normal(fan_in ** -0.5),
+                  dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype, name=name)
+
+
+class RMSNorm(nn.Module):
+  """Levanter/Haliax RmsNorm: statistics in fp32, weight applied in the compute dtype."""
+  eps: float
+  dtype: str
+  param_dtype: str
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rope(x_BLNK, theta: float):
+  """HF/Levanter rotate-half RoPE: inv_freq = theta^(-arange(0,K,2)/K), tables concat(freqs, freqs)."""
+  K, L = x_BLNK.shape[-1], x_BLNK.shape[1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+  freqs_LK = jnp.concatenate([jnp.outer(jnp.arange(L, dtype=jnp.float32), inv_freq)] * 2, axis=-1)
+  cos, sin = jnp.cos(freqs_LK)[None, :, None, :], jnp.sin(freqs_LK)[None, :, None, :]
+  x = x_BLNK.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return (x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x_BLNK.dtype)
+
+
+def segment_ids(tokens_BL, eos_id: int):
+  """Levanter LmExample.causal: the token after an EOS starts a new document (position 0 is document 0)."""
+  starts_BL = jnp.pad(tokens_BL[:, :-1] == eos_id, ((0, 0), (1, 0)))
+  return jnp.cumsum(starts_BL.astype(jnp.int32), axis=1)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, seg_BL):
+    c = self.cfg
+    B, L, D = x_BLD.shape
+    H, G, K = c.num_heads, c.num_kv_heads, c.head_dim
+    q_BLHK = _dense(H * K, D, c, "q_proj")(x_BLD).reshape(B, L, H, K)
+    k_BLGK = _dense(G * K, D, c, "k_proj")(x_BLD).reshape(B, L, G, K)
+    v_BLGK = _dense(G * K, D, c, "v_proj")(x_BLD).reshape(B, L, G, K)
+    if c.use_qk_norm:
+      q_BLHK = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, c.param_dtype, name="q_norm")(q_BLHK)
+      k_BLGK = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, c.param_dtype, name="k_norm")(k_BLGK)
+    q_BLHK, k_BLGK = rope(q_BLHK, c.rope_theta), rope(k_BLGK, c.rope_theta)
+    # Levanter's q_proj Out axis is (kv_heads, q_per_group, head_dim): query heads are grouped by kv head.
+    q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+    scores_BGRLL = jnp.einsum("blgrk,bmgk->bgrlm", q_BLGRK, k_BLGK,
+                              preferred_element_type=jnp.float32) / math.sqrt(K)
+    causal_LL = jnp.tril(jnp.ones((L, L), dtype=bool))
+    same_doc_BLL = seg_BL[:, :, None] == seg_BL[:, None, :]
+    mask_B11LL = (causal_LL[None] & same_doc_BLL)[:, None, None]
+    scores_BGRLL = jnp.where(mask_B11LL, scores_BGRLL, jnp.finfo(jnp.float32).min)
+    probs_BGRLL = jax.nn.softmax(scores_BGRLL, axis=-1).astype(v_BLGK.dtype)
+    out_BLGRK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BGRLL, v_BLGK)
+    return _dense(D, H * K, c, "o_proj")(out_BLGRK.reshape(B, L, H * K))
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    c = self.cfg
+    D, F = c.hidden_dim, c.intermediate_dim
+    h_BLF = nn.silu(_dense(F, D, c, "gate_proj")(x_BLD)) * _dense(F, D, c, "up_proj")(x_BLD)
+    return _dense(D, F, c, "down_proj")(h_BLF)
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, seg_BL):
+    c = self.cfg
+    norm = lambda name: RMSNorm(c.layer_norm_epsilon, c.compute_dtype, c.param_dtype, name=name)
+    x_BLD = x_BLD + Attention(c, name="self_attn")(norm("input_layernorm")(x_BLD), seg_BL)
+    return x_BLD + MLP(c, name="mlp")(norm("post_attention_layernorm")(x_BLD))
+
+
+class Table(nn.Module):
+  """One (V, D) weight drawn from a key given by the parent: Levanter passes the SAME key to the embedding and
+  the lm_head, so at init lm_head = embedding * sqrt(D) (embedding scale 1/D, Linear scale 1/sqrt(D))."""
+  shape: tuple[int, int]
+  scale: float
+  param_name: str
+  transpose: bool
+  param_dtype: str
+  init_key: jax.Array | None = None
+
+  @nn.compact
+  def __call__(self):
+    def init(rng):  # rng is used only by flax's apply-time shape check (eval_shape of this init)
+      key = rng if self.init_key is None else self.init_key
+      w_VD = _truncated_normal(self.scale)(key, self.shape, self.param_dtype)
+      return w_VD.T if self.transpose else w_VD
+    return self.param(self.param_name, init)
+
+
+class Transformer(nn.Module):
+  """tokens int32[B, L] -> logits float32[B, L, V]; attention never crosses an EOS document boundary."""
+  cfg: ModelConfig
+  eos_id: int
+
+  @nn.compact
+  def __call__(self, tokens_BL):
+    c = self.cfg
+    V, D = c.vocab_size, c.hidden_dim
+    key = self.make_rng("params") if self.is_initializing() else None
+    table = lambda name, param, scale, transpose: Table(
+        (V, D), scale, param, transpose, c.param_dtype, key, name=name)()
+    embedding_VD = table("embed_tokens", "embedding", 1.0 / D, False)
+    x_BLD = jnp.take(embedding_VD.astype(c.compute_dtype), tokens_BL, axis=0)
+    seg_BL = segment_ids(tokens_BL, self.eos_id)
+    block = nn.remat(Block) if c.remat == "block" else Block
+    for i in range(c.num_layers):
+      x_BLD = block(c, name=f"layers_{i}")(x_BLD, seg_BL)
+    x_BLD = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, c.param_dtype, name="norm")(x_BLD)
+    head_DV = embedding_VD.T if c.tie_word_embeddings else table("lm_head", "kernel", D ** -0.5, True)
+    logits_BLV = jnp.dot(x_BLD, head_DV.astype(c.compute_dtype))
+    return logits_BLV.astype(jnp.float32)
+
+
+def token_losses(logits_BLV, tokens_BL):
+  """Per-position next-token NLL (nats, fp32), log-partition (for z-loss), targets, and the loss mask.
+
+  Levanter windows are seq_len tokens; the target of position t is token t+1 and the last position is masked.
+  """
+  targets_BL = jnp.roll(tokens_BL, -1, axis=1)
+  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  nll_BL = logz_BL - jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  mask_BL = jnp.ones_like(nll_BL).at[:, -1].set(0.0)
+  return nll_BL, logz_BL, targets_BL, mask_BL
