@@ -5,7 +5,11 @@ DRY RUN:  python -m tinyjax.main --config=configs/c4_130m.py --dry_run
 HARDWARE: Marin used a TPU v5p-32 (16 chips, 1,205 s); on GPUs, 8xH100 or more (or grad_accum_steps on fewer).
 EXPECTED: model_size 154,147,328; 4,959 steps x 128 x 4096 = 2,599,944,192 tokens; model_flops 1.78e18;
           Marin's result: eval/paloma/c4_en/bpb = 1.16984.
-DATA:     Marin's data arrives with the real-corpus work; until then the built-in corpus (not comparable).
+DATA:     Marin's: train on the FineWeb-Edu 10B subcache (hf://datasets/marin-community/fineweb-edu-pretokenized-10B,
+          a Levanter cache in Llama-3 ids, ~20 GB, mirrored once into data.cache_dir and read as-is), tokenizer
+          stanford-crfm/marin-tokenizer, eval on Paloma c4_en val (allenai/paloma@65cd6fc, a gated HF dataset: accept
+          its terms and `huggingface-cli login`) as eval/paloma/c4_en/bpb. `python -m tinyjax.data --config=...`
+          fetches and builds everything ahead of a run; see README "Data".
 """
 from tinyjax import config
 
@@ -25,4 +29,8 @@ def get_config():
   o.weight_decay, o.max_grad_norm = 0.1, 1.0
   o.warmup, o.decay, o.min_lr_ratio, o.lr_schedule = 0.0, 0.8, 0.0, "linear"
   o.coefficient_type = "simple"
+  d = c.data  # Marin speedrun data (experiments/speedrun: fineweb_edu_subcache_10B + Paloma c4_en val)
+  d.tokenizer = "stanford-crfm/marin-tokenizer"  # = Llama-3 ids (128,256); the 10B cache was built with them
+  d.train_urls = ["hf://datasets/marin-community/fineweb-edu-pretokenized-10B/train"]  # prebuilt Levanter cache
+  d.validation_urls = {"paloma/c4_en": ["hf://datasets/allenai/paloma@65cd6fc/c4_en/val/val*.jsonl.gz"]}
   return c

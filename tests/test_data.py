@@ -67,19 +67,23 @@ def test_corpus_docstrings_are_deterministic_and_included():
   assert set(docs) <= everything, "stdlib docstrings (json/__init__.py) are missing from the corpus"
 
 
-def test_unknown_source_names_the_config_keys():
-  for url in ("https://example.com/c4.jsonl.gz", "builtin:python-docs/test", "python-docs"):
-    with pytest.raises(config.ConfigError, match=r"data\.train_urls.*builtin:python-docs"):
-      corpus.documents(url)
+def test_unknown_builtin_source_names_the_config_keys():
+  for url in ("builtin:python-docs/test", "builtin:c4"):
+    with pytest.raises(config.ConfigError, match=r"data\.train_urls.*builtin:python-docs/train"):
+      corpus.source_id(url)
 
 
 # ---- tokenizer ----
 
-def test_tokenizer_round_trip_with_bos_eos(tok):
+def test_tokenizer_encodes_as_levanter(tok):
+  """Levanter BatchTokenizer: the post-processor adds BOS; EOS is appended as TEXT " " + eos_token."""
+  assert (tok.append_bos, tok.append_eos) == (False, True), "builtin BPE adds BOS itself, like Llama-3"
   docs = list(corpus.documents(VALID))[:20] + ["naïve café — 日本語 ✓\n\ttabs  and  spaces "]
   for doc, ids in zip(docs, tok.encode_batch(docs)):
-    assert ids[0] == tok.bos_id == 0 and ids[-1] == tok.eos_id == 1, "documents must be [BOS] ids [EOS]"
-    assert tok.tokenizer.decode(ids.tolist()) == doc, "byte-level BPE must round-trip any text"
+    assert ids[0] == tok.bos_id == 0 and ids[-1] == tok.eos_id == 1, "documents must be [BOS] ... [EOS]"
+    assert tok.tokenizer.decode(ids.tolist()) == doc + " ", "byte-level BPE must round-trip doc + ' ' (then EOS)"
+    expected = [0] + tok.tokenizer.encode(doc + " ", add_special_tokens=False).ids + [1]
+    assert ids.tolist() == expected, "not BOS + encode(text + ' ') + EOS"
   assert tok.vocab_size == VOCAB, "builtin tokenizer should fill cfg.model.vocab_size"
 
 
@@ -95,7 +99,8 @@ def test_byte_lengths_follow_marin_rule(tok):
     assert i is not None and lengths[i] == expected, f"{piece!r} should count {expected} bytes (leading space kept)"
   text = "The quick brown fox jumps over the lazy dog.\n    It isn't here; see also: foo_bar(x=1)."
   ids = tok.encode_batch([text])[0]
-  assert lengths[ids].sum() == len(text.encode()), "bytes of an ASCII document must equal its UTF-8 length"
+  assert lengths[ids].sum() == len(text.encode()) + 1, "bytes of an ASCII document (+ the ' ' before EOS) must " \
+      "equal its UTF-8 length"
 
 
 def test_tokenizer_larger_than_vocab_is_a_config_error(ds, root):
@@ -126,7 +131,8 @@ def test_cache_files_match_levanter_layout(ds):
   for key in ("total_num_rows", "shard_rows", "is_finished", "finished_shards", "field_counts", "metadata"):
     assert key in ledger, f"CacheLedger field {key} missing: Levanter could not load this cache"
   meta = ledger["metadata"]["preprocessor_metadata"]
-  assert meta["append_bos"] is True and meta["append_eos"] is True and meta["vocab_size"] == VOCAB
+  # Levanter's flags: append_bos = "BOS added as text" (no: the post-processor adds it), append_eos = " <eos>" text.
+  assert meta["append_bos"] is False and meta["append_eos"] is True and meta["vocab_size"] == VOCAB
   offsets = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/input_ids/offsets"}}).result()
   n = int(offsets[0].read().result())
   assert n == ledger["total_num_rows"], "offsets[0] must be the row count (Levanter JaggedArrayStore)"

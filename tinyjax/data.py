@@ -1,18 +1,24 @@
-"""The trainer's data API: `prepare` (tokenizer + token caches), `train_batches`, `eval_batches`.
+"""The trainer's data API: `prepare` (tokenizer + token caches), `train_batches`, `eval_batches`; and
+`python -m tinyjax.data --config=configs/NAME.py`, which builds (or resumes) the config's caches and prints a summary.
 
+Sources (corpus.py): cfg.data.train_urls and each cfg.data.validation_urls[name] list files (.jsonl/.json/.parquet/
+.txt, optionally .gz; local, gs://, hf://; globs) or name one prebuilt Levanter cache directory, used as-is.
 Cache layout under root = expanduser(cfg.data.cache_dir):
-  tokenizers/bpe<V>-<key>/tokenizer.json   the builtin tokenizer (tokenizer.py)
+  tokenizers/...                           the builtin tokenizer / downloaded hub tokenizers (tokenizer.py)
   <key>/train                              cache of cfg.data.train_urls
-  <key>/<eval name>                        cache of cfg.data.validation_urls[<eval name>]
+  <key>/<eval name>                        cache of cfg.data.validation_urls[<eval name>] (e.g. <key>/paloma/c4_en)
+  remote/...                               local mirrors of prebuilt remote caches (cache.fetch)
 where <key> = sha256(json{sources: [corpus.source_id(url)...], tokenizer_sha256: of the tokenizer.json,
-vocab_size: the tokenizer's size})[:12], computed per split: changing the sources or the tokenizer makes a new
+vocab_size: the tokenizer's size, text_key})[:12], computed per split: changing the sources or the tokenizer makes a new
 directory, adding an eval set never rebuilds the others, and the same tokenizer.json reached as "builtin" or by path
-shares caches. Each cache is a Levanter TreeCache (cache.py); its ledger also records the tokenizer's name.
+shares caches. Each cache is a Levanter TreeCache (cache.py); its ledger also records the tokenizer and what was
+skipped. A prebuilt cache is checked against cfg.data.tokenizer (name and size, as Levanter records them).
 
 Training stream (Levanter/Marin): window i is tokens [i*S, (i+1)*S) of the split's flat stream (documents packed as
-[BOS] doc [EOS], no padding); Grain permutes the windows with data_seed, a fresh permutation each epoch, forever;
-global batch k is permuted positions [k*B, (k+1)*B), and process p gets rows [p*B/P, (p+1)*B/P). So the order is a
-pure function of (data_seed, step) and resuming needs only the step (Levanter iter_from_step; no loader state).
+Levanter's BatchTokenizer encodes them, no padding; the model masks attention across EOS); Grain permutes the windows
+with data_seed, a fresh permutation each epoch, forever; global batch k is permuted positions [k*B, (k+1)*B), and
+process p gets rows [p*B/P, (p+1)*B/P). So the order is a pure function of (data_seed, step) and resuming needs only
+the step (Levanter iter_from_step; no loader state).
 """
 from __future__ import annotations
 
@@ -20,18 +26,19 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Iterator
 
 import grain
-from absl import flags
+from absl import app, flags
 import numpy as np
 
 from tinyjax import cache, corpus
+from tinyjax import config
 from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
 
-ENCODE_BATCH_DOCS = 1024  # documents per encode_batch call (the Rust side parallelises within a call)
 TRAIN_SPLIT = "train"
 
 
@@ -46,50 +53,55 @@ class Dataset:
   eval_caches: dict[str, str]  # eval-set name -> cache dir (from cfg.data.validation_urls)
 
 
-def _cache_dir(root: str, urls, tok: tokenizers.Loaded, name: str) -> str:
+def _cache_dir(root: str, urls, tok: tokenizers.Loaded, name: str, text_key: str) -> str:
   if not name or name.startswith("/") or ".." in name.split("/"):
     raise ConfigError(f"config.data.validation_urls: eval-set name {name!r} must be a plain relative name")
   ident = {"sources": [corpus.source_id(u) for u in urls], "tokenizer_sha256": tok.sha256,
-           "vocab_size": tok.vocab_size}
+           "vocab_size": tok.vocab_size, "text_key": text_key}
   key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
   return os.path.join(root, key, name)
 
 
-def _encoded(urls, tok: tokenizers.Loaded) -> Iterator[np.ndarray]:
-  batch = []
-  for url in urls:
-    for doc in corpus.documents(url):
-      batch.append(doc)
-      if len(batch) == ENCODE_BATCH_DOCS:
-        yield from tok.encode_batch(batch)
-        batch = []
-  if batch:
-    yield from tok.encode_batch(batch)
-
-
-def _build_if_missing(path: str, urls, tok: tokenizers.Loaded, name: str) -> None:
+def _prebuilt(root: str, url: str, tok: tokenizers.Loaded, key: str) -> str:
+  path = cache.fetch(url, root)
   if not os.path.exists(os.path.join(path, cache.LEDGER)):
+    raise ConfigError(f"config.{key}: {url!r} is neither a supported file ({', '.join(corpus.FORMATS)}, optionally "
+                      f"{', '.join(corpus.COMPRESSIONS)}) nor a Levanter cache directory (no {cache.LEDGER})")
+  cache.TokenCache(path, tok.sha256, tok.name, tok.vocab_size)  # refuses unfinished caches and other tokenizers
+  return path
+
+
+def _prepare_split(root: str, urls: list[str], tok: tokenizers.Loaded, name: str, cfg, key: str) -> str:
+  """The finished cache dir of one split: a prebuilt cache as-is, or ours, built/resumed when missing."""
+  kinds = [corpus.kind(u) for u in urls]
+  if "cache" in kinds:
+    if len(urls) != 1:
+      raise ConfigError(f"config.{key}: {urls[kinds.index('cache')]!r} is a prebuilt cache (not a .jsonl/.json/"
+                        ".parquet/.txt file), so it must be the only source of its split")
+    return _prebuilt(root, urls[0], tok, key)
+  path = _cache_dir(root, urls, tok, name, cfg.data.text_key)
+  if not os.path.exists(os.path.join(path, cache.LEDGER)):
+    files = [f for u in urls for f in corpus.expand(u, key)]
     start = time.time()
-    ledger = cache.write(path, _encoded(urls, tok), cache.preprocessor_metadata(tok))
-    print(f"data: built {name} cache: {ledger['total_num_rows']} docs, {ledger['field_counts'][cache.FIELD]} tokens "
-          f"in {time.time() - start:.1f}s -> {path}", flush=True)
+    d = cfg.data
+    cache.build(path, files, tok, name=name, text_key=d.text_key, max_bad_fraction=d.max_bad_fraction,
+                num_proc=d.num_proc)
+    print(f"data: built {name} cache in {time.time() - start:.1f}s: {cache.summary(path)} -> {path}", flush=True)
   cache.TokenCache(path, tok.sha256, tok.name)  # refuses unfinished caches and other tokenizers
+  return path
 
 
 def prepare(cfg) -> Dataset:
-  """Trains/loads the tokenizer and builds the missing caches; cheap and idempotent once they exist."""
+  """Loads the tokenizer and builds (or resumes, or fetches) the missing caches; cheap once they exist."""
   root = os.path.expanduser(cfg.data.cache_dir)
   train_urls = list(cfg.data.train_urls)
   tok = tokenizers.load(cfg.data.tokenizer, root, train_urls, cfg.model.vocab_size)
   if tok.vocab_size > cfg.model.vocab_size:
     raise ConfigError(f"config.model.vocab_size={cfg.model.vocab_size} is invalid: the tokenizer "
                       f"{cfg.data.tokenizer!r} has {tok.vocab_size} ids; set it >= that")
-  train = _cache_dir(root, train_urls, tok, TRAIN_SPLIT)
-  _build_if_missing(train, train_urls, tok, TRAIN_SPLIT)
-  evals = {}
-  for name, urls in sorted(cfg.data.validation_urls.items()):
-    evals[name] = _cache_dir(root, list(urls), tok, name)
-    _build_if_missing(evals[name], list(urls), tok, name)
+  train = _prepare_split(root, train_urls, tok, TRAIN_SPLIT, cfg, "data.train_urls")
+  evals = {name: _prepare_split(root, list(urls), tok, name, cfg, f"data.validation_urls['{name}']")
+           for name, urls in sorted(cfg.data.validation_urls.items())}
   return Dataset(tok.path, tok.vocab_size, tok.bos_id, tok.eos_id,
                  tokenizers.byte_lengths(tok.tokenizer, cfg.model.vocab_size), train, evals)
 
@@ -161,3 +173,46 @@ def eval_batches(ds: Dataset, cfg, name: str, process_index: int = 0,
     rows = np.full((hi - lo, seq), ds.eos_id, np.int32)
     rows[:last - first] = tokens.read(first * seq, last * seq).reshape(-1, seq)
     yield rows, np.arange(hi - lo) < last - first
+
+
+def _fail(message: str) -> None:
+  print(f"tinyjax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse(argv: list[str]) -> list[str]:
+  """absl parsing as tinyjax.main does it: a bad flag or config override is one line on stderr and exit code 2."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None:
+    _fail("--config=configs/NAME.py is required")
+  if not os.path.isfile(path):
+    _fail(f"--config={path}: no such config file (see configs/)")
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    _fail(f"unknown config key {e} (every key is declared in tinyjax/config.py)")
+  except (flags.Error, TypeError, ValueError) as e:
+    _fail(str(e).strip().splitlines()[-1])
+
+
+def _main(argv) -> None:
+  """python -m tinyjax.data --config=...: build or resume the caches the config names, then print what they hold."""
+  del argv
+  cfg = flags.FLAGS.config
+  try:
+    config.validate(cfg)
+    ds = prepare(cfg)
+  except ConfigError as e:
+    _fail(str(e))
+  print(f"tokenizer: {cfg.data.tokenizer} -> {ds.tokenizer_path} ({ds.tokenizer_vocab_size:,} ids, bos {ds.bos_id}, "
+        f"eos {ds.eos_id})")
+  for name, path in [(TRAIN_SPLIT, ds.train_cache), *sorted(ds.eval_caches.items())]:
+    windows = cache.TokenCache(path).num_tokens // cfg.model.seq_len
+    print(f"{name}: {cache.summary(path)}; {windows:,} windows of {cfg.model.seq_len} -> {path}")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  from ml_collections import config_flags  # noqa: PLC0415  (the flag exists only when this runs as a program)
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
+  app.run(_main, flags_parser=_parse)
