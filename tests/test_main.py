@@ -43,6 +43,10 @@ def test_dry_run_reproduces_marin(name, model_size, steps, tokens, model_flops):
     (["--config.model.num_heads=5"], "config.model.num_heads=5 is invalid: must divide model.hidden_dim=192"),
     (["--config.optimizer.name=sgd"], "config.optimizer.name='sgd' is invalid: allowed: muon, adamw"),
     (["--config.optimizer.lr_schedule=wsd"], "allowed: linear, cosine, constant"),
+    (["--config.env.xla_python_client_allocator=foo"],
+     "config.env.xla_python_client_allocator='foo' is invalid: allowed: default, platform, bfc, cuda_async"),
+    (["--config.env.xla_client_mem_fraction=0.5", "--config.env.xla_python_client_mem_fraction=0.5"],
+     "are both set"),
     (["--config.train.train_batch_size=3", "--config.env.host_device_count=2"],
      "config.train.train_batch_size=3 is invalid: must be divisible by the data-parallel size 2"),
 ])

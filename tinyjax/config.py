@@ -10,8 +10,6 @@ import math
 import ml_collections as mlc
 from ml_collections import config_dict
 
-from tinyjax import flops, model
-
 # Marin's vocabulary: len(marin-tokenizer) = Llama-3 tokenizer (experiments/llama.py llama3_tokenizer_vocab_size).
 MARIN_VOCAB_SIZE = 128_256
 # Chinchilla: 20 training tokens per (nominal) parameter; Marin computes steps as 20·P_nominal // (batch·seq).
@@ -109,27 +107,58 @@ def base() -> mlc.ConfigDict:
   t.eval_batch_size = 0  # 0 = train_batch_size (Marin's default)
   t.log_every = 10  # steps between metrics lines (the only host syncs in the loop)
   t.data_seed = 42  # shuffle seed of the training windows (Marin speedrun forces 42)
+  t.skip_bad_steps = False  # non-finite loss/grad: False = stop the run; True = skip the update and count it (Marin)
+  t.loss_spike_ratio = 3.0  # warn when loss > ratio x running mean of recent logged losses; 0 = off
+  t.loss_spike_window = 20  # logged losses in the running mean of loss_spike_ratio
+
+  c.checkpoint = k = mlc.ConfigDict()
+  k.enabled = True  # save checkpoints (Orbax) in workdir/checkpoints and auto-resume from the latest
+  k.save_interval_steps = 1000  # save every this many steps; 0 = no step-based saves
+  k.save_interval_minutes = 10.0  # and every this many minutes (Marin: 10); 0 = no time-based saves
+  k.max_to_keep = 2  # recent checkpoints kept
+  k.keep_period = 0  # also keep forever every checkpoint at a multiple of this step (Marin steps_per_export); 0 = none
+  k.async_save = True  # write in the background while training continues
+
+  c.results = r = mlc.ConfigDict()  # the Marin speedrun_results.json run_info fields we cannot derive
+  r.description = ""  # one sentence about the run (Marin SpeedrunConfig.description)
+  r.author = ""  # Marin Author.name
+  r.affiliation = ""  # Marin Author.affiliation
+  r.url = ""  # Marin Author.url
 
   c.data = d = mlc.ConfigDict()
-  d.train_urls = ["builtin:python-docs/train"]  # sources of training documents (builtin: the offline corpus)
-  d.validation_urls = {"python_docs": ["builtin:python-docs/validation"]}  # eval-set name -> sources
-  d.tokenizer = "builtin"  # "builtin" (BPE trained on the train split) | HF hub name | path to tokenizer.json
-  d.cache_dir = "~/.cache/tinyjax"  # root of token caches and trained tokenizers
-  d.text_key = "text"  # JSON field holding a document's text
+  # Sources: files (.jsonl/.json/.parquet/.txt, optionally .gz/.bz2/.xz; local, gs://, hf://; globs, {a,b}, {00..99})
+  # or ONE prebuilt Levanter cache dir per split (any other URL, used as-is); "builtin:python-docs/..." is offline.
+  d.train_urls = ["builtin:python-docs/train"]  # sources of training documents (Levanter train_urls)
+  d.validation_urls = {"python_docs": ["builtin:python-docs/validation"]}  # eval-set name -> sources (eval/<name>/*)
+  d.tokenizer = "builtin"  # "builtin" (BPE trained on the train split) | HF hub name | path to tokenizer.json (or dir)
+  d.cache_dir = "~/.cache/tinyjax"  # root of token caches, tokenizers and mirrors of remote prebuilt caches
+  d.text_key = "text"  # JSON field / parquet column holding a document's text (Levanter text_key)
+  d.num_proc = 0  # processes tokenizing source files in parallel when building a cache; 0 = one per CPU core
+  d.max_bad_fraction = 0.01  # a file with more unreadable records (bad JSON/UTF-8, no text) than this is an error
   d.num_workers = 0  # Grain worker processes (0 = in-process; order does not depend on it)
 
   c.mesh = mlc.ConfigDict()
   c.mesh.data = -1  # devices on the data axis; -1 = all devices
   c.mesh.fsdp = False  # also shard params and optimizer state over the data axis (ZeRO-3 style)
 
-  c.env = e = mlc.ConfigDict()
-  e.platform = ""  # JAX_PLATFORMS ("cpu", "gpu", "tpu"); "" = leave as is
+  c.env = e = mlc.ConfigDict()  # applied by env.py before the JAX backend starts; None = leave the environment as is
+  e.platform = config_dict.placeholder(str)  # JAX_PLATFORMS: "cpu", "cuda", "tpu", ...
   e.host_device_count = 0  # > 0: fake this many CPU devices (testing sharding on one host)
-  e.xla_flags = ""  # extra XLA_FLAGS, space separated, appended to the environment's
+  e.xla_python_client_preallocate = config_dict.placeholder(str)  # "true" | "false": preallocate GPU memory
+  e.xla_client_mem_fraction = config_dict.placeholder(str)  # e.g. "0.75": preallocated fraction of GPU memory
+  e.xla_python_client_mem_fraction = config_dict.placeholder(str)  # deprecated spelling of the above; never both
+  e.xla_python_client_allocator = config_dict.placeholder(str)  # "default" | "platform" | "bfc" | "cuda_async"
+  e.tf_gpu_allocator = config_dict.placeholder(str)  # TF_GPU_ALLOCATOR, e.g. "cuda_malloc_async"
+  e.xla_flags = ()  # extra XLA_FLAGS entries, e.g. ("--xla_gpu_enable_latency_hiding_scheduler=true",)
+  e.libtpu_init_args = ()  # extra LIBTPU_INIT_ARGS entries (e.g. "--xla_tpu_scoped_vmem_limit_kib=98304" on v6e)
+  e.gpu_deterministic = False  # GPU determinism: --xla_gpu_deterministic_ops=true (+ autotune off unless set below)
+  e.gpu_autotune_level = -1  # --xla_gpu_autotune_level=N (0 = off ... 4 = default); -1 = leave
   e.jax_threefry_partitionable = True  # Levanter DEFAULT_JAX_CONFIG
   e.jax_softmax_custom_jvp = True  # Levanter DEFAULT_JAX_CONFIG
-  e.jax_default_matmul_precision = ""  # "" = backend default; e.g. "highest" for fp32 matmuls on TPU/GPU
-  e.compilation_cache_dir = ""  # persistent XLA compilation cache; "" = off
+  e.jax_default_matmul_precision = config_dict.placeholder(str)  # "default" | "high" | "highest" (fp32 on TPU/GPU)
+  e.jax_enable_x64 = False  # 64-bit types (changes numerics; off in Marin)
+  e.compilation_cache_dir = config_dict.placeholder(str)  # persistent XLA compilation cache (Marin sets one)
+  e.gc_policy = "default"  # Python GC in the loop: "default" | "freeze" (gc.freeze after setup) | "disable"
   return c
 
 
@@ -224,10 +253,13 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(t.z_loss_weight >= 0, "train.z_loss_weight", "must be >= 0", t.z_loss_weight)
   _require(len(d.train_urls) > 0, "data.train_urls", "must name at least one source", list(d.train_urls))
   _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+  _require(d.num_proc >= 0, "data.num_proc", "must be >= 0 (0 = one per CPU core)", d.num_proc)
+  _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]", d.max_bad_fraction)
   _require(cfg.mesh.data == -1 or cfg.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive",
            cfg.mesh.data)
   _require(cfg.env.host_device_count >= 0, "env.host_device_count", "must be >= 0", cfg.env.host_device_count)
 
+  from tinyjax import flops, model  # late: keeps `import tinyjax.config` free of jax/flax for data worker processes
   steps = num_train_steps(cfg, flops.param_counts(model.ModelConfig.from_config(m))["model_size"])
   _require(steps > 0, "train.chinchilla_multiple", "gives 0 steps at this batch and seq_len", t.chinchilla_multiple)
   _require(warmup_steps(cfg, steps) + decay_steps(cfg, steps) <= steps, "optimizer.decay",

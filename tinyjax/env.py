@@ -1,7 +1,8 @@
 """The one place that turns `config.env` into process settings, before anything initialises the JAX backend.
 
-It returns a record of what is in force (recorded with the run), and refuses to run once the backend is up,
-since XLA reads these flags only at backend initialisation and a late setting would be silently ignored.
+XLA reads its environment variables and flags once, when the backend starts, so a late setting would be silently
+ignored: `apply` refuses to run after that. `None` in config.env leaves a setting as the environment has it; either
+way `record()` captures what is actually in force, and the run stores it in run_info.json.
 """
 from __future__ import annotations
 
@@ -9,45 +10,108 @@ import os
 
 import jax
 
+from tinyjax.config import ConfigError
+
 RECORDED_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TPU_", "NCCL_", "CUDA_", "TF_")
-
-
-class EnvError(RuntimeError):
-  pass
+# config.env field -> environment variable it sets (verbatim).
+ENV_VARS = {
+    "platform": "JAX_PLATFORMS",
+    "xla_python_client_preallocate": "XLA_PYTHON_CLIENT_PREALLOCATE",
+    "xla_client_mem_fraction": "XLA_CLIENT_MEM_FRACTION",
+    "xla_python_client_mem_fraction": "XLA_PYTHON_CLIENT_MEM_FRACTION",
+    "xla_python_client_allocator": "XLA_PYTHON_CLIENT_ALLOCATOR",
+    "tf_gpu_allocator": "TF_GPU_ALLOCATOR",
+}
+ALLOWED = {
+    "xla_python_client_preallocate": ("true", "false"),
+    "xla_python_client_allocator": ("default", "platform", "bfc", "cuda_async"),
+    "gc_policy": ("default", "freeze", "disable"),
+    "jax_default_matmul_precision": ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32"),
+}
+JAX_OPTIONS = ("jax_threefry_partitionable", "jax_softmax_custom_jvp", "jax_default_matmul_precision",
+               "jax_enable_x64", "jax_compilation_cache_dir")
+MEM_FRACTION = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
 
 def backend_initialized() -> bool:
-  from jax._src import xla_bridge  # private, but the only reliable probe; checked on jax 0.10.2
+  from jax._src import xla_bridge  # private, but the only reliable probe (checked on jax 0.10.2)
   return bool(getattr(xla_bridge, "_backends", {}))
 
 
-def apply(env_cfg) -> dict:
-  """Set env vars and jax.config options from config.env; returns the environment record."""
+def _merge_flags(current: str, extra: list[str]) -> str:
+  """Appends flags; a later --name=value replaces an earlier --name (so the config wins over the environment)."""
+  merged: dict[str, str] = {}
+  for flag in current.split() + extra:
+    merged[flag.split("=", 1)[0]] = flag
+  return " ".join(merged.values())
+
+
+def _validate(e) -> None:
+  for key, allowed in ALLOWED.items():
+    value = e[key]
+    if value is not None and value not in allowed:
+      raise ConfigError(f"config.env.{key}={value!r} is invalid: allowed: {', '.join(allowed)}")
+  if e.xla_client_mem_fraction is not None and e.xla_python_client_mem_fraction is not None:
+    raise ConfigError("config.env.xla_client_mem_fraction and config.env.xla_python_client_mem_fraction are both set:"
+                      " set only xla_client_mem_fraction (the other is its deprecated spelling)")
+  for key in ("xla_client_mem_fraction", "xla_python_client_mem_fraction"):
+    if e[key] is not None:
+      try:
+        ok = 0 < float(e[key]) <= 1
+      except ValueError:
+        ok = False
+      if not ok:
+        raise ConfigError(f"config.env.{key}={e[key]!r} is invalid: must be a number in (0, 1]")
+  if e.gpu_autotune_level not in range(-1, 5):
+    raise ConfigError(f"config.env.gpu_autotune_level={e.gpu_autotune_level} is invalid: allowed: -1 (leave), 0..4")
+
+
+def apply(e) -> dict:
+  """Sets environment variables, XLA_FLAGS, LIBTPU_INIT_ARGS and jax.config options from config.env."""
+  _validate(e)
   if backend_initialized():
-    raise EnvError("config.env must be applied before the JAX backend initialises (something already "
-                   "called jax.devices() or ran a computation)")
-  if env_cfg.platform:
-    os.environ["JAX_PLATFORMS"] = env_cfg.platform
-  flags = os.environ.get("XLA_FLAGS", "").split()
-  if env_cfg.host_device_count > 0:
-    flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
-    flags.append(f"--xla_force_host_platform_device_count={env_cfg.host_device_count}")
-  flags += env_cfg.xla_flags.split()
+    raise ConfigError("config.env must be applied before the JAX backend starts, but it has already started "
+                      "(something called jax.devices() or ran a computation first); its settings would be ignored")
+  for key, var in ENV_VARS.items():
+    if e[key] is not None:
+      os.environ[var] = str(e[key])
+  if sum(v in os.environ for v in MEM_FRACTION) > 1:
+    raise ConfigError("XLA_CLIENT_MEM_FRACTION and XLA_PYTHON_CLIENT_MEM_FRACTION are both set (config.env or the "
+                      "environment): set only one")
+  flags = []
+  if e.host_device_count > 0:
+    flags.append(f"--xla_force_host_platform_device_count={e.host_device_count}")
+  if e.gpu_deterministic:  # reproducible GPU reductions; autotuning picks kernels by timing, so turn it off too
+    flags += ["--xla_gpu_deterministic_ops=true", "--xla_gpu_autotune_level=0"]
+  if e.gpu_autotune_level >= 0:
+    flags.append(f"--xla_gpu_autotune_level={e.gpu_autotune_level}")
+  flags += list(e.xla_flags)
   if flags:
-    os.environ["XLA_FLAGS"] = " ".join(flags)
-  jax.config.update("jax_threefry_partitionable", env_cfg.jax_threefry_partitionable)
-  jax.config.update("jax_softmax_custom_jvp", env_cfg.jax_softmax_custom_jvp)
-  if env_cfg.jax_default_matmul_precision:
-    jax.config.update("jax_default_matmul_precision", env_cfg.jax_default_matmul_precision)
-  if env_cfg.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(env_cfg.compilation_cache_dir))
-  return record()
+    os.environ["XLA_FLAGS"] = _merge_flags(os.environ.get("XLA_FLAGS", ""), flags)
+  if e.libtpu_init_args:
+    os.environ["LIBTPU_INIT_ARGS"] = _merge_flags(os.environ.get("LIBTPU_INIT_ARGS", ""), list(e.libtpu_init_args))
+  jax.config.update("jax_threefry_partitionable", e.jax_threefry_partitionable)
+  jax.config.update("jax_softmax_custom_jvp", e.jax_softmax_custom_jvp)
+  jax.config.update("jax_enable_x64", e.jax_enable_x64)
+  if e.jax_default_matmul_precision is not None:
+    jax.config.update("jax_default_matmul_precision", e.jax_default_matmul_precision)
+  if e.compilation_cache_dir is not None:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(e.compilation_cache_dir))
+  return {**record(), "gc_policy": e.gc_policy}
 
 
 def record() -> dict:
-  """Environment variables and jax options in force now (whether or not config.env set them)."""
+  """Environment variables and jax options in force now, whether or not config.env set them."""
   env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_PREFIXES)}
-  options = {name: getattr(jax.config, name) for name in (
-      "jax_threefry_partitionable", "jax_softmax_custom_jvp", "jax_default_matmul_precision",
-      "jax_compilation_cache_dir", "jax_enable_x64")}
-  return {"environment": env, "jax_config": options}
+  return {"environment": env, "jax_config": {name: getattr(jax.config, name) for name in JAX_OPTIONS}}
+
+
+def summary(record_: dict) -> str:
+  """One console line of the settings that differ from a bare environment."""
+  parts = [f"{k}={v}" for k, v in record_["environment"].items()]
+  defaults = {"jax_threefry_partitionable": True, "jax_softmax_custom_jvp": False,
+              "jax_default_matmul_precision": None, "jax_enable_x64": False, "jax_compilation_cache_dir": None}
+  parts += [f"{k}={v}" for k, v in record_["jax_config"].items() if defaults.get(k, v) != v]
+  if record_.get("gc_policy", "default") != "default":
+    parts.append(f"gc_policy={record_['gc_policy']}")
+  return "env: " + (", ".join(parts) if parts else "defaults (no XLA/JAX/TPU/CUDA variables set)")

@@ -9,7 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tinyjax import config
+from tinyjax import config, faults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdir/<config name>).")
@@ -67,10 +67,17 @@ def main(argv: list[str]) -> None:
     if _DRY_RUN.value:
       print(json.dumps(plan.describe(cfg, sharding.make_mesh(cfg.mesh), env_record), indent=2))
       return
+    print(env.summary(env_record), flush=True)
     stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     train.run(cfg, _WORKDIR.value or os.path.join("workdir", stem), env_record)
   except config.ConfigError as e:
     _fail(str(e))
+  except faults.Preempted as e:
+    print(f"tinyjax: {e}", file=sys.stderr)
+    sys.exit(faults.EXIT_PREEMPTED)
+  except faults.Diverged as e:
+    print(f"tinyjax: diverged: {e}", file=sys.stderr)
+    sys.exit(faults.EXIT_DIVERGED)
 
 
 if __name__ == "__main__":

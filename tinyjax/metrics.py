@@ -12,6 +12,23 @@ import time
 import jax
 
 
+def _truncate(path: str, last_step: int) -> None:
+  """Drops rows after last_step (a resumed run rewrites them), so the file equals an uninterrupted run's."""
+  if not os.path.exists(path):
+    return
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= last_step:
+          rows.append(line)
+      except (json.JSONDecodeError, KeyError):
+        pass  # a line torn by a kill mid-write
+  with open(path + ".tmp", "w") as f:
+    f.writelines(rows)
+  os.replace(path + ".tmp", path)
+
+
 def _duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -20,42 +37,59 @@ def _duration(seconds: float) -> str:
 
 class Logger:
 
-  def __init__(self, workdir: str, total_steps: int, tokens_per_step: int, log_every: int):
+  def __init__(self, workdir: str, total_steps: int, tokens_per_step: int, log_every: int, start_step: int = 0,
+               training_time: float = 0.0):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() == 0:
+      _truncate(self.path, start_step)
     self.total, self.tokens_per_step = total_steps, tokens_per_step
     self.log_every = log_every
     self.is_main = jax.process_index() == 0
     self.pending = None  # (step, device metrics) of the last log step, not yet fetched
-    self.mark = None  # (step, time) of the previous fetch: throughput is measured between fetches
+    self.mark = (start_step, time.perf_counter())  # (step, time) of the previous fetch: throughput is measured
+    self.first_step = start_step + 1  # between fetches, starting after the first (compiling) step
+    self.training_time = training_time  # Marin's training_time: summed step wall time incl. compile, excl. eval
     self.last: dict = {}
     self.last_eval = ""
 
-  def push(self, step: int, device_metrics: dict) -> None:
-    self.flush()
-    if step % self.log_every == 0 or step == self.total or step == 1:
+  def push(self, step: int, device_metrics: dict) -> dict | None:
+    """Queues this step's metrics if it is a log step; returns the previously queued row, now fetched."""
+    row = self.flush()
+    if step % self.log_every == 0 or step == self.total or step == self.first_step:
       self.pending = (step, device_metrics)
+    return row
 
-  def flush(self) -> None:
+  def flush(self) -> dict | None:
     if self.pending is None:
-      return
+      return None
     step, values = self.pending
     self.pending = None
     row = {k: float(v) for k, v in jax.device_get(values).items()}
     now = time.perf_counter()
     row["tokens"] = step * self.tokens_per_step
-    if self.mark is not None and step > self.mark[0]:
+    self.training_time += now - self.mark[1]
+    row["training_time"] = self.training_time
+    if self.mark[0] >= self.first_step and step > self.mark[0]:
       rate = (step - self.mark[0]) / (now - self.mark[1])
       row["tokens_per_second"] = rate * self.tokens_per_step
       row["eta_seconds"] = (self.total - step) / rate
-    self.mark = (step, now)  # step 1 includes compilation, so throughput starts from the second fetch
+    self.mark = (step, now)
     self.last = row
     self.write(step, row)
+    return {"step": step, **row}
+
+  def event(self, step: int, kind: str, message: str) -> None:
+    """A run event (preempted, diverged, loss_spike, ...): a metrics.jsonl row and a console line."""
+    if self.is_main:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, "event": kind, "message": message}, sort_keys=True) + "\n")
+      print(f"step {step}/{self.total} | {kind}: {message}", flush=True)
 
   def write(self, step: int, row: dict) -> None:
-    evals = sorted({k.split("/")[1] for k in row if k.startswith("eval/")})
+    evals = sorted({k[len("eval/"):-len("/bpb")] for k in row if k.startswith("eval/") and k.endswith("/bpb")})
     if evals:
       self.last_eval = " | ".join(f"{n} bpb {row[f'eval/{n}/bpb']:.4f}" for n in evals)
-      self.mark = (step, time.perf_counter())  # eval time is not training throughput
+      self.mark = (step, time.perf_counter())  # eval time is neither training time nor throughput
     if not self.is_main:
       return
     with open(self.path, "a") as f:
@@ -63,10 +97,12 @@ class Logger:
     parts = [f"step {step}/{self.total}"]
     if evals:
       parts += [f"eval {n}: loss {row[f'eval/{n}/loss']:.4f} bpb {row[f'eval/{n}/bpb']:.4f}" for n in evals]
-    else:
+    elif "loss" in row:
       parts.append(f"loss {row['loss']:.4f}")
       if self.last_eval:
         parts.append(self.last_eval)
+    else:
+      parts += [f"{k} {v}" for k, v in sorted(row.items())]
     if "tokens_per_second" in row:
       parts += [f"{row['tokens_per_second'] / 1e3:.1f}k tok/s", f"ETA {_duration(row['eta_seconds'])}"]
     print(" | ".join(parts), flush=True)

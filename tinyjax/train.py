@@ -1,17 +1,19 @@
-"""Train state, the jitted train step (with gradient accumulation), and the training loop `run(cfg, workdir)`."""
+"""Train state, the jitted train step (gradient accumulation, non-finite guard), and the loop `run(cfg, workdir)`."""
 from __future__ import annotations
 
-import json
+import gc
+import hashlib
 import os
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import config, data, evaluate, metrics, optim, plan, sharding
+from tinyjax import checkpoint, config, data, evaluate, faults, metrics, optim, plan, record, results, sharding
 from tinyjax.model import ModelConfig, Transformer, token_losses
 
 
@@ -19,12 +21,17 @@ class TrainState(flax.struct.PyTreeNode):
   step: jax.Array
   params: Any
   opt_state: Any
+  bad_steps: jax.Array  # updates skipped because the loss or gradient norm was not finite
+  first_bad_step: jax.Array  # step of the first non-finite update, -1 if none
+  bad_what: jax.Array  # what was non-finite at first_bad_step: 1 loss, 2 grad_norm, 3 both
 
 
 def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int) -> TrainState:
   tokens_BL = jnp.zeros((1, model.cfg.seq_len), jnp.int32)
   params = model.init(jax.random.key(seed), tokens_BL)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), bad_steps=zero, first_bad_step=zero - 1,
+                    bad_what=zero)
 
 
 def loss_fn(model: Transformer, z_loss_weight: float):
@@ -38,7 +45,12 @@ def loss_fn(model: Transformer, z_loss_weight: float):
 
 
 def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sharding):
-  """(state, tokens[B, L]) -> (state, metrics), jitted with explicit shardings and the state donated."""
+  """(state, tokens[B, L]) -> (state, metrics), jitted with explicit shardings and the state donated.
+
+  A non-finite loss or gradient norm never reaches the state: the update is dropped (params and optimizer state
+  keep their values) and counted; the host decides whether that stops the run (default) or is skipped (Marin's
+  skip_bad_steps). So every state the loop can checkpoint is finite.
+  """
   grad_fn = jax.value_and_grad(loss_fn(model, cfg.train.z_loss_weight), has_aux=True)
   accum = cfg.train.grad_accum_steps
   micro_sharding = NamedSharding(batch_sharding.mesh, P(None, sharding.DATA))
@@ -62,46 +74,150 @@ def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sha
 
   def step(state: TrainState, tokens_BL):
     grads, loss = grads_and_loss(state.params, tokens_BL)
+    grad_norm = optax.tree.norm(grads)
+    what = jnp.where(jnp.isfinite(loss), 0, 1) + jnp.where(jnp.isfinite(grad_norm), 0, 2)
+    bad = what > 0
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    out = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+    first = bad & (state.first_bad_step < 0)
+    new = TrainState(
+        step=state.step + 1, params=keep(optax.apply_updates(state.params, updates), state.params),
+        opt_state=keep(opt_state, state.opt_state), bad_steps=state.bad_steps + bad.astype(jnp.int32),
+        first_bad_step=jnp.where(first, state.step + 1, state.first_bad_step),
+        bad_what=jnp.where(first, what, state.bad_what))
+    out = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(new.params),
+           "bad_steps": new.bad_steps, "first_bad_step": new.first_bad_step, "bad_what": new.bad_what,
            **optim.current_learning_rates(cfg, total_steps, state.step)}
-    return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), out
+    return new, out
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                  donate_argnums=0)
 
 
+def params_sha256(params) -> str:
+  """Bitwise fingerprint of the parameters (leaf order is the pytree's, which is deterministic)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(jax.device_get(params)):
+    h.update(np.ascontiguousarray(leaf).tobytes())
+  return h.hexdigest()
+
+
+def gc_policy(policy: str) -> None:
+  """config.env.gc_policy during the loop: "freeze" moves setup objects out of GC's view (fewer, shorter
+  collections); "disable" turns the cyclic collector off; "default" restores normal collection."""
+  if policy == "default":
+    gc.enable()
+    gc.unfreeze()
+  elif policy == "freeze":
+    gc.collect()
+    gc.freeze()
+  elif policy == "disable":
+    gc.disable()
+
+
+def _check_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".tinyjax-write-test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise config.ConfigError(f"--workdir={workdir} is not writable ({e.strerror}); choose another directory") from e
+
+
 def run(cfg, workdir: str, env_record: dict) -> dict:
-  """Trains cfg to completion in workdir; returns the final metrics."""
-  os.makedirs(workdir, exist_ok=True)
+  """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row."""
+  _check_writable(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   ds = data.prepare(cfg)
   model = Transformer(ModelConfig.from_config(cfg.model), eos_id=ds.eos_id)
   info = plan.describe(cfg, mesh, env_record)
   total = info["num_train_steps"]
   tx = optim.make(cfg, total)
-
   init = lambda: init_state(model, tx, cfg.seed)
-  state_sh = sharding.state_shardings(jax.eval_shape(init), mesh, cfg.mesh.fsdp)
-  state = jax.jit(init, out_shardings=state_sh)()
+  shapes = jax.eval_shape(init)
+  state_sh = sharding.state_shardings(shapes, mesh, cfg.mesh.fsdp)
   batch_sh = sharding.batch_sharding(mesh)
-  train_step = make_train_step(model, tx, cfg, total, state_sh, batch_sh)
-  evaluator = evaluate.Evaluator(model, ds, cfg, batch_sh)
 
+  # Resume order: (1) the newest readable checkpoint in workdir/checkpoints restores the state (onto this mesh) and
+  # the data position (= its step); an unreadable newest one falls back to the previous; (2) else a fresh init.
+  ckpt = checkpoint.Checkpointer(workdir, cfg) if cfg.checkpoint.enabled else None
+  restored = ckpt.restore_latest(checkpoint.abstract(shapes, state_sh)) if ckpt else None
+  state, meta = restored if restored else (jax.jit(init, out_shardings=state_sh)(), {"step": 0})
+  start = meta["step"]
+  if start:
+    print(f"resuming from checkpoint at step {start}/{total} in {ckpt.directory}", flush=True)
+  if start >= total:
+    print(f"run already complete ({total} steps) in {workdir}", flush=True)
+    return {"step": start}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
-      json.dump(info, f, indent=2, sort_keys=True)
-  log = metrics.Logger(workdir, total, config.tokens_per_step(cfg), cfg.train.log_every)
-  batches = data.train_batches(ds, cfg, 0, jax.process_index(), jax.process_count())
-  last = {}
-  for step in range(1, total + 1):  # `step` counts completed updates
-    state, out = train_step(state, sharding.to_global(next(batches), batch_sh))
-    log.push(step, out)  # fetches the previous log step's metrics only: the dispatch queue never stalls
-    if step % cfg.train.steps_per_eval == 0 or step == total:
-      log.flush()
-      last = evaluator(state.params, step)
-      log.write(step, last)
-  log.flush()
-  return {**log.last, **last}
+  info = record.start(workdir, cfg, info)
+
+  train_step = make_train_step(model, tx, cfg, total, state_sh, batch_sh)
+  evaluator = evaluate.Evaluator(model, ds, cfg, batch_sh)
+  log = metrics.Logger(workdir, total, config.tokens_per_step(cfg), cfg.train.log_every, start,
+                       meta.get("training_time", 0.0))
+  guard = Guard(cfg, log, ckpt)
+  batches = data.train_batches(ds, cfg, start, jax.process_index(), jax.process_count())
+  signals, status = faults.Signals(), "failed"
+  gc_policy(cfg.env.gc_policy)
+  try:
+    for step in range(start + 1, total + 1):  # `step` counts completed updates
+      state, out = train_step(state, sharding.to_global(next(batches), batch_sh))
+      guard.check(log.push(step, out))  # fetches the previous log step only: the dispatch queue never stalls
+      if step % cfg.train.steps_per_eval == 0 or step == total:
+        guard.check(log.flush())
+        log.write(step, evaluator(state.params, step))
+      if ckpt and (ckpt.due(step, total) or signals.received):
+        guard.save(step, state)
+      if signals.received:
+        log.event(step, "preempted", f"{signals.received}: checkpoint at step {step} written")
+        raise faults.Preempted(f"stopped by {signals.received} at step {step}; checkpoint written, rerun to resume")
+    guard.check(log.flush())
+    status = "completed"
+  except (faults.Preempted, faults.Diverged) as e:
+    status = type(e).__name__.lower()
+    raise
+  finally:
+    signals.restore()
+    gc_policy("default")
+    if ckpt:
+      ckpt.close()
+    record.finish(workdir, info, status)
+  log.write(total, {"param_sha256": params_sha256(state.params)})
+  if jax.process_index() == 0:
+    results.write_results(workdir)  # Marin-schema speedrun_results.json
+  return log.last
+
+
+class Guard:
+  """Host side of the non-finite guard and loss-spike warnings; never lets a diverged run write a checkpoint."""
+
+  def __init__(self, cfg, log: metrics.Logger, ckpt: checkpoint.Checkpointer | None):
+    self.skip, self.log, self.ckpt = cfg.train.skip_bad_steps, log, ckpt
+    self.spikes = faults.SpikeDetector(cfg.train.loss_spike_ratio, cfg.train.loss_spike_window)
+    self.reported_bad = 0
+
+  def check(self, row: dict | None) -> None:
+    if not row:
+      return
+    record = faults.divergence(row)
+    if record and not self.skip:
+      last = self.ckpt.last_step if self.ckpt else None
+      self.log.event(row["step"], "diverged", f"{record}; last good checkpoint: {last}")
+      raise faults.Diverged(f"{record}; the update was not applied and nothing non-finite was saved; "
+                            f"last good checkpoint: step {last}")
+    if row.get("bad_steps", 0) > self.reported_bad:
+      self.log.event(row["step"], "skipped_bad_steps", f"{record}; {int(row['bad_steps'])} updates skipped so far")
+      self.reported_bad = row["bad_steps"]
+    spike = self.spikes(row["loss"]) if "loss" in row else None
+    if spike:
+      self.log.event(row["step"], "loss_spike", spike)
+
+  def save(self, step: int, state: TrainState) -> None:
+    if not self.skip:  # a save is rare: read the guard's counters now rather than checkpoint a skipped step
+      self.check({"step": step, "first_bad_step": int(state.first_bad_step), "bad_what": int(state.bad_what)})
+    self.ckpt.save(step, state, {"training_time": self.log.training_time})

@@ -1,0 +1,174 @@
+"""Checkpoints and faults: exact resume, resharding restore, preemption, non-finite guard, bad checkpoints."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tinyjax import config, data, env, faults, metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+def make_cfg(cache_dir, **overrides):
+  c = config.base()
+  m = c.model
+  m.hidden_dim, m.intermediate_dim, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 2, 2, 2
+  m.seq_len, m.vocab_size = 32, 512
+  t = c.train
+  t.train_batch_size, t.num_train_steps, t.log_every, t.steps_per_eval, t.max_eval_batches = 8, STEPS, 1, 6, 2
+  o = c.optimizer
+  o.learning_rate, o.adam_lr, o.warmup, o.decay, o.lr_schedule, o.muon_epsilon = 0.02, 0.004, 0.0, 0.8, "linear", 1e-5
+  c.checkpoint.save_interval_steps, c.checkpoint.max_to_keep = 4, 3
+  c.data.cache_dir, c.mesh.data = cache_dir, 1
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    c[group][name] = value
+  return c
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
+  sha = [r["param_sha256"] for r in rows if "param_sha256" in r]
+  return losses, sha, [r for r in rows if "event" in r]
+
+
+def run(cfg, workdir, monkeypatch=None, sigterm_at=None, nan_at=None):
+  """train.run in this process; optionally SIGTERM during step `sigterm_at`, or an out-of-vocab id (-> NaN
+  embedding, as jnp.take fills out-of-range rows with NaN) in the batch of step `nan_at`."""
+  if sigterm_at or nan_at:
+    real = data.train_batches
+
+    def batches(ds, cfg, start_step=0, *args):
+      for step, rows in enumerate(real(ds, cfg, start_step, *args), start=start_step + 1):
+        if step == nan_at:
+          rows = rows.copy()
+          rows[0, 3] = cfg.model.vocab_size + 7
+        if step == sigterm_at:
+          os.kill(os.getpid(), signal.SIGTERM)  # handled between bytecodes: lands during this step
+        yield rows
+    monkeypatch.setattr(data, "train_batches", batches)
+  try:
+    return train.run(cfg, str(workdir), env.record())
+  finally:
+    if monkeypatch:
+      monkeypatch.undo()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  run(make_cfg(cache_dir), workdir)
+  return read_metrics(workdir)
+
+
+def test_resume_is_bitwise_identical(cache_dir, tmp_path, monkeypatch, uninterrupted):
+  with pytest.raises(faults.Preempted):
+    run(make_cfg(cache_dir), tmp_path, monkeypatch, sigterm_at=6)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"], "SIGTERM must checkpoint at the boundary"
+  run(make_cfg(cache_dir), tmp_path)
+  losses, sha, events = read_metrics(tmp_path)
+  assert losses == uninterrupted[0], "6 steps + resume + 6 steps must log exactly the uninterrupted losses"
+  assert sha == uninterrupted[1], "final parameters must be bitwise identical to the uninterrupted run"
+  assert [e["event"] for e in events] == ["preempted"]
+
+
+def test_restore_onto_eight_devices(cache_dir, tmp_path, monkeypatch, uninterrupted):
+  with pytest.raises(faults.Preempted):
+    run(make_cfg(cache_dir), tmp_path, monkeypatch, sigterm_at=6)
+  run(make_cfg(cache_dir, **{"mesh.data": 8}), tmp_path)  # a 1-device checkpoint restored onto 8 devices
+  losses, _, _ = read_metrics(tmp_path)
+  assert [losses[s] for s in range(1, 7)] == [uninterrupted[0][s] for s in range(1, 7)]
+  # After the restore, 8 devices reduce the bf16 matmuls in another order: equal to bf16 rounding, not bitwise.
+  np.testing.assert_allclose([losses[s] for s in range(7, STEPS + 1)],
+                             [uninterrupted[0][s] for s in range(7, STEPS + 1)], rtol=1e-3)
+
+
+def test_nan_stops_run_and_is_never_saved(cache_dir, tmp_path, monkeypatch):
+  cfg = make_cfg(cache_dir)
+  cfg.checkpoint.save_interval_steps = 1
+  with pytest.raises(faults.Diverged, match="non-finite loss and grad_norm at step 5; .*last good checkpoint: step 4"):
+    run(cfg, tmp_path, monkeypatch, nan_at=5)
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert max(saved) == 4, f"no checkpoint may be written at or after the bad step, got {saved}"
+  _, _, events = read_metrics(tmp_path)
+  assert events[-1]["event"] == "diverged" and "step 5" in events[-1]["message"]
+
+
+def test_skip_bad_steps_skips_and_counts(cache_dir, tmp_path, monkeypatch, uninterrupted):
+  cfg = make_cfg(cache_dir, **{"train.skip_bad_steps": True})
+  run(cfg, tmp_path, monkeypatch, nan_at=5)
+  losses, _, events = read_metrics(tmp_path)
+  assert np.isnan(losses[5]) and all(np.isfinite(v) for s, v in losses.items() if s != 5)
+  assert [e["event"] for e in events] == ["skipped_bad_steps"] and "1 updates skipped" in events[0]["message"]
+  assert losses[4] == uninterrupted[0][4], "steps before the bad one are untouched"
+  # The skipped update leaves params as after step 4, so step 6 sees step-5 params of no update: not the same loss.
+  assert losses[6] != uninterrupted[0][6]
+
+
+def test_mismatched_checkpoint_names_fields(cache_dir, tmp_path, monkeypatch):
+  with pytest.raises(faults.Preempted):
+    run(make_cfg(cache_dir), tmp_path, monkeypatch, sigterm_at=2)
+  with pytest.raises(config.ConfigError, match=r"model.hidden_dim \(checkpoint 32, config 64\).*"
+                                               r"model.intermediate_dim \(checkpoint 64, config 128\)"):
+    run(make_cfg(cache_dir, **{"model.hidden_dim": 64, "model.intermediate_dim": 128}), tmp_path)
+
+
+def test_corrupted_latest_falls_back(cache_dir, tmp_path, monkeypatch, capsys, uninterrupted):
+  with pytest.raises(faults.Preempted):
+    run(make_cfg(cache_dir), tmp_path, monkeypatch, sigterm_at=6)
+  for path in glob.glob(str(tmp_path / "checkpoints" / "6" / "state" / "**" / "*"), recursive=True):
+    if os.path.isfile(path) and "ocdbt" in path or "/d/" in path:
+      with open(path, "r+b") as f:
+        f.truncate(max(os.path.getsize(path) // 3, 1))
+  run(make_cfg(cache_dir), tmp_path)
+  out = capsys.readouterr().out
+  assert "checkpoint" in out and "unreadable" in out and "resuming from checkpoint at step 4/12" in out
+  losses, sha, _ = read_metrics(tmp_path)
+  assert losses == uninterrupted[0] and sha == uninterrupted[1], "fallback resume must still be exact"
+
+
+def test_resume_truncates_metrics_and_drops_torn_line(tmp_path):
+  """A resumed run rewrites steps after its checkpoint; a line torn by SIGKILL must not break the resume."""
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 4, "loss": 1.5}\n{"step": 5, "loss": 1.4}\n{"step": 6, "lo')
+  metrics._truncate(str(path), 4)
+  assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 4, "loss": 1.5}\n'
+
+
+def test_unwritable_workdir_fails_first(cache_dir, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(config.ConfigError, match="a_file/run is not writable"):
+    run(make_cfg(cache_dir), blocker / "run")
+
+
+def test_sigterm_exit_code_and_checkpoint(cache_dir, tmp_path):
+  """The real CLI: SIGTERM -> checkpoint at the next step boundary, exit code 75, one line on stderr."""
+  args = [sys.executable, "-m", "tinyjax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+          f"--config.data.cache_dir={cache_dir}", "--config.model.vocab_size=512", "--config.train.log_every=1",
+          "--config.train.num_train_steps=1000", "--config.model.seq_len=32", "--config.train.train_batch_size=4"]
+  env_vars = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen(args, cwd=ROOT, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  for line in proc.stdout:
+    if line.startswith("step 3/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == faults.EXIT_PREEMPTED, err
+  assert err.strip().splitlines()[-1].startswith("tinyjax: stopped by SIGTERM at step ")
+  saved = [s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+  assert len(saved) == 1 and int(saved[0]) >= 3

@@ -1,0 +1,105 @@
+"""config.env reaches the process before JAX starts, is recorded, and envdiff measures what a setting changes."""
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tinyjax import config, env, envdiff, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.model.vocab_size=512", "--config.model.seq_len=32", "--config.train.train_batch_size=8",
+         "--config.model.hidden_dim=64", "--config.model.intermediate_dim=128"]
+
+
+def dry_run(*args):
+  clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  r = subprocess.run([sys.executable, "-m", "tinyjax.main", "--config=configs/tiny.py", "--dry_run", *args],
+                     cwd=ROOT, env=clean, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  return json.loads(r.stdout)
+
+
+def test_env_fields_reach_the_process():
+  plan = dry_run("--config.env.host_device_count=4", "--config.env.xla_python_client_allocator=platform",
+                 "--config.env.xla_python_client_preallocate=false", "--config.env.tf_gpu_allocator=cuda_malloc_async",
+                 "--config.env.libtpu_init_args=--xla_tpu_scoped_vmem_limit_kib=98304",
+                 "--config.env.jax_default_matmul_precision=highest", "--config.env.gpu_deterministic=True")
+  assert plan["mesh"]["num_devices"] == 4, "env.host_device_count must take effect through XLA_FLAGS"
+  environment = plan["env"]["environment"]
+  assert environment["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
+  assert environment["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert environment["TF_GPU_ALLOCATOR"] == "cuda_malloc_async"
+  assert environment["LIBTPU_INIT_ARGS"] == "--xla_tpu_scoped_vmem_limit_kib=98304"
+  assert "--xla_gpu_deterministic_ops=true" in environment["XLA_FLAGS"]
+  assert plan["env"]["jax_config"]["jax_default_matmul_precision"] == "highest"
+
+
+def test_xla_flags_list_and_config_wins_over_environment():
+  plan = dry_run("--config.env.xla_flags=('--xla_force_host_platform_device_count=8',)",
+                 "--config.env.host_device_count=2")
+  assert plan["mesh"]["num_devices"] == 8, "a later --flag=value must replace an earlier one"
+  assert plan["env"]["environment"]["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+
+def test_refused_after_backend_start():
+  import jax
+  jax.devices()  # the test process's backend is up
+  with pytest.raises(config.ConfigError, match="before the JAX backend starts"):
+    env.apply(config.base().env)
+
+
+def test_both_mem_fractions_refused():
+  e = config.base().env
+  e.xla_client_mem_fraction, e.xla_python_client_mem_fraction = "0.5", "0.5"
+  with pytest.raises(config.ConfigError, match="both set"):
+    env.apply(e)
+
+
+def test_gc_policy_restored():
+  train.gc_policy("freeze")
+  assert gc.get_freeze_count() > 0
+  train.gc_policy("disable")
+  assert not gc.isenabled()
+  train.gc_policy("default")
+  assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+@pytest.fixture(scope="module")
+def preallocate_report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("envdiff")
+  report = envdiff.main(["--config=configs/tiny.py", "--a", "env.xla_python_client_preallocate=true",
+                         "--b", "env.xla_python_client_preallocate=false", "--steps=4", f"--out={out}", "--",
+                         *SMALL])
+  return report, out
+
+
+def test_envdiff_cpu_irrelevant_flag_is_bitwise_identical(preallocate_report):
+  """Also the determinism check: two fresh CPU processes of the same training are bitwise identical."""
+  report, out = preallocate_report
+  assert report["bitwise_identical"] and report["loss"]["first_differing_step"] is None
+  assert report["steps"] == [1, 2, 3, 4]
+  assert json.load(open(out / "envdiff.json"))["bitwise_identical"] is True
+
+
+def test_run_info_records_the_run(preallocate_report):
+  _, out = preallocate_report
+  info = json.load(open(out / "a" / "run_info.json"))
+  assert info["env"]["environment"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+  for key in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "tokenizers", "python"):
+    assert key in info["versions"], key
+  # envdiff's processes inherit this test process's environment: 8 fake CPU devices (conftest).
+  assert info["devices"]["backend"] == "cpu" and info["devices"]["device_count"] == 8 == info["mesh"]["num_devices"]
+  assert info["devices"]["process_count"] == 1 and info["host"]
+  assert info["git"] is None or {"commit", "dirty", "diff_sha256"} <= info["git"].keys()
+  assert len(info["config_sha256"]) == 64 and info["status"] == "completed"
+  assert info["start_time"] <= info["end_time"]
+
+
+def test_envdiff_reports_a_real_difference(tmp_path):
+  report = envdiff.main(["--config=configs/tiny.py", "--a", "seed=0", "--b", "seed=1", "--steps=2",
+                         f"--out={tmp_path}", "--", *SMALL])
+  assert not report["bitwise_identical"] and report["loss"]["first_differing_step"] == 1
+  assert report["loss"]["max_abs_diff"] > 0 and not report["final_params_identical"]

@@ -1,0 +1,60 @@
+"""Preemption signals, divergence records and loss-spike warnings: how a run stops, and with which exit code."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+
+EXIT_DIVERGED = 3  # a non-finite loss or gradient norm stopped the run (nothing non-finite was saved)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT, checkpoint written, rerun the same command to resume
+NONFINITE = {1: "loss", 2: "grad_norm", 3: "loss and grad_norm"}
+
+
+class Preempted(Exception):
+  pass
+
+
+class Diverged(Exception):
+  pass
+
+
+class Signals:
+  """First SIGTERM/SIGINT: ask the loop to checkpoint at the next step boundary. Second: exit at once."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+  def _handle(self, signum, frame):
+    if self.received is not None:
+      os._exit(128 + signum)  # the user insists: no checkpoint, no cleanup
+    self.received = signal.Signals(signum).name
+    print(f"received {self.received}: checkpointing at the next step boundary (send again to exit at once)",
+          flush=True)
+
+  def restore(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+def divergence(row: dict) -> str | None:
+  """The record of the first non-finite step in a metrics row, or None."""
+  if row.get("first_bad_step", -1) < 0:
+    return None
+  return f"non-finite {NONFINITE.get(int(row['bad_what']), '?')} at step {int(row['first_bad_step'])}"
+
+
+class SpikeDetector:
+  """Warns when a logged loss exceeds `ratio` x the mean of the previous `window` logged losses."""
+
+  def __init__(self, ratio: float, window: int):
+    self.ratio, self.history = ratio, collections.deque(maxlen=window)
+
+  def __call__(self, loss: float) -> str | None:
+    spike = None
+    if self.ratio > 0 and len(self.history) >= min(5, self.history.maxlen):
+      mean = sum(self.history) / len(self.history)
+      if loss > self.ratio * mean:
+        spike = f"loss spike: {loss:.4f} > {self.ratio} x running mean {mean:.4f}"
+    self.history.append(loss)
+    return spike
