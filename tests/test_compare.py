@@ -1,0 +1,162 @@
+"""compare: every leaderboard format loads, neighbours are the right Marin rows, non-Paloma runs are flagged, and
+malformed leaderboard files are one clear error naming the file."""
+import io
+import json
+import os
+
+import pytest
+
+from test_results import SHARED, make_workdir
+from tinyjax import compare, results
+
+RUNS_JSON = os.path.join(SHARED, "marin", "runs.json")
+LEADERBOARD = os.path.join(SHARED, "marin-leaderboard.json")
+MARIN_50M = os.path.join(SHARED, "marin", "llama_50m_muon_1x.speedrun_results.json")
+
+
+@pytest.fixture(scope="module")
+def run_50m(tmp_path_factory):
+  """configs/c4_50m.py with a final Paloma c4_en BPB of 1.40 (on a CPU: hardware FLOPs unknown)."""
+  return make_workdir(tmp_path_factory.mktemp("w") / "c4_50m", "c4_50m", evals={"paloma/c4_en": [1.45, 1.40]})
+
+
+@pytest.fixture(scope="module")
+def run_tiny(tmp_path_factory):
+  return make_workdir(tmp_path_factory.mktemp("w") / "tiny", "tiny", evals={"python_docs": [2.3, 1.9]})
+
+
+def test_every_format_loads():
+  table = compare.load_leaderboard([RUNS_JSON])
+  assert len(table) == 96 and all(r["total_tokens"] is None for r in table)  # runs.json has no token counts
+  enriched = compare.load_leaderboard([LEADERBOARD])
+  assert len(enriched) == 137
+  h200 = next(r for r in enriched if r["run_name"] == "llama_50m_h200")
+  assert (h200["total_tokens"], h200["hardware"], h200["training_time"]) == (996_147_200, "1x H200", 1556.5628195246245)
+  [one] = compare.load_leaderboard([MARIN_50M])
+  assert one == {"run_name": "llama_50m_muon_1x", "model_size": 50_874_048, "model_flops": 1.6698528441040896e17,
+                 "bpb": 1.398867130279541, "training_hardware_flops": 1.1666472839337308e18,
+                 "training_time": 1179.0270681492984, "total_tokens": 999_948_288, "num_chips": 1,
+                 "hardware": "1x H200"}
+
+
+def test_directory_of_per_run_files(tmp_path):
+  with open(MARIN_50M) as f:
+    doc = json.load(f)
+  for name in ("speedrun/a", "speedrun/b/c"):
+    os.makedirs(tmp_path / name)
+    with open(tmp_path / name / results.RESULTS_FILE, "w") as f:
+      json.dump(doc, f)
+  rows = compare.load_leaderboard([str(tmp_path / "speedrun")])
+  assert [r["run_name"] for r in rows] == ["a", "b/c"]  # Marin's run_name: the folder under the searched root
+
+
+def test_50m_neighbours_in_runs_json(run_50m):
+  [c] = compare.compare([run_50m], compare.load_leaderboard([RUNS_JSON]), near=3)
+  got = [(r["run_name"], r["match"]) for r in c["neighbours"]]
+  # By hand: ours 1.66985e17; llama_50m_gpu/h200 and olmo_50m_h200 are at 1.66351e17 (log10 distance 0.00165,
+  # ties by name), llama_30m next at 8.70e16 (0.283); llama_50m_10xC (1.75e18, 1.020) is in by model size only.
+  assert got == [("llama_50m_gpu", "size+flops"), ("llama_50m_h200", "size+flops"), ("olmo_50m_h200", "flops"),
+                 ("llama_50m_10xC", "size")]
+  gpu = c["neighbours"][0]
+  assert gpu["delta_bpb"] == pytest.approx(1.40 - 1.4032597541809082)
+  assert gpu["flops_ratio"] == pytest.approx(1.6698528441040896e17 / 1.66350525825024e17)
+  assert c["run"]["comparable"] and c["run"]["eval_set"] == "paloma/c4_en"
+
+
+def test_50m_neighbours_in_enriched_leaderboard(run_50m):
+  [c] = compare.compare([run_50m], compare.load_leaderboard([LEADERBOARD]), near=1)
+  assert [(r["run_name"], r["match"]) for r in c["neighbours"]] == [
+      ("llama_50m_muon_1x", "size+flops"), ("llama_50m_gpu", "size"), ("llama_50m_h200", "size"),
+      ("llama_50m_10xC", "size")]
+  assert c["neighbours"][0]["delta_bpb"] == pytest.approx(1.40 - 1.398867130279541)
+  assert c["neighbours"][0]["flops_ratio"] == 1.0
+
+
+def test_nearest_in_flops_on_a_hand_made_board(run_50m):
+  flops = {"e15": 1e15, "e16x3": 3e16, "e17": 1.6698528441040896e17, "e17x2": 4e17, "e19": 1e19}
+  board = [{"run_name": k, "model_size": 1, "model_flops": v, "bpb": 1.5, "training_hardware_flops": None,
+            "training_time": None, "total_tokens": None, "num_chips": None, "hardware": None} for k, v in flops.items()]
+  # log10 distances from ours: e17 0, e17x2 0.380, e16x3 0.746, e19 1.777, e15 2.223
+  for near, names in ((0, []), (2, ["e17", "e17x2"]), (4, ["e17", "e17x2", "e16x3", "e19"])):
+    [c] = compare.compare([run_50m], board, near)
+    assert [r["run_name"] for r in c["neighbours"]] == names
+
+
+def test_non_paloma_eval_is_flagged(run_tiny, capsys):
+  [c] = compare.compare([run_tiny], compare.load_leaderboard([RUNS_JSON]), near=2)
+  assert not c["run"]["comparable"] and c["run"]["eval_set"] == "python_docs" and c["run"]["bpb"] == 1.9
+  assert len(c["neighbours"]) == 2 and all(r["delta_bpb"] is None for r in c["neighbours"])
+  compare.main([run_tiny, "--leaderboard", RUNS_JSON, "--near", "2"])
+  out = capsys.readouterr().out
+  assert "1.9000*" in out
+  assert "tiny: BPB is on python_docs, not paloma/c4_en: not comparable with the leaderboard (no ΔBPB)" in out
+
+
+def test_cli_table_and_json(run_50m, run_tiny, capsys):
+  compare.main([run_50m, run_tiny, "--leaderboard", RUNS_JSON, "--leaderboard", MARIN_50M, "--near", "1", "--json"])
+  doc = json.loads(capsys.readouterr().out)
+  assert doc["leaderboard_runs"] == 97
+  assert [c["run"]["run_name"] for c in doc["comparisons"]] == ["c4_50m", "tiny"]
+  assert doc["comparisons"][0]["neighbours"][0]["run_name"] == "llama_50m_muon_1x"
+  compare.main([run_50m, "--leaderboard", MARIN_50M])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].split()[:5] == ["run", "match", "params", "c4_en", "BPB"]
+  assert lines[2].split()[:6] == ["c4_50m", "ours", "50.9M", "1.4000", "-", "1.67e+17"]
+  assert lines[3].split()[:6] == ["llama_50m_muon_1x", "size+flops", "50.9M", "1.3989", "+0.0011", "1.67e+17"]
+
+
+def test_default_is_the_published_table(run_50m, monkeypatch, capsys):
+  asked = []
+
+  def urlopen(url, timeout):
+    asked.append(url)
+    with open(RUNS_JSON, "rb") as f:
+      return io.BytesIO(f.read())
+  monkeypatch.setattr(compare.urllib.request, "urlopen", urlopen)
+  compare.main([run_50m])
+  assert asked == [compare.DEFAULT_URL] and "llama_50m_gpu" in capsys.readouterr().out
+
+  def offline(url, timeout):
+    raise OSError("network is unreachable")
+  monkeypatch.setattr(compare.urllib.request, "urlopen", offline)
+  with pytest.raises(SystemExit):
+    compare.main([run_50m])
+  assert "cannot fetch (network is unreachable); pass --leaderboard FILE" in capsys.readouterr().err
+
+
+ROW = {"run_name": "r", "model_size": 5, "model_flops": 1e17, "eval_paloma_c4_en_bpb": 1.4}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    ("[]", "no runs"),
+    ('{"runs": []}', "no runs"),
+    ("42", "expected a list of runs (runs.json) or an object with a 'runs' list, got int"),
+    ('{"rows": []}', "expected a list of runs (runs.json) or an object with a 'runs' list, got dict without 'runs'"),
+    ("[1]", "runs[0]: expected an object, got int"),
+    (json.dumps([{k: v for k, v in ROW.items() if k != "model_flops"}]), "runs[0] (r): missing field 'model_flops'"),
+    (json.dumps([{**ROW, "model_size": "50M"}]), "runs[0] (r): field 'model_size' must be an integer, got str '50M'"),
+    (json.dumps([ROW, {**ROW, "eval_paloma_c4_en_bpb": True}]),
+     "runs[1] (r): field 'eval_paloma_c4_en_bpb' must be a number, got bool True"),
+    (json.dumps([{**ROW, "model_flops": 0}]), "runs[0] (r): field 'model_flops' must be > 0, got 0"),
+    (json.dumps({"runs": [{"run_info": {"model_size": 5, "model_flops": 1e17}}]}),
+     "runs[0].run_info: missing field 'eval/paloma/c4_en/bpb'"),
+])
+def test_malformed_leaderboards(tmp_path, content, message):
+  path = tmp_path / "board.json"
+  path.write_text(content)
+  with pytest.raises(compare.LeaderboardError) as e:
+    compare.load_leaderboard([str(path)])
+  assert str(e.value) == f"{path}: {message}"
+
+
+def test_missing_sources_and_cli_error_line(tmp_path, run_50m, capsys):
+  with pytest.raises(compare.LeaderboardError, match="no such file"):
+    compare.load_leaderboard([str(tmp_path / "nope.json")])
+  with pytest.raises(compare.LeaderboardError, match=f"no {results.RESULTS_FILE} files under this directory"):
+    compare.load_leaderboard([str(tmp_path)])
+  (tmp_path / "bad.json").write_text("[{}]")
+  with pytest.raises(SystemExit) as e:
+    compare.main([run_50m, "--leaderboard", str(tmp_path / "bad.json")])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == f"tinyjax: error: {tmp_path / 'bad.json'}: runs[0]: missing field 'run_name'\n"

@@ -1,0 +1,65 @@
+"""plot: the Pareto front on a hand-made set, and every kind of figure written as a real (readable) PNG."""
+import os
+
+import matplotlib.image
+import pytest
+
+from test_results import SHARED, make_workdir
+from tinyjax import plot
+
+RUNS_JSON = os.path.join(SHARED, "marin", "runs.json")
+
+
+def test_pareto_front_hand_made():
+  #        0    1    2    3    4    5    6
+  xs = [1.0, 2.0, 3.0, 4.0, 5.0, 2.0, 0.5]
+  ys = [5.0, 4.0, 4.5, 3.0, 3.5, 4.2, 6.0]
+  # 6 (x .5: nothing smaller), 0 (5 < 6), 1 and 5 (x 2: 4, 4.2 < 5; tied x do not compete), 2 no (4.5 > 4),
+  # 3 (3 < 4), 4 no (3.5 > 3).
+  assert plot.pareto_front(xs, ys) == [6, 0, 1, 5, 3]
+  assert plot.pareto_front([], []) == []
+  assert plot.pareto_front([3.0, 1.0, 2.0], [1.0, 2.0, 3.0]) == [1, 0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("runs")
+  out = []
+  for name, batch in (("muon", 8), ("muon", 16), ("adamw", 8), ("adamw", 32)):
+    def edit(cfg, name=name, batch=batch):
+      cfg.optimizer.name, cfg.train.train_batch_size = name, batch
+    bpb = 2.0 + (0.1 if name == "adamw" else 0.0) + 0.01 * batch
+    out.append(make_workdir(root / f"{name}_b{batch}", "tiny", edit=edit, evals={"python_docs": [bpb + 0.3, bpb]}))
+  out.append(make_workdir(root / "c4", "tiny", evals={"paloma/c4_en": [2.4, 2.2], "python_docs": [2.0, 1.8]}))
+  return out
+
+
+def _check_png(path, min_kb=15):
+  assert os.path.getsize(path) > min_kb * 1024
+  image = matplotlib.image.imread(path)
+  assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("curves", {"axis": "steps"}), ("curves", {"axis": "flops"}), ("batch", {"group_by": "optimizer.name"}),
+    ("flops", {"leaderboard": [RUNS_JSON]}), ("flops", {"leaderboard": [RUNS_JSON], "flops_axis": "hardware"}),
+])
+def test_every_kind_writes_a_png(runs, tmp_path, kind, extra):
+  if extra.get("flops_axis") == "hardware":
+    with pytest.raises(ValueError, match="nothing to plot"):  # CPU runs have no hardware FLOPs and no Marin rows
+      plot.plot(runs, str(tmp_path / "x.png"), kind, flops_axis="hardware")
+  out = plot.plot(runs, str(tmp_path / f"{kind}.png"), kind, **extra)
+  _check_png(out)
+
+
+def test_cli(runs, tmp_path, capsys):
+  out = str(tmp_path / "b.png")
+  plot.main(runs + ["--out", out, "--kind", "batch", "--group-by", "model_size"])
+  assert capsys.readouterr().out.strip() == out
+  _check_png(out)
+  with pytest.raises(SystemExit) as e:
+    plot.main(runs[:1] + ["--out", out, "--kind", "batch", "--group-by", "optimizer.nope"])
+  assert e.value.code == 2 and "no config or results key 'optimizer.nope'" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    plot.main(runs[:1] + ["--out", out, "--kind", "flops", "--leaderboard", str(tmp_path / "none.json")])
+  assert capsys.readouterr().err.strip().endswith("none.json: no such file or directory")

@@ -1,0 +1,263 @@
+"""Our runs next to the Marin speedrun leaderboard: same model size and nearest in model FLOPs, on Marin's metrics.
+
+python -m tinyjax.compare WORKDIR [WORKDIR ...] [--leaderboard FILE_OR_DIR_OR_URL ...] [--near N] [--json]
+
+Leaderboard formats (../shared/reference/marin-speedrun.md §1, §6), all normalised to one row shape:
+  * the official table `data/runs.json` of marin-community/speedrun: a list of rows (run_name, model_size,
+    model_flops, training_hardware_flops, training_time, eval_paloma_c4_en_bpb, ...); the default, fetched online;
+  * an object with a `runs` list of such rows (shared/marin-leaderboard.json: training_time_s, total_tokens,
+    hardware, num_chips too);
+  * per-run `speedrun_results.json` files ({"runs": [{"run_info": {...}}]}), given as files or a directory
+    (searched recursively, as Marin's create_leaderboard.py globs experiments/speedrun/**/speedrun_results.json).
+Only Paloma c4_en BPB is the leaderboard's metric: our runs evaluated on another set are listed as not comparable,
+with their neighbours but no BPB difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import urllib.request
+
+from tinyjax import results
+
+DEFAULT_URL = "https://raw.githubusercontent.com/marin-community/speedrun/main/data/runs.json"
+NUMBER, INTEGER, TEXT = (int, float), (int,), (str,)
+# normalised field: (accepted source names, types, required)
+TABLE_FIELDS = {
+    "run_name": (("run_name",), TEXT, True),
+    "model_size": (("model_size",), INTEGER, True),
+    "model_flops": (("model_flops",), NUMBER, True),
+    "bpb": (("eval_paloma_c4_en_bpb", results.MARIN_BPB_KEY), NUMBER, True),
+    "training_hardware_flops": (("training_hardware_flops",), NUMBER, False),
+    "training_time": (("training_time", "training_time_s"), NUMBER, False),
+    "total_tokens": (("total_tokens",), INTEGER, False),
+    "num_chips": (("num_chips",), INTEGER, False),
+    "hardware": (("hardware",), TEXT, False),
+}
+
+
+class LeaderboardError(ValueError):
+  """A leaderboard source that cannot be used; the message names the source and what is wrong."""
+
+
+def _field(row: dict, name: str, where: str, per_run: bool):
+  keys, types, required = TABLE_FIELDS[name]
+  key = next((k for k in keys if k in row), None)
+  value = None if key is None else row[key]
+  if value is None:
+    if required:  # named as the format spells it: runs.json's flat name, or the per-run file's W&B key
+      raise LeaderboardError(f"{where}: missing field {keys[-1] if per_run else keys[0]!r}")
+    return None
+  if isinstance(value, bool) or not isinstance(value, types):
+    kind = "a number" if types is NUMBER else "an integer" if types is INTEGER else "a string"
+    raise LeaderboardError(f"{where}: field {key!r} must be {kind}, got {type(value).__name__} {value!r}")
+  if name == "model_flops" and not value > 0:
+    raise LeaderboardError(f"{where}: field 'model_flops' must be > 0, got {value!r}")
+  return value
+
+
+def _hardware(info: dict) -> str | None:
+  """'1x H200' / 'v5p-32' from a per-run file's resources (Marin's GPU or TPU resource config)."""
+  res = info.get("resources") or {}
+  if res.get("accelerator_type") or res.get("device_kind"):
+    return f"{res.get('gpu_count') or res.get('num_devices') or 1}x {res.get('accelerator_type') or res['device_kind']}"
+  return res.get("tpu_type")
+
+
+def normalise(row, where: str, run_name: str | None = None) -> dict:
+  """One leaderboard row (table row or per-run run_info) -> {run_name, model_size, model_flops, bpb, ...}."""
+  if not isinstance(row, dict):
+    raise LeaderboardError(f"{where}: expected an object, got {type(row).__name__}")
+  if run_name is not None:  # a per-run run_info: the name comes from its path
+    row = {**row, "run_name": run_name, "hardware": _hardware(row)}
+  return {name: _field(row, name, where, run_name is not None) for name in TABLE_FIELDS}
+
+
+def _per_run_name(path: str, root: str | None) -> str:
+  """Marin's run_name: the results file's directory relative to the searched root (or the file's own stem)."""
+  base = os.path.basename(path)
+  if base != results.RESULTS_FILE:
+    return base.removesuffix(".json").removesuffix(".speedrun_results")
+  folder = os.path.dirname(path if path.startswith(("http://", "https://")) else os.path.abspath(path))
+  return os.path.relpath(folder, root) if root else os.path.basename(folder)
+
+
+def parse(doc, source: str, root: str | None = None) -> list[dict]:
+  """A loaded JSON document of any supported format -> normalised rows."""
+  runs = doc.get("runs") if isinstance(doc, dict) else doc
+  if not isinstance(runs, list):
+    raise LeaderboardError(f"{source}: expected a list of runs (runs.json) or an object with a 'runs' list, "
+                           f"got {type(doc).__name__}" + (" without 'runs'" if isinstance(doc, dict) else ""))
+  if not runs:
+    raise LeaderboardError(f"{source}: no runs")
+  if isinstance(runs[0], dict) and "run_related_info" in runs[0]:
+    raise LeaderboardError(f"{source}: the April-2025 per-run format (run_related_info/run_stats) is not supported")
+  if isinstance(runs[0], dict) and "run_info" in runs[0]:  # per-run speedrun_results.json
+    name = _per_run_name(source, root)
+    return [normalise(r.get("run_info") if isinstance(r, dict) else r, f"{source}: runs[{i}].run_info",
+                      name if len(runs) == 1 else f"{name}[{i}]") for i, r in enumerate(runs)]
+  return [normalise(r, f"{source}: runs[{i}]" + (f" ({r['run_name']})" if isinstance(r, dict) and
+                                                 isinstance(r.get("run_name"), str) else ""))
+          for i, r in enumerate(runs)]
+
+
+def _read(source: str) -> str:
+  if source.startswith(("http://", "https://")):
+    try:
+      with urllib.request.urlopen(source, timeout=30) as response:
+        return response.read().decode()
+    except OSError as e:
+      raise LeaderboardError(f"{source}: cannot fetch ({e}); pass --leaderboard FILE to work offline") from None
+  if not os.path.exists(source):
+    raise LeaderboardError(f"{source}: no such file or directory")
+  try:
+    with open(source) as f:
+      return f.read()
+  except OSError as e:
+    raise LeaderboardError(f"{source}: cannot read ({e.strerror or e})") from None
+
+
+def _load_one(source: str, root: str | None = None) -> list[dict]:
+  try:
+    doc = json.loads(_read(source))
+  except json.JSONDecodeError as e:
+    raise LeaderboardError(f"{source}: not valid JSON ({e})") from None
+  return parse(doc, source, root)
+
+
+def load_leaderboard(sources: list[str]) -> list[dict]:
+  """Rows from files, directories of per-run speedrun_results.json files, and URLs (in order)."""
+  rows = []
+  for source in sources:
+    if os.path.isdir(source):
+      found = sorted(os.path.join(d, results.RESULTS_FILE) for d, _, files in os.walk(source)
+                     if results.RESULTS_FILE in files)
+      if not found:
+        raise LeaderboardError(f"{source}: no {results.RESULTS_FILE} files under this directory")
+      for path in found:
+        rows += _load_one(path, root=source)
+    else:
+      rows += _load_one(source)
+  return rows
+
+
+def load_ours(workdir: str) -> dict:
+  """A workdir's results (writing speedrun_results.json first if missing) as a row + which eval set its BPB is on."""
+  path = os.path.join(workdir, results.RESULTS_FILE)
+  try:
+    if os.path.exists(path):
+      info = json.loads(_read(path))["runs"][0]["run_info"]
+    else:
+      info = results.write_results(workdir)["runs"][0]["run_info"]
+    evals = info["tinyjax"]["eval_sets"]
+  except (KeyError, IndexError, TypeError) as e:
+    raise ValueError(f"{path}: not a tinyjax speedrun_results.json ({type(e).__name__}: {e})") from None
+  eval_set = results.PALOMA_C4_EN if results.PALOMA_C4_EN in evals else next(iter(evals), None)
+  return {"run_name": os.path.basename(os.path.normpath(workdir)), "workdir": workdir,
+          **{k: info[k] for k in ("model_size", "model_flops", "training_hardware_flops", "training_time",
+                                  "total_tokens", "num_chips")},
+          "bpb": evals[eval_set]["bpb"] if eval_set else None, "hardware": _hardware(info),
+          "comparable": eval_set == results.PALOMA_C4_EN, "eval_set": eval_set}
+
+
+def _distance(a: float, b: float) -> float:
+  return abs(math.log10(a / b))
+
+
+def neighbours(ours: dict, board: list[dict], near: int) -> list[dict]:
+  """Marin rows of the same model_size plus the `near` nearest in model FLOPs (log distance), nearest first."""
+  by_flops = sorted(board, key=lambda r: (_distance(ours["model_flops"], r["model_flops"]), r["run_name"]))
+  nearest = {id(r) for r in by_flops[:near]}
+  out = []
+  for r in by_flops:
+    match = [m for m, ok in (("size", r["model_size"] == ours["model_size"]), ("flops", id(r) in nearest)) if ok]
+    if match:
+      out.append({**r, "match": "+".join(match),
+                  "log10_flops_distance": _distance(ours["model_flops"], r["model_flops"]),
+                  "flops_ratio": ours["model_flops"] / r["model_flops"],
+                  "delta_bpb": ours["bpb"] - r["bpb"] if ours["comparable"] else None})
+  return out
+
+
+def compare(workdirs: list[str], board: list[dict], near: int) -> list[dict]:
+  return [{"run": ours, "neighbours": neighbours(ours, board, near)} for ours in map(load_ours, workdirs)]
+
+
+def _si(x, unit="") -> str:
+  if x is None:
+    return "-"
+  for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+    if abs(x) >= scale * 0.9995:  # so that 999,948,288 reads 1B, not 1e+03M
+      return f"{x / scale:.3g}{suffix}{unit}"
+  return f"{x:.3g}{unit}"
+
+
+def _ratio(x: float) -> str:
+  return f"{x:.3g}" if 0.01 <= x < 1000 else f"{x:.2e}"
+
+
+def _cells(r: dict, match: str) -> list[str]:
+  hw = r["hardware"] or (f"{r['num_chips']} chips" if r["num_chips"] else "-")
+  delta = r.get("delta_bpb")
+  return [r["run_name"], match, _si(r["model_size"]), "-" if r["bpb"] is None else f"{r['bpb']:.4f}", "-" if delta is None else f"{delta:+.4f}",
+          f"{r['model_flops']:.3g}", _ratio(r.get("flops_ratio", 1.0)),
+          "-" if r["training_hardware_flops"] is None else f"{r['training_hardware_flops']:.3g}",
+          _si(r["total_tokens"]), "-" if r["training_time"] is None else f"{r['training_time']:.0f}s", hw]
+
+
+HEADER = ["run", "match", "params", "c4_en BPB", "ΔBPB", "model FLOPs", "FLOPs ratio", "HW FLOPs", "tokens",
+          "time", "hardware"]
+
+
+def table(comparisons: list[dict]) -> str:
+  """One text table: each of our runs, then its Marin neighbours (ΔBPB = ours - theirs; < 0: ours is better)."""
+  lines, notes = [HEADER], []
+  for c in comparisons:
+    ours = c["run"]
+    lines.append(_cells(ours, "ours"))
+    if not ours["comparable"]:
+      lines[-1][3] += "*"
+      notes.append(f"* {ours['run_name']}: BPB is on {ours['eval_set'] or 'no eval set'}, not "
+                   f"{results.PALOMA_C4_EN}: not comparable with the leaderboard (no ΔBPB)")
+    lines += [_cells({**r, "run_name": "  " + r["run_name"]}, r["match"]) for r in c["neighbours"]]
+    lines.append([""] * len(HEADER))
+  widths = [max(len(row[i]) for row in lines) for i in range(len(HEADER))]
+  text = ["  ".join(cell.ljust(w) if i < 2 or i == len(HEADER) - 1 else cell.rjust(w)
+                    for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in lines]
+  legend = ("ΔBPB = ours - row (< 0: ours is lower); FLOPs ratio = our model FLOPs / row's; match: size = same "
+            "model_size, flops = among the nearest in model FLOPs")
+  return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:-1] + notes + [legend])
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    results.fail(message)
+
+
+def main(argv: list[str]) -> None:
+  p = _Parser(prog="python -m tinyjax.compare", description=__doc__.splitlines()[0])
+  p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+  p.add_argument("--leaderboard", action="append", metavar="FILE_OR_DIR_OR_URL",
+                 help=f"repeatable; default: {DEFAULT_URL}")
+  p.add_argument("--near", type=int, default=3, help="Marin runs nearest in model FLOPs per run (default 3)")
+  p.add_argument("--json", action="store_true", help="machine-readable output")
+  args = p.parse_args(argv)
+  if args.near < 0:
+    results.fail(f"--near={args.near}: must be >= 0")
+  try:
+    board = load_leaderboard(args.leaderboard or [DEFAULT_URL])
+    comparisons = compare(args.workdirs, board, args.near)
+  except (LeaderboardError, OSError, ValueError) as e:
+    results.fail(str(e))
+  if args.json:
+    print(json.dumps({"leaderboard": args.leaderboard or [DEFAULT_URL], "leaderboard_runs": len(board),
+                      "comparisons": comparisons}, indent=2, allow_nan=False, default=str))
+  else:
+    print(table(comparisons))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

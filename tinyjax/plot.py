@@ -1,0 +1,193 @@
+"""Figures from workdirs (matplotlib, headless): training curves, BPB vs batch size, BPB vs FLOPs with Marin's runs.
+
+python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch|flops] [--x steps|tokens|flops]
+                       [--group-by CONFIG.KEY] [--leaderboard FILE_OR_DIR_OR_URL ...] [--flops-axis model|hardware]
+
+  curves  train loss and eval BPB against steps, tokens or model FLOPs (3 x forward FLOPs/token x tokens).
+  batch   final BPB against train_batch_size, one line per value of --group-by (a dotted config.json key such as
+          optimizer.name or model.hidden_dim, or a results key such as model_size): the batch-size figure.
+  flops   final BPB against model (or hardware) FLOPs, coloured by model size, Marin's runs (--leaderboard) as
+          reference points, and the Pareto front: points with a lower BPB than every point with smaller FLOPs
+          (the speedrun website's definition). Our runs without a Paloma c4_en eval are drawn hollow and left out
+          of the front, since their BPB is on another eval set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from tinyjax import compare, results  # noqa: E402
+
+
+def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
+  """Indices (by increasing x) of points whose y is below every y at a strictly smaller x."""
+  order = sorted(range(len(xs)), key=lambda i: (xs[i], ys[i]))
+  front, best, k = [], float("inf"), 0
+  while k < len(order):
+    same = [i for i in order[k:] if xs[i] == xs[order[k]]]  # points tied on x compete only with smaller x
+    front += [i for i in same if ys[i] < best]
+    best = min([best] + [ys[i] for i in same])
+    k += len(same)
+  return front
+
+
+class Run:
+  """One workdir's files: config.json, results (written if missing), metrics rows."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self.name = workdir, os.path.basename(os.path.normpath(workdir))
+    self.row = compare.load_ours(workdir)  # writes speedrun_results.json if missing
+    with open(os.path.join(workdir, results.RESULTS_FILE)) as f:
+      self.info = json.load(f)["runs"][0]["run_info"]
+    with open(os.path.join(workdir, "config.json")) as f:
+      self.config = json.load(f)
+    self.rows = results.read_metrics(workdir)
+
+  def lookup(self, key: str):
+    """A dotted config.json key (optimizer.name), else a speedrun_results key (model_size, tinyjax.optimizer)."""
+    for node in (self.config, self.info):
+      for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+      if node is not None:
+        return node
+    raise KeyError(f"{self.workdir}: no config or results key {key!r}")
+
+  def x_values(self, rows: list[dict], axis: str) -> list[float]:
+    tokens = [r["step"] * self.config["train"]["train_batch_size"] * self.config["model"]["seq_len"] for r in rows]
+    if axis == "tokens":
+      return tokens
+    if axis == "flops":
+      return [3 * self.info["model_flops_per_token"] * t for t in tokens]
+    return [r["step"] for r in rows]
+
+
+def plot_curves(runs: list[Run], axis: str, ax_loss, ax_bpb) -> None:
+  for run in runs:
+    train = [r for r in run.rows if "loss" in r]
+    line, = ax_loss.plot(run.x_values(train, axis), [r["loss"] for r in train], label=run.name)
+    for name in run.info["tinyjax"]["eval_sets"]:
+      evals = [r for r in run.rows if f"eval/{name}/bpb" in r]
+      ax_bpb.plot(run.x_values(evals, axis), [r[f"eval/{name}/bpb"] for r in evals], "o-", color=line.get_color(),
+                  label=f"{run.name} ({name})")
+  label = {"steps": "step", "tokens": "tokens", "flops": "model FLOPs (3 x fwd FLOPs/token x tokens)"}[axis]
+  for ax, ylabel in ((ax_loss, "train loss (nats/token)"), (ax_bpb, "eval BPB")):
+    ax.set_xlabel(label)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  if axis == "flops":
+    ax_loss.set_xscale("log")
+    ax_bpb.set_xscale("log")
+
+
+def plot_batch(runs: list[Run], group_by: str, ax) -> None:
+  groups: dict[str, list[tuple[int, float]]] = {}
+  for run in runs:
+    if run.row["bpb"] is not None:
+      point = (run.config["train"]["train_batch_size"], run.row["bpb"])
+      groups.setdefault(f"{group_by}={run.lookup(group_by)}", []).append(point)
+  for label, points in sorted(groups.items()):
+    points.sort()
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+  sizes = sorted({r.config["train"]["train_batch_size"] for r in runs})
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(sizes, [str(s) for s in sizes])
+  ax.set_xlabel("train_batch_size (sequences)")
+  ax.set_ylabel(_bpb_label(runs))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+
+
+def _bpb_label(runs: list[Run]) -> str:
+  sets = sorted({r.row["eval_set"] for r in runs if r.row["eval_set"]})
+  return f"final BPB ({', '.join(sets)})"
+
+
+def plot_flops(runs: list[Run], board: list[dict], flops_axis: str, ax) -> None:
+  key = "model_flops" if flops_axis == "model" else "training_hardware_flops"
+  marin = [r for r in board if r[key] is not None]
+  ours = [r for r in runs if r.row[key] is not None and r.row["bpb"] is not None]
+  sizes = [r["model_size"] for r in marin] + [r.row["model_size"] for r in ours]
+  if not sizes:
+    raise ValueError(f"nothing to plot: no run has {key} and a BPB")
+  norm = LogNorm(min(sizes), max(sizes) * 1.0001)
+  cmap = plt.get_cmap("viridis")
+  ax.scatter([r[key] for r in marin], [r["bpb"] for r in marin], c=[r["model_size"] for r in marin], cmap=cmap,
+             norm=norm, s=18, alpha=0.7, label="Marin leaderboard")
+  for comparable in (True, False):
+    sel = [r for r in ours if r.row["comparable"] == comparable]
+    if sel:
+      colors = [cmap(norm(r.row["model_size"])) for r in sel]
+      ax.scatter([r.row[key] for r in sel], [r.row["bpb"] for r in sel], marker="*", s=160,
+                 facecolors=colors if comparable else "none", edgecolors=colors if not comparable else "black",
+                 label="tinyjax (Paloma c4_en)" if comparable else "tinyjax (other eval set: not comparable)")
+  for size in sorted({r.row["model_size"] for r in ours}):  # our runs of one size joined: a per-size curve
+    pts = sorted((r.row[key], r.row["bpb"]) for r in ours if r.row["model_size"] == size)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=cmap(norm(size)), lw=1)
+  for r in ours:
+    suffix = "" if r.row["comparable"] else f" ({r.row['eval_set']})"
+    ax.annotate(r.name + suffix, (r.row[key], r.row["bpb"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+  points = [(r[key], r["bpb"]) for r in marin] + [(r.row[key], r.row["bpb"]) for r in ours if r.row["comparable"]]
+  front = sorted(points[i] for i in pareto_front([p[0] for p in points], [p[1] for p in points]))
+  if front:
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="crimson", lw=1.2,
+            label="Pareto front (c4_en)")
+  plt.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="model_size (parameters)")
+  ax.set_xscale("log")
+  ax.set_xlabel(f"{'model' if flops_axis == 'model' else 'training hardware'} FLOPs")
+  ax.set_ylabel("final BPB (Paloma c4_en unless marked)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+
+
+def plot(workdirs: list[str], out: str, kind: str = "curves", axis: str = "steps", group_by: str = "optimizer.name",
+         leaderboard: list[str] | None = None, flops_axis: str = "model") -> str:
+  """Draws `kind` for the workdirs into `out` (PNG); returns out."""
+  runs = [Run(w) for w in workdirs]
+  if kind == "curves":
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4.2))
+    plot_curves(runs, axis, ax_loss, ax_bpb)
+  else:
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    if kind == "batch":
+      plot_batch(runs, group_by, ax)
+    else:
+      plot_flops(runs, compare.load_leaderboard(leaderboard) if leaderboard else [], flops_axis, ax)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    results.fail(message)
+
+
+def main(argv: list[str]) -> None:
+  p = _Parser(prog="python -m tinyjax.plot", description=__doc__.splitlines()[0])
+  p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+  p.add_argument("--out", required=True, metavar="FILE.png")
+  p.add_argument("--kind", choices=("curves", "batch", "flops"), default="curves")
+  p.add_argument("--x", choices=("steps", "tokens", "flops"), default="steps", help="curves: x axis")
+  p.add_argument("--group-by", default="optimizer.name", help="batch: dotted config/results key (lines)")
+  p.add_argument("--leaderboard", action="append", metavar="FILE_OR_DIR_OR_URL",
+                 help="flops: Marin reference runs (repeatable; none by default)")
+  p.add_argument("--flops-axis", choices=("model", "hardware"), default="model", help="flops: x axis")
+  args = p.parse_args(argv)
+  try:
+    print(plot(args.workdirs, args.out, args.kind, args.x, args.group_by, args.leaderboard, args.flops_axis))
+  except (compare.LeaderboardError, OSError, ValueError, KeyError) as e:
+    results.fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
