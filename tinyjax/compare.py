@@ -14,14 +14,13 @@ with their neighbours but no BPB difference.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import urllib.request
 
-from tinyjax import results
+from tinyjax import cli, results
 
 DEFAULT_URL = "https://raw.githubusercontent.com/marin-community/speedrun/main/data/runs.json"
 NUMBER, INTEGER, TEXT = (int, float), (int,), (str,)
@@ -232,13 +231,8 @@ def table(comparisons: list[dict]) -> str:
   return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:-1] + notes + [legend])
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    results.fail(message)
-
-
 def main(argv: list[str]) -> None:
-  p = _Parser(prog="python -m tinyjax.compare", description=__doc__.splitlines()[0])
+  p = cli.ArgParser(prog="python -m tinyjax.compare", description=__doc__.splitlines()[0])
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   p.add_argument("--leaderboard", action="append", metavar="FILE_OR_DIR_OR_URL",
                  help=f"repeatable; default: {DEFAULT_URL}")
@@ -246,12 +240,12 @@ def main(argv: list[str]) -> None:
   p.add_argument("--json", action="store_true", help="machine-readable output")
   args = p.parse_args(argv)
   if args.near < 0:
-    results.fail(f"--near={args.near}: must be >= 0")
+    cli.fail(f"--near={args.near}: must be >= 0")
   try:
     board = load_leaderboard(args.leaderboard or [DEFAULT_URL])
     comparisons = compare(args.workdirs, board, args.near)
   except (LeaderboardError, OSError, ValueError) as e:
-    results.fail(str(e))
+    cli.fail(str(e))
   if args.json:
     print(json.dumps({"leaderboard": args.leaderboard or [DEFAULT_URL], "leaderboard_runs": len(board),
                       "comparisons": comparisons}, indent=2, allow_nan=False, default=str))

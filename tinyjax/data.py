@@ -34,8 +34,7 @@ import grain
 from absl import app, flags
 import numpy as np
 
-from tinyjax import cache, corpus
-from tinyjax import config
+from tinyjax import cache, cli, config, corpus
 from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
 
@@ -175,26 +174,6 @@ def eval_batches(ds: Dataset, cfg, name: str, process_index: int = 0,
     yield rows, np.arange(hi - lo) < last - first
 
 
-def _fail(message: str) -> None:
-  print(f"tinyjax: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse(argv: list[str]) -> list[str]:
-  """absl parsing as tinyjax.main does it: a bad flag or config override is one line on stderr and exit code 2."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if path is None:
-    _fail("--config=configs/NAME.py is required")
-  if not os.path.isfile(path):
-    _fail(f"--config={path}: no such config file (see configs/)")
-  try:
-    return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    _fail(f"unknown config key {e} (every key is declared in tinyjax/config.py)")
-  except (flags.Error, TypeError, ValueError) as e:
-    _fail(str(e).strip().splitlines()[-1])
-
-
 def _main(argv) -> None:
   """python -m tinyjax.data --config=...: build or resume the caches the config names, then print what they hold."""
   del argv
@@ -203,7 +182,7 @@ def _main(argv) -> None:
     config.validate(cfg)
     ds = prepare(cfg)
   except ConfigError as e:
-    _fail(str(e))
+    cli.fail(str(e))
   print(f"tokenizer: {cfg.data.tokenizer} -> {ds.tokenizer_path} ({ds.tokenizer_vocab_size:,} ids, bos {ds.bos_id}, "
         f"eos {ds.eos_id})")
   for name, path in [(TRAIN_SPLIT, ds.train_cache), *sorted(ds.eval_caches.items())]:
@@ -215,4 +194,4 @@ def _main(argv) -> None:
 if __name__ == "__main__":
   from ml_collections import config_flags  # noqa: PLC0415  (the flag exists only when this runs as a program)
   config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
-  app.run(_main, flags_parser=_parse)
+  app.run(_main, flags_parser=cli.parse_config_flags)

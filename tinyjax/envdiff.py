@@ -11,7 +11,6 @@ printed as a table and written to OUT/envdiff.json.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -20,19 +19,16 @@ import tempfile
 
 import numpy as np
 
+from tinyjax import cli
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _fail(message: str) -> None:
-  print(f"tinyjax.envdiff: error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def _side(settings: list[str]) -> tuple[dict, list[str]]:
   env, overrides = {}, []
   for item in settings:
     if "=" not in item:
-      _fail(f"{item!r} is not KEY=VALUE")
+      cli.fail(f"{item!r} is not KEY=VALUE")
     key, value = item.split("=", 1)
     if key.isupper():
       env[key] = value
@@ -49,7 +45,7 @@ def run_side(config: str, settings: list[str], steps: int, workdir: str, extra: 
          f"--config.train.steps_per_eval={steps}", "--config.checkpoint.enabled=False", *extra, *overrides]
   proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env_vars}, capture_output=True, text=True)
   if proc.returncode != 0:
-    _fail(f"the run with {' '.join(settings) or 'no settings'} failed (exit {proc.returncode}): "
+    cli.fail(f"the run with {' '.join(settings) or 'no settings'} failed (exit {proc.returncode}): "
           f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
@@ -88,7 +84,7 @@ def table(report: dict, a: list[str], b: list[str]) -> str:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(prog="python -m tinyjax.envdiff", description=__doc__.splitlines()[0])
+  parser = cli.ArgParser(prog="python -m tinyjax.envdiff", description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True)
   parser.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE")
   parser.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE")
@@ -97,9 +93,9 @@ def main(argv=None) -> dict:
   parser.add_argument("extra", nargs="*", help="config overrides for both sides, after --")
   args = parser.parse_args(argv)
   if not os.path.isfile(os.path.join(REPO, args.config)) and not os.path.isfile(args.config):
-    _fail(f"--config={args.config}: no such config file")
+    cli.fail(f"--config={args.config}: no such config file")
   if args.steps < 1:
-    _fail(f"--steps={args.steps}: must be >= 1")
+    cli.fail(f"--steps={args.steps}: must be >= 1")
   out = args.out or tempfile.mkdtemp(prefix="envdiff-")
   runs = [run_side(args.config, side, args.steps, os.path.join(out, name), args.extra)
           for name, side in (("a", args.a), ("b", args.b))]

@@ -13,7 +13,6 @@ python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from tinyjax import compare, results  # noqa: E402
+from tinyjax import cli, compare, results  # noqa: E402
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
@@ -167,13 +166,8 @@ def plot(workdirs: list[str], out: str, kind: str = "curves", axis: str = "steps
   return out
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    results.fail(message)
-
-
 def main(argv: list[str]) -> None:
-  p = _Parser(prog="python -m tinyjax.plot", description=__doc__.splitlines()[0])
+  p = cli.ArgParser(prog="python -m tinyjax.plot", description=__doc__.splitlines()[0])
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   p.add_argument("--out", required=True, metavar="FILE.png")
   p.add_argument("--kind", choices=("curves", "batch", "flops"), default="curves")
@@ -186,7 +180,7 @@ def main(argv: list[str]) -> None:
   try:
     print(plot(args.workdirs, args.out, args.kind, args.x, args.group_by, args.leaderboard, args.flops_axis))
   except (compare.LeaderboardError, OSError, ValueError, KeyError) as e:
-    results.fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
+    cli.fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
 
 
 if __name__ == "__main__":

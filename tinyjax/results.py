@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from tinyjax import flops
+from tinyjax import cli, flops
 
 RESULTS_FILE = "speedrun_results.json"
 PALOMA_C4_EN = "paloma/c4_en"  # the leaderboard's eval set: W&B summary key eval/paloma/c4_en/bpb
@@ -30,12 +30,6 @@ EVAL_FIELDS = ("loss", "bpb", "bpb_exact", "tokens", "bytes")
 # is copied as is into the tinyjax block.
 _CONSUMED = {"model_size", "total_tokens", "model_flops", "flops_per_token", "num_train_steps", "mesh", "env",
              "optimizer_groups", "learning_rate", "adam_lr"}
-
-
-def fail(message: str) -> None:
-  """tinyjax's CLI error: one line on stderr, exit code 2 (as tinyjax.main)."""
-  print(f"tinyjax: error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def _load_json(path: str):
@@ -212,12 +206,12 @@ def summary(info: dict) -> str:
 
 def main(argv: list[str]) -> None:
   if not argv or argv[0].startswith("-"):
-    fail("usage: python -m tinyjax.results WORKDIR [WORKDIR ...]")
+    cli.fail("usage: python -m tinyjax.results WORKDIR [WORKDIR ...]")
   for workdir in argv:
     try:
       info = write_results(workdir)["runs"][0]["run_info"]
     except (OSError, ValueError) as e:
-      fail(str(e))
+      cli.fail(str(e))
     print(f"{os.path.join(workdir, RESULTS_FILE)}: {summary(info)}")
 
 

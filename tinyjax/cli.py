@@ -1,0 +1,54 @@
+"""Command-line plumbing shared by the tinyjax programs: a user mistake is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+from absl import flags
+
+
+def fail(message: str) -> None:
+  print(f"tinyjax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+class ArgParser(argparse.ArgumentParser):
+  """argparse whose usage errors are tinyjax's one-line errors."""
+
+  def error(self, message):
+    fail(message)
+
+
+def _unknown_keys(argv: list[str]) -> list[str]:
+  """The --config.a.b overrides that name no key of the config file (found by loading it again, unlocked)."""
+  path = next(a.split("=", 1)[1] for a in argv if a.startswith("--config="))
+  spec = importlib.util.spec_from_file_location("_tinyjax_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg, bad = module.get_config(), []
+  for arg in argv:
+    if arg.startswith("--config."):
+      node = cfg
+      for part in arg[len("--config."):].split("=", 1)[0].split("."):
+        if not hasattr(node, "keys") or part not in node:
+          bad.append(arg[2:].split("=", 1)[0])
+          break
+        node = node[part]
+  return bad
+
+
+def parse_config_flags(argv: list[str]) -> list[str]:
+  """absl `flags_parser` for programs with an ml_collections --config flag: one-line errors, exit code 2."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None:
+    fail("--config=configs/NAME.py is required")
+  if not os.path.isfile(path):
+    fail(f"--config={path}: no such config file (see configs/)")
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError):
+    fail(f"unknown config key {', '.join(_unknown_keys(argv)) or '?'} (every key is declared in tinyjax/config.py)")
+  except (flags.Error, TypeError, ValueError) as e:
+    fail(str(e).strip().splitlines()[-1])
