@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
+from levanter_store import write_levanter_store
 from tinyjax import cache, config, corpus, data
 from tinyjax import tokenizer as tokenizers
 
@@ -148,22 +149,6 @@ def test_cache_files_match_levanter_layout(ds):
     assert blosc and blosc[0]["configuration"]["clevel"] == 5
 
 
-def _write_levanter_store(path, docs, dtype="int32"):
-  """Builds a JaggedArrayStore by hand, as Levanter's jagged_array._get_spec would, without tinyjax.cache."""
-  def spec(p):
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(p)}, "metadata": {
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [134217728]}},
-        "codecs": [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [262144], "codecs": [{"name": "blosc", "configuration": {"clevel": 5}}]}}]}}
-  off = ts.open(spec(f"{path}/input_ids/offsets"), create=True, dtype="int64", shape=[2**54]).result()
-  dat = ts.open(spec(f"{path}/input_ids/data"), create=True, dtype=dtype, shape=[2**54]).result()
-  flat = np.concatenate(docs)
-  dat[:len(flat)].write(flat.astype(dtype)).result()
-  off[1:len(docs) + 1].write(np.cumsum([len(d) for d in docs])).result()
-  off[0].write(len(docs)).result()
-  return flat
-
-
 def _ledger(path, rows, tokens, finished=True, **extra):
   ledger = {"total_num_rows": rows, "shard_rows": {"": rows}, "is_finished": finished, "finished_shards": [""],
             "field_counts": {"input_ids": tokens},
@@ -177,7 +162,7 @@ def _ledger(path, rows, tokens, finished=True, **extra):
 def test_reads_cache_written_independently(tmp_path):
   rng = np.random.default_rng(0)
   docs = [rng.integers(0, 128256, size=rng.integers(1, 300)) for _ in range(50)]
-  flat = _write_levanter_store(tmp_path / "c", docs)
+  flat = write_levanter_store(tmp_path / "c", docs)
   _ledger(tmp_path / "c", len(docs), len(flat))
   c = cache.TokenCache(str(tmp_path / "c"), tokenizer_name="meta-llama/Meta-Llama-3.1-8B")
   assert (c.num_docs, c.num_tokens) == (50, len(flat))
@@ -185,8 +170,8 @@ def test_reads_cache_written_independently(tmp_path):
   with pytest.raises(config.ConfigError, match=r"data\.tokenizer"):  # Levanter ledgers record only the name
     cache.TokenCache(str(tmp_path / "c"), tokenizer_name="gpt2")
   # Levanter's newer "sharded" layout: one store per shard dir, read as their concatenation.
-  flat_b = _write_levanter_store(tmp_path / "s" / "00001_b", docs[:7])
-  flat_a = _write_levanter_store(tmp_path / "s" / "00000_a", docs[7:])
+  flat_b = write_levanter_store(tmp_path / "s" / "00001_b", docs[:7])
+  flat_a = write_levanter_store(tmp_path / "s" / "00000_a", docs[7:])
   _ledger(tmp_path / "s", 50, len(flat), layout="sharded", finished_shards=["00000_a", "00001_b"])
   s = cache.TokenCache(str(tmp_path / "s"))
   both = np.concatenate([flat_a, flat_b])
@@ -197,7 +182,7 @@ def test_reads_cache_written_independently(tmp_path):
 
 def test_unfinished_cache_is_refused(tmp_path):
   docs = [np.arange(10)]
-  _write_levanter_store(tmp_path / "c", docs)
+  write_levanter_store(tmp_path / "c", docs)
   _ledger(tmp_path / "c", 1, 10, finished=False)
   with pytest.raises(RuntimeError, match="unfinished"):
     cache.TokenCache(str(tmp_path / "c"))

@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import tensorstore as ts
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from levanter_store import write_levanter_store
 from tinyjax import cache, config, corpus, data
 from tinyjax import tokenizer as tokenizers
 
@@ -205,18 +205,8 @@ def test_c4_configs_name_marin_data():
 # ---- remote sources and prebuilt caches ----
 
 def _levanter_store(path, docs):
-  """A JaggedArrayStore written directly with tensorstore, as Levanter's jagged_array._get_spec would."""
-  def spec(p):
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(p)}, "metadata": {
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [134217728]}},
-        "codecs": [{"name": "sharding_indexed", "configuration": {
-            "chunk_shape": [262144], "codecs": [{"name": "blosc", "configuration": {"clevel": 5}}]}}]}}
-  off = ts.open(spec(f"{path}/input_ids/offsets"), create=True, dtype="int64", shape=[2**54]).result()
-  dat = ts.open(spec(f"{path}/input_ids/data"), create=True, dtype="int32", shape=[2**54]).result()
-  flat = np.concatenate(docs).astype(np.int32)
-  dat[:len(flat)].write(flat).result()
-  off[1:len(docs) + 1].write(np.cumsum([len(d) for d in docs])).result()
-  off[0].write(len(docs)).result()
+  """A Levanter cache (store + ledger) written without tinyjax.cache."""
+  flat = write_levanter_store(path, docs)
   with open(os.path.join(path, "shard_ledger.json"), "w") as f:
     json.dump({"total_num_rows": len(docs), "shard_rows": {"shard_0": len(docs)}, "is_finished": True,
                "finished_shards": ["shard_0"], "field_counts": {"input_ids": len(flat)},

@@ -150,6 +150,7 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
     print(f"resuming from checkpoint at step {start}/{total} in {ckpt.directory}", flush=True)
   if start >= total:
     print(f"run already complete ({total} steps) in {workdir}", flush=True)
+    ckpt.close()
     return {"step": start}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
