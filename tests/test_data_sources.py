@@ -18,7 +18,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from levanter_store import write_levanter_store
-from tinyjax import cache, config, corpus, data
+from tinyjax import builder, cache, config, corpus, data
 from tinyjax import tokenizer as tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,7 +279,7 @@ def test_remote_files_and_caches_through_fsspec(tmp_path, files, tok_dir, monkey
 # ---- building: parallel, resumable, atomic, with progress ----
 
 def test_parallel_build_equals_in_process_and_shows_progress(tmp_path, c4_ds, tok_dir, files, capsys, monkeypatch):
-  monkeypatch.setattr(cache, "PROGRESS_SECONDS", 0.0)
+  monkeypatch.setattr(builder, "PROGRESS_SECONDS", 0.0)
   cfg = make_cfg(tmp_path, tok_dir, [str(files["dir"] / "c4-train.*-of-00003.json.gz")], num_proc=2)
   ds = data.prepare(cfg)
   out = capsys.readouterr().out
@@ -293,16 +293,16 @@ def test_parallel_build_equals_in_process_and_shows_progress(tmp_path, c4_ds, to
 def _interrupted_build(tmp_path, tok_dir, files, monkeypatch):
   """Builds the C4 train split but raises while encoding the second file; returns the config."""
   cfg = make_cfg(tmp_path, tok_dir, [str(files["dir"] / "c4-train.*-of-00003.json.gz")])
-  real = cache._encode_shard
+  real = builder._encode_shard
 
   def dies_on_second(task):
     if task[0] == 1:
       raise KeyboardInterrupt("killed while encoding file 1")
     return real(task)
-  monkeypatch.setattr(cache, "_encode_shard", dies_on_second)
+  monkeypatch.setattr(builder, "_encode_shard", dies_on_second)
   with pytest.raises(KeyboardInterrupt):
     data.prepare(cfg)
-  monkeypatch.setattr(cache, "_encode_shard", real)
+  monkeypatch.setattr(builder, "_encode_shard", real)
   return cfg
 
 
@@ -315,8 +315,8 @@ def test_interrupted_build_is_never_used_and_resumes(tmp_path, tok_dir, files, c
   with pytest.raises(RuntimeError, match="unfinished"):
     cache.TokenCache(final + ".building")
   encoded = []
-  real = cache._encode_shard
-  monkeypatch.setattr(cache, "_encode_shard", lambda task: encoded.append(task[0]) or real(task))
+  real = builder._encode_shard
+  monkeypatch.setattr(builder, "_encode_shard", lambda task: encoded.append(task[0]) or real(task))
   ds = data.prepare(cfg)
   assert encoded == [1, 2], "resume must encode only the files the ledger does not list as finished"
   assert "resuming an interrupted build: 1/3 files done" in capsys.readouterr().out
@@ -329,16 +329,16 @@ def test_killed_build_process_resumes(tmp_path, tok_dir, files, c4_ds):
   """SIGKILL a real build after its first file is recorded; the next build resumes from the ledger."""
   script = textwrap.dedent(f"""
       import time
-      from tinyjax import cache, corpus, tokenizer
-      real = cache._encode_shard
+      from tinyjax import builder, corpus, tokenizer
+      real = builder._encode_shard
       def slow(task):
           if task[0] > 0:
               time.sleep(600)
           return real(task)
-      cache._encode_shard = slow
+      builder._encode_shard = slow
       tok = tokenizer.load({str(tok_dir)!r}, {str(tmp_path)!r}, [], 512)
       files = corpus.expand({str(files["dir"] / "c4-train.*-of-00003.json.gz")!r})
-      cache.build({str(tmp_path / "k" / "train")!r}, files, tok, name="train", text_key="text",
+      builder.build({str(tmp_path / "k" / "train")!r}, files, tok, name="train", text_key="text",
                   max_bad_fraction=0.01, num_proc=1)
       """)
   proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
@@ -351,7 +351,7 @@ def test_killed_build_process_resumes(tmp_path, tok_dir, files, c4_ds):
   assert json.loads(led.read_text())["finished_shards"] == ["00000"], "the kill came too early or too late"
   assert not (tmp_path / "k" / "train").exists()
   tok = tokenizers.load(str(tok_dir), str(tmp_path), [], 512)
-  cache.build(str(tmp_path / "k" / "train"), corpus.expand(str(files["dir"] / "c4-train.*-of-00003.json.gz")), tok,
+  builder.build(str(tmp_path / "k" / "train"), corpus.expand(str(files["dir"] / "c4-train.*-of-00003.json.gz")), tok,
               name="train", text_key="text", max_bad_fraction=0.01, num_proc=1)
   np.testing.assert_array_equal(stream(str(tmp_path / "k" / "train")), stream(c4_ds[1].train_cache))
 

@@ -1,8 +1,6 @@
 """The train step: 1 vs 8 devices (replicated and FSDP), gradient accumulation, and learning on the built-in corpus."""
 import jax
-import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from tinyjax import config, data, optim, sharding, train
 from tinyjax.model import ModelConfig, Transformer

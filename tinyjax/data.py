@@ -34,7 +34,7 @@ import grain
 from absl import app, flags
 import numpy as np
 
-from tinyjax import cache, cli, config, corpus
+from tinyjax import builder, cache, cli, config, corpus
 from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
 
@@ -83,7 +83,7 @@ def _prepare_split(root: str, urls: list[str], tok: tokenizers.Loaded, name: str
     files = [f for u in urls for f in corpus.expand(u, key)]
     start = time.time()
     d = cfg.data
-    cache.build(path, files, tok, name=name, text_key=d.text_key, max_bad_fraction=d.max_bad_fraction,
+    builder.build(path, files, tok, name=name, text_key=d.text_key, max_bad_fraction=d.max_bad_fraction,
                 num_proc=d.num_proc)
     print(f"data: built {name} cache in {time.time() - start:.1f}s: {cache.summary(path)} -> {path}", flush=True)
   cache.TokenCache(path, tok.sha256, tok.name)  # refuses unfinished caches and other tokenizers
