@@ -19,7 +19,7 @@ import tempfile
 
 import numpy as np
 
-from tinyjax import cli
+from tinyjax import cli, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,8 +47,7 @@ def run_side(config: str, settings: list[str], steps: int, workdir: str, extra: 
   if proc.returncode != 0:
     cli.fail(f"the run with {' '.join(settings) or 'no settings'} failed (exit {proc.returncode}): "
           f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
+  rows = metrics.read(workdir)
   return {"loss": {r["step"]: r["loss"] for r in rows if "loss" in r},
           "param_norm": {r["step"]: r["param_norm"] for r in rows if "param_norm" in r},
           "param_sha256": next((r["param_sha256"] for r in rows if "param_sha256" in r), None)}

@@ -12,18 +12,31 @@ import time
 import jax
 
 
+FILE = "metrics.jsonl"
+
+
+def _lines(path: str):
+  """(line, row) for every whole line of a metrics file; a line torn by a kill mid-write is skipped."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    for line in f:
+      try:
+        yield line, json.loads(line)
+      except json.JSONDecodeError:
+        continue
+
+
+def read(workdir: str) -> list[dict]:
+  """The rows of workdir/metrics.jsonl (the one reader of the file: results, plot, envdiff use it)."""
+  return [row for _, row in _lines(os.path.join(workdir, FILE))]
+
+
 def _truncate(path: str, last_step: int) -> None:
   """Drops rows after last_step (a resumed run rewrites them), so the file equals an uninterrupted run's."""
   if not os.path.exists(path):
     return
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        if json.loads(line)["step"] <= last_step:
-          rows.append(line)
-      except (json.JSONDecodeError, KeyError):
-        pass  # a line torn by a kill mid-write
+  rows = [line for line, row in _lines(path) if row.get("step", last_step + 1) <= last_step]
   with open(path + ".tmp", "w") as f:
     f.writelines(rows)
   os.replace(path + ".tmp", path)
@@ -39,7 +52,7 @@ class Logger:
 
   def __init__(self, workdir: str, total_steps: int, tokens_per_step: int, log_every: int, start_step: int = 0,
                training_time: float = 0.0):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, FILE)
     if jax.process_index() == 0:
       _truncate(self.path, start_step)
     self.total, self.tokens_per_step = total_steps, tokens_per_step

@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
-from tinyjax import cli, compare, results  # noqa: E402
+from tinyjax import cli, compare, metrics, results  # noqa: E402
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
@@ -48,7 +48,7 @@ class Run:
       self.info = json.load(f)["runs"][0]["run_info"]
     with open(os.path.join(workdir, "config.json")) as f:
       self.config = json.load(f)
-    self.rows = results.read_metrics(workdir)
+    self.rows = metrics.read(workdir)
 
   def lookup(self, key: str):
     """A dotted config.json key (optimizer.name), else a speedrun_results key (model_size, tinyjax.optimizer)."""

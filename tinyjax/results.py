@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from tinyjax import cli, flops
+from tinyjax import cli, flops, metrics
 
 RESULTS_FILE = "speedrun_results.json"
 PALOMA_C4_EN = "paloma/c4_en"  # the leaderboard's eval set: W&B summary key eval/paloma/c4_en/bpb
@@ -38,21 +38,6 @@ def _load_json(path: str):
       return json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """metrics.jsonl rows (a torn last line from a killed run is skipped)."""
-  rows = []
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return rows
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return rows
 
 
 def eval_sets(rows: list[dict]) -> dict[str, dict]:
@@ -131,7 +116,7 @@ def run_info(workdir: str) -> dict:
 
 
 def _run_info(workdir: str, cfg: dict, info: dict) -> dict:
-  rows = read_metrics(workdir)
+  rows = metrics.read(workdir)
   train_rows = [r for r in rows if "loss" in r and "training_time" in r]
   evals = eval_sets(rows)
   mesh = info["mesh"]
@@ -163,7 +148,7 @@ def _run_info(workdir: str, cfg: dict, info: dict) -> dict:
       "model_flops_per_token": info["flops_per_token"],  # forward only, as Marin
       "num_devices": devices, "num_chips": devices, "device_flops": peak, "training_time": training_time,
       "training_hardware_flops": None if peak is None or training_time is None else training_time * devices * peak,
-      "run_completion_timestamp": _timestamp(os.path.join(workdir, "metrics.jsonl") if rows else
+      "run_completion_timestamp": _timestamp(os.path.join(workdir, metrics.FILE) if rows else
                                              os.path.join(workdir, "run_info.json")),
       "wandb_run_link": None,
   }

@@ -205,14 +205,14 @@ class Guard:
   def check(self, row: dict | None) -> None:
     if not row:
       return
-    record = faults.divergence(row)
-    if record and not self.skip:
+    diverged = faults.divergence(row)
+    if diverged and not self.skip:
       last = self.ckpt.last_step if self.ckpt else None
-      self.log.event(row["step"], "diverged", f"{record}; last good checkpoint: {last}")
-      raise faults.Diverged(f"{record}; the update was not applied and nothing non-finite was saved; "
+      self.log.event(row["step"], "diverged", f"{diverged}; last good checkpoint: {last}")
+      raise faults.Diverged(f"{diverged}; the update was not applied and nothing non-finite was saved; "
                             f"last good checkpoint: step {last}")
     if row.get("bad_steps", 0) > self.reported_bad:
-      self.log.event(row["step"], "skipped_bad_steps", f"{record}; {int(row['bad_steps'])} updates skipped so far")
+      self.log.event(row["step"], "skipped_bad_steps", f"{diverged}; {int(row['bad_steps'])} updates skipped so far")
       self.reported_bad = row["bad_steps"]
     spike = self.spikes(row["loss"]) if "loss" in row else None
     if spike:
@@ -220,5 +220,6 @@ class Guard:
 
   def save(self, step: int, state: TrainState) -> None:
     if not self.skip:  # a save is rare: read the guard's counters now rather than checkpoint a skipped step
-      self.check({"step": step, "first_bad_step": int(state.first_bad_step), "bad_what": int(state.bad_what)})
+      first_bad, what = jax.device_get((state.first_bad_step, state.bad_what))
+      self.check({"step": step, "first_bad_step": int(first_bad), "bad_what": int(what)})
     self.ckpt.save(step, state, {"training_time": self.log.training_time})
