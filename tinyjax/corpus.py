@@ -126,7 +126,7 @@ def file_format(url: str) -> tuple[str, str] | None:
 
 def kind(url: str) -> str:
   """'builtin' | 'file' | 'cache' (a prebuilt Levanter cache directory)."""
-  if url.startswith(BUILTIN_PREFIX) or url.startswith("builtin:"):
+  if url.startswith("builtin:"):
     return "builtin"
   return "file" if file_format(url) else "cache"
 

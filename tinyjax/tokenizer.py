@@ -90,6 +90,7 @@ class Loaded:
       pieces.append(t)
       owner.append(i)
     out = [[] for _ in texts]
+    # Each piece is encoded with special tokens and the pieces concatenated as-is: Levanter's _merge_split_encodings.
     for i, e in zip(owner, self.tokenizer.encode_batch(pieces, add_special_tokens=True)):
       out[i].extend(e.ids)
     return [np.asarray(ids, np.int32) for ids in out]
