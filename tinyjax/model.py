@@ -64,17 +64,26 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return y.astype(self.dtype) * scale.astype(self.dtype)
+    return rms_norm(x, scale, self.eps, self.dtype)
 
 
-def rope(x_BLNK, theta: float):
-  """HF/Levanter rotate-half RoPE: inv_freq = theta^(-arange(0,K,2)/K), tables concat(freqs, freqs)."""
+def rms_norm(x, scale, eps: float, dtype):
+  """The RMSNorm computation (also used by the KV-cache decoder, which works on the raw parameter tree)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return y.astype(dtype) * scale.astype(dtype)
+
+
+def rope(x_BLNK, theta: float, positions_BL=None):
+  """HF/Levanter rotate-half RoPE: inv_freq = theta^(-arange(0,K,2)/K), tables concat(freqs, freqs).
+
+  positions_BL defaults to 0..L-1 (training windows); a decoder passes the absolute positions of new tokens.
+  """
   K, L = x_BLNK.shape[-1], x_BLNK.shape[1]
   inv_freq = 1.0 / theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K)
-  freqs_LK = jnp.concatenate([jnp.outer(jnp.arange(L, dtype=jnp.float32), inv_freq)] * 2, axis=-1)
-  cos, sin = jnp.cos(freqs_LK)[None, :, None, :], jnp.sin(freqs_LK)[None, :, None, :]
+  pos_BL = jnp.arange(L, dtype=jnp.float32)[None] if positions_BL is None else positions_BL.astype(jnp.float32)
+  freqs_BLK = jnp.concatenate([pos_BL[..., None] * inv_freq] * 2, axis=-1)
+  cos, sin = jnp.cos(freqs_BLK)[:, :, None, :], jnp.sin(freqs_BLK)[:, :, None, :]
   x = x_BLNK.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   return (x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x_BLNK.dtype)
