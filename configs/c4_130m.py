@@ -21,6 +21,7 @@ def get_config():
   c.train.train_batch_size = 128
   c.train.chinchilla_multiple = 1.0  # 20 * 130e6 // (128 * 4096) = 4,959 steps
   c.train.nominal_params = 130_000_000
+  c.train.plan_num_devices = 16  # --dry_run plans for Marin's v5p-32 (16 chips: 8 x 4096 tokens per chip)
   o = c.optimizer  # experiments/speedrun/muon_llama_scaling/muon_sweep.py ("Fantastic Optimizers" presets)
   o.name = "muon"
   o.learning_rate, o.adam_lr = 0.016, 0.0032

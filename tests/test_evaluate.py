@@ -6,16 +6,22 @@ import numpy as np
 import pytest
 
 from tinyjax import evaluate
+from tinyjax.kernels import loss
 
 
-class UniformModel:
-  """Stands in for Transformer: all-zero logits, so every target costs exactly ln(V) nats."""
+class FixedLogitsModel:
+  """Stands in for Transformer: the same logits vector at every position (all zero by default, so every target
+  costs exactly ln(V) nats); with targets it returns the loss statistics, as Transformer does."""
 
-  def __init__(self, vocab):
-    self.vocab = vocab
+  def __init__(self, vocab, logits_V=None):
+    self.logits_V = jnp.zeros(vocab) if logits_V is None else jnp.asarray(logits_V, jnp.float32)
 
-  def apply(self, variables, tokens_BL):
-    return jnp.zeros(tokens_BL.shape + (self.vocab,), jnp.float32)
+  def apply(self, variables, tokens_BL, targets_BL):
+    B, L = tokens_BL.shape  # hidden state 1 at every position, lm_head = the logits row
+    return loss.reference_stats(jnp.ones((B, L, 1)), self.logits_V[None], targets_BL)
+
+
+UniformModel = FixedLogitsModel
 
 
 def test_eval_step_uses_target_bytes_and_masks():
@@ -43,3 +49,23 @@ def test_zero_byte_batch_uses_max_one():
   """Levanter divides by max(bytes, 1): a batch of only special-token targets does not divide by zero."""
   out = evaluate.summarize([{"nll": 2.0, "tokens": 1, "bytes": 0}])
   assert out["bpb"] == pytest.approx(2.0 / math.log(2), rel=1e-12)
+
+
+def test_accuracy_top5_and_perplexity_by_hand():
+  """Logits 7, 6, ..., 0 for ids 0..7 at every position; targets 1, 2, 6 (the last position has none).
+  accuracy: no target is the argmax (id 0) -> 0; top-5: ids 1 and 2 have fewer than 5 ids above them, id 6 has 6
+  -> 2/3; perplexity = exp(mean NLL), NLL = logsumexp(7..0) - logit(target)."""
+  logits = np.arange(7, -1, -1, dtype=np.float64)
+  step = evaluate.make_eval_step(FixedLogitsModel(8, logits), np.ones(8, np.int32))
+  sums = step({}, jnp.array([[0, 1, 2, 6]]), jnp.array([True]))
+  out = evaluate.summarize([sums])
+  logz = math.log(np.exp(logits).sum())
+  mean_nll = np.mean([logz - logits[t] for t in (1, 2, 6)])
+  assert out["accuracy"] == 0.0
+  assert out["top5_accuracy"] == pytest.approx(2 / 3, rel=1e-6)
+  assert out["loss"] == pytest.approx(mean_nll, rel=1e-6)
+  assert out["perplexity"] == pytest.approx(math.exp(mean_nll), rel=1e-5)
+  # The argmax target counts as correct; accuracy is token-weighted across batches like BPB's token mean.
+  hit = step({}, jnp.array([[0, 0, 0, 0]]), jnp.array([True]))
+  both = evaluate.summarize([sums, hit])
+  assert both["accuracy"] == pytest.approx(3 / 6) and both["top5_accuracy"] == pytest.approx(5 / 6)

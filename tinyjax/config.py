@@ -20,6 +20,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 COEFFICIENT_TYPES = ("simple", "quintic")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "block")
+ATTENTION = ("auto", "reference", "blockwise", "splash", "pallas_gpu")  # = kernels.attention.IMPLEMENTATIONS
 
 
 # Marin experiments/llama.py shapes: (hidden_dim, intermediate_dim, num_layers, num_heads, num_kv_heads, seq_len).
@@ -72,6 +73,10 @@ def base() -> mlc.ConfigDict:
   m.param_dtype = "float32"  # master weights (Marin jmp policy p=f32)
   m.compute_dtype = "bfloat16"  # matmul/activation dtype (Marin jmp policy c=bfloat16); loss is always fp32
   m.remat = "none"  # "none" | "block": rematerialise each block in the backward pass (Levanter: gradient_checkpointing)
+  # Execution only (same parameters and math; may differ between a run and its resume). See kernels/attention.py.
+  m.attention = "auto"  # "auto" | "reference" | "blockwise" | "splash" (TPU) | "pallas_gpu"; auto picks per platform
+  m.attention_block = 512  # key-block length of the blockwise attention (memory O(seq_len x block) per head)
+  m.loss_block_size = 2048  # tokens per lm_head + loss block (no [B, L, V] logits); 0 = unblocked (tests)
 
   c.optimizer = o = mlc.ConfigDict()
   o.name = "muon"  # "muon" (Levanter MuonConfig) | "adamw" (Levanter AdamConfig)
@@ -100,7 +105,10 @@ def base() -> mlc.ConfigDict:
   t.num_train_steps = 0  # > 0: number of steps; 0: derive from chinchilla_multiple
   t.chinchilla_multiple = 1.0  # > 0 and num_train_steps == 0: steps = multiple*20*nominal_params // tokens_per_step
   t.nominal_params = 0  # parameter count the Chinchilla budget uses (Marin: 30e6/50e6/130e6...); 0 = model_size
-  t.grad_accum_steps = 1  # microbatches per step (gradient accumulation); must divide the per-process batch
+  t.grad_accum_steps = 1  # microbatches per step (gradient accumulation); 0 = auto: the smallest that fits in memory
+  t.device_memory_gb = 0.0  # memory of one device for the memory plan; 0 = from memory.DEVICE_MEMORY / the device
+  t.memory_check = True  # compile the step before training and refuse (exit 2) a run whose plan does not fit
+  t.plan_num_devices = 0  # --dry_run memory plan for this many data-parallel devices (16 = v5p-32); 0 = this mesh
   t.z_loss_weight = 0.0  # > 0: add weight * logsumexp(logits)^2 per token (Marin z_loss_weight)
   t.steps_per_eval = 1000  # eval every this many steps and at the end (Marin default 1000)
   t.max_eval_batches = 0  # cap on eval batches per set; 0 = all windows (Marin: None)
@@ -220,6 +228,9 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(m.param_dtype in DTYPES, "model.param_dtype", f"allowed: {', '.join(DTYPES)}", m.param_dtype)
   _require(m.compute_dtype in DTYPES, "model.compute_dtype", f"allowed: {', '.join(DTYPES)}", m.compute_dtype)
   _require(m.remat in REMAT, "model.remat", f"allowed: {', '.join(REMAT)}", m.remat)
+  _require(m.attention in ATTENTION, "model.attention", f"allowed: {', '.join(ATTENTION)}", m.attention)
+  _require(m.attention_block > 0, "model.attention_block", "must be a positive integer", m.attention_block)
+  _require(m.loss_block_size >= 0, "model.loss_block_size", "must be >= 0 (0 = unblocked)", m.loss_block_size)
 
   _require(o.name in OPTIMIZERS, "optimizer.name", f"allowed: {', '.join(OPTIMIZERS)}", o.name)
   _require(o.lr_schedule in SCHEDULES, "optimizer.lr_schedule", f"allowed: {', '.join(SCHEDULES)}", o.lr_schedule)
@@ -245,10 +256,12 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(t.num_train_steps > 0 or t.chinchilla_multiple > 0, "train.num_train_steps",
            "must be > 0 unless train.chinchilla_multiple > 0", t.num_train_steps)
   _require(t.chinchilla_multiple >= 0, "train.chinchilla_multiple", "must be >= 0", t.chinchilla_multiple)
-  _require(t.grad_accum_steps > 0, "train.grad_accum_steps", "must be a positive integer", t.grad_accum_steps)
+  _require(t.grad_accum_steps >= 0, "train.grad_accum_steps", "must be >= 0 (0 = auto)", t.grad_accum_steps)
+  _require(t.device_memory_gb >= 0, "train.device_memory_gb", "must be >= 0 (0 = known device table)",
+           t.device_memory_gb)
   for key in ("steps_per_eval", "log_every"):
     _require(getattr(t, key) > 0, f"train.{key}", "must be a positive integer", getattr(t, key))
-  for key in ("max_eval_batches", "eval_batch_size", "nominal_params"):
+  for key in ("max_eval_batches", "eval_batch_size", "nominal_params", "plan_num_devices"):
     _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 = default)", getattr(t, key))
   _require(t.z_loss_weight >= 0, "train.z_loss_weight", "must be >= 0", t.z_loss_weight)
   _require(len(d.train_urls) > 0, "data.train_urls", "must name at least one source", list(d.train_urls))
@@ -271,7 +284,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
              f"must divide the {num_devices} available devices", cfg.mesh.data)
     _require(t.train_batch_size % data == 0, "train.train_batch_size",
              f"must be divisible by the data-parallel size {data}", t.train_batch_size)
-    _require((t.train_batch_size // data) % t.grad_accum_steps == 0, "train.grad_accum_steps",
+    _require((t.train_batch_size // data) % max(t.grad_accum_steps, 1) == 0, "train.grad_accum_steps",
              f"must divide the per-device batch {t.train_batch_size // data}", t.grad_accum_steps)
     eval_bs = t.eval_batch_size or t.train_batch_size
     _require(eval_bs % data == 0, "train.eval_batch_size",

@@ -2,7 +2,9 @@
 
 Marin BPB (Levanter TaggedEvaluator): per batch, bpb_b = (sum of masked target NLL in nats) / max(sum of masked
 target-token bytes, 1) * log2(e); the reported value is the mean of bpb_b weighted by each batch's masked-token
-count. We also report the exact total-bits / total-bytes figure beside it (`bpb_exact`).
+count. We also report the exact total-bits / total-bytes figure beside it (`bpb_exact`), and the rapid-ablation
+metrics: next-token `accuracy` (argmax = target; ties count), `top5_accuracy` and `perplexity` = exp(loss), all
+token-weighted over the set.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyjax import data, sharding
-from tinyjax.model import token_losses
+from tinyjax.model import token_stats
 
 LOG2_E = 1.0 / math.log(2.0)
 
@@ -25,9 +27,14 @@ def summarize(batch_sums: list[dict]) -> dict:
   nbytes = np.array([b["bytes"] for b in batch_sums], np.float64)
   bpb_batch = nll / np.maximum(nbytes, 1.0) * LOG2_E
   n = max(tokens.sum(), 1.0)
-  return {"loss": float(nll.sum() / n), "bpb": float((bpb_batch * tokens).sum() / n),
-          "bpb_exact": float(nll.sum() / max(nbytes.sum(), 1.0) * LOG2_E),
-          "tokens": int(tokens.sum()), "bytes": int(nbytes.sum())}
+  loss = float(nll.sum() / n)
+  out = {"loss": loss, "bpb": float((bpb_batch * tokens).sum() / n),
+         "bpb_exact": float(nll.sum() / max(nbytes.sum(), 1.0) * LOG2_E),
+         "tokens": int(tokens.sum()), "bytes": int(nbytes.sum()), "perplexity": math.exp(min(loss, 700.0))}
+  for key, name in (("correct", "accuracy"), ("top5", "top5_accuracy")):  # token-weighted, as BPB's token mean
+    if all(key in b for b in batch_sums):
+      out[name] = float(sum(float(b[key]) for b in batch_sums) / n)
+  return out
 
 
 def make_eval_step(model, byte_lengths_V):
@@ -35,10 +42,11 @@ def make_eval_step(model, byte_lengths_V):
 
   @jax.jit
   def step(params, tokens_BL, valid_B):
-    nll_BL, _, targets_BL, mask_BL = token_losses(model.apply({"params": params}, tokens_BL), tokens_BL)
+    stats, targets_BL, mask_BL = token_stats(model, params, tokens_BL)
     mask_BL = mask_BL * valid_B[:, None]
-    return {"nll": (nll_BL * mask_BL).sum(), "tokens": mask_BL.sum(),
-            "bytes": (byte_lengths_V[targets_BL] * mask_BL).sum()}
+    return {"nll": (stats["nll"] * mask_BL).sum(), "tokens": mask_BL.sum(),
+            "bytes": (byte_lengths_V[targets_BL] * mask_BL).sum(),
+            "correct": (stats["correct"] * mask_BL).sum(), "top5": (stats["top5"] * mask_BL).sum()}
   return step
 
 
@@ -51,11 +59,14 @@ class Evaluator:
 
   def __call__(self, params, step: int | None = None) -> dict:
     out = {}
-    for name in self.ds.eval_caches:
-      sums = [self.step(params, sharding.to_global(tokens, self.batch_sharding),
-                        sharding.to_global(valid, self.batch_sharding))
-              for tokens, valid in data.eval_batches(self.ds, self.cfg, name, jax.process_index(),
-                                                     jax.process_count())]
-      for key, value in summarize(jax.device_get(sums)).items():
-        out[f"eval/{name}/{key}"] = value
+    with jax.set_mesh(self.batch_sharding.mesh):  # traced on first use: Pallas attention kernels run per shard
+      for name in self.ds.eval_caches:
+        out.update(self._one(params, name))
     return out
+
+  def _one(self, params, name: str) -> dict:
+    sums = [self.step(params, sharding.to_global(tokens, self.batch_sharding),
+                      sharding.to_global(valid, self.batch_sharding))
+            for tokens, valid in data.eval_batches(self.ds, self.cfg, name, jax.process_index(),
+                                                   jax.process_count())]
+    return {f"eval/{name}/{key}": value for key, value in summarize(jax.device_get(sums)).items()}

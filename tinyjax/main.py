@@ -26,7 +26,8 @@ def main(argv: list[str]) -> None:
     config.validate(cfg, num_devices=jax.device_count())
     from tinyjax import plan, sharding, train
     if _DRY_RUN.value:
-      print(json.dumps(plan.describe(cfg, sharding.make_mesh(cfg.mesh), env_record), indent=2))
+      mesh = sharding.make_mesh(cfg.mesh)  # the memory plan compiles the step (never runs it)
+      print(json.dumps({**plan.describe(cfg, mesh, env_record), "memory": plan.memory_plan(cfg, mesh)}, indent=2))
       return
     print(env.summary(env_record), flush=True)
     stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]

@@ -9,11 +9,12 @@ Source facts: ../shared/reference/marin-speedrun.md §2 (architecture, init), §
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from tinyjax.kernels import attention, loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "bfloat16"
   remat: str = "none"
+  attention: str = "auto"  # kernels/attention.py IMPLEMENTATIONS; resolved per platform at trace time
+  attention_block: int = 512  # key block of the blockwise attention
+  loss_block_size: int = 2048  # tokens per lm_head/loss block (kernels/loss.py); 0 = unblocked reference
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
@@ -40,6 +44,10 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_dim // self.num_heads
+
+  def attention_impl(self, platform: str | None = None) -> str:
+    """The concrete attention implementation on `platform` (default: JAX's default backend)."""
+    return attention.resolve(self.attention, platform or jax.default_backend(), self.seq_len)
 
 
 def _truncated_normal(scale: float):
@@ -112,14 +120,7 @@ class Attention(nn.Module):
     q_BLHK, k_BLGK = rope(q_BLHK, c.rope_theta), rope(k_BLGK, c.rope_theta)
     # Levanter's q_proj Out axis is (kv_heads, q_per_group, head_dim): query heads are grouped by kv head.
     q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
-    scores_BGRLL = jnp.einsum("blgrk,bmgk->bgrlm", q_BLGRK, k_BLGK,
-                              preferred_element_type=jnp.float32) / math.sqrt(K)
-    causal_LL = jnp.tril(jnp.ones((L, L), dtype=bool))
-    same_doc_BLL = seg_BL[:, :, None] == seg_BL[:, None, :]
-    mask_B11LL = (causal_LL[None] & same_doc_BLL)[:, None, None]
-    scores_BGRLL = jnp.where(mask_B11LL, scores_BGRLL, jnp.finfo(jnp.float32).min)
-    probs_BGRLL = jax.nn.softmax(scores_BGRLL, axis=-1).astype(v_BLGK.dtype)
-    out_BLGRK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BGRLL, v_BLGK)
+    out_BLGRK = attention.attend(q_BLGRK, k_BLGK, v_BLGK, seg_BL, c.attention_impl(), c.attention_block)
     return _dense(D, H * K, c, "o_proj")(out_BLGRK.reshape(B, L, H * K))
 
 
@@ -166,12 +167,16 @@ class Table(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens int32[B, L] -> logits float32[B, L, V]; attention never crosses an EOS document boundary."""
+  """tokens int32[B, L] -> logits float32[B, L, V]; attention never crosses an EOS document boundary.
+
+  With targets_BL, returns the per-token loss statistics of kernels/loss.py instead ({nll, logz, correct, top5},
+  float32[B, L] each), computed blockwise so that no [B, L, V] array exists.
+  """
   cfg: ModelConfig
   eos_id: int
 
   @nn.compact
-  def __call__(self, tokens_BL):
+  def __call__(self, tokens_BL, targets_BL=None):
     c = self.cfg
     V, D = c.vocab_size, c.hidden_dim
     key = self.make_rng("params") if self.is_initializing() else None
@@ -185,17 +190,21 @@ class Transformer(nn.Module):
       x_BLD = block(c, name=f"layers_{i}")(x_BLD, seg_BL)
     x_BLD = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, c.param_dtype, name="norm")(x_BLD)
     head_DV = embedding_VD.T if c.tie_word_embeddings else table("lm_head", "kernel", D ** -0.5, True)
-    logits_BLV = jnp.dot(x_BLD, head_DV.astype(c.compute_dtype))
-    return logits_BLV.astype(jnp.float32)
+    head_DV = head_DV.astype(c.compute_dtype)
+    if targets_BL is None:
+      return jnp.dot(x_BLD, head_DV).astype(jnp.float32)
+    if c.loss_block_size == 0:
+      return loss.reference_stats(x_BLD, head_DV, targets_BL)
+    return loss.token_stats(x_BLD, head_DV, targets_BL, c.loss_block_size)
 
 
-def token_losses(logits_BLV, tokens_BL):
-  """Per-position next-token NLL (nats, fp32), log-partition (for z-loss), targets, and the loss mask.
-
-  Levanter windows are seq_len tokens; the target of position t is token t+1 and the last position is masked.
-  """
+def targets_and_mask(tokens_BL):
+  """Levanter windows are seq_len tokens: the target of position t is token t+1 and the last position is masked."""
   targets_BL = jnp.roll(tokens_BL, -1, axis=1)
-  logz_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  nll_BL = logz_BL - jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  mask_BL = jnp.ones_like(nll_BL).at[:, -1].set(0.0)
-  return nll_BL, logz_BL, targets_BL, mask_BL
+  return targets_BL, jnp.ones(tokens_BL.shape, jnp.float32).at[:, -1].set(0.0)
+
+
+def token_stats(model: Transformer, params, tokens_BL):
+  """({nll, logz, correct, top5} float32[B, L], targets_BL, mask_BL) of next-token prediction on a window batch."""
+  targets_BL, mask_BL = targets_and_mask(tokens_BL)
+  return model.apply({"params": params}, tokens_BL, targets_BL), targets_BL, mask_BL

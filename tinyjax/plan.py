@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh
 
-from tinyjax import config, flops, optim, sharding
+from tinyjax import config, flops, memory, optim, sharding
 from tinyjax.model import ModelConfig, Transformer
 
 
@@ -48,3 +50,34 @@ def describe(cfg, mesh, env_record: dict) -> dict:
       "mesh": sharding.describe(mesh, cfg.mesh.fsdp),
       "env": env_record,
   }
+
+
+def memory_plan(cfg, mesh) -> dict:
+  """The --dry_run memory plan: the real train step compiled (never run) for one device's share of the batch.
+
+  With train.plan_num_devices = N the step is compiled on one local device for batch / N rows (what each of N
+  data-parallel devices holds); otherwise on this mesh. Token ids are irrelevant to memory, so EOS is id 0 here.
+  """
+  from tinyjax import train  # noqa: PLC0415  (train imports plan)
+  model_cfg = ModelConfig.from_config(cfg.model)
+  model = Transformer(model_cfg, eos_id=0)
+  counts = flops.param_counts(model_cfg)
+  total = config.num_train_steps(cfg, counts["model_size"])
+  tx = optim.make(cfg, total)
+  data_size = cfg.train.plan_num_devices or mesh.shape[sharding.DATA]
+  batch = cfg.train.train_batch_size // data_size
+  if cfg.train.plan_num_devices:
+    mesh = Mesh(np.asarray(mesh.devices.flat[:1]), (sharding.DATA,), axis_types=(AxisType.Auto,))
+  else:
+    batch = cfg.train.train_batch_size
+  shapes = jax.eval_shape(lambda: train.init_state(model, tx, cfg.seed))
+  state_sh = sharding.state_shardings(shapes, mesh, cfg.mesh.fsdp)
+  batch_sh = sharding.batch_sharding(mesh)
+  abstract = (jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh),
+              memory.abstract_batch(batch, model_cfg.seq_len, batch_sh))
+  make = lambda a: train.make_train_step(model, tx, cfg, total, state_sh, batch_sh, accum=a)
+  planner = memory.StepPlanner(cfg, make, abstract, cfg.train.train_batch_size // data_size)
+  device = mesh.devices.flat[0]
+  out = memory.report(planner, model_cfg, data_size, device.device_kind, device.platform)
+  out["data_parallel_devices"] = data_size
+  return out

@@ -13,8 +13,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import checkpoint, config, data, evaluate, faults, metrics, optim, plan, record, results, sharding
-from tinyjax.model import ModelConfig, Transformer, token_losses
+from tinyjax import checkpoint, config, data, evaluate, faults, memory, metrics, optim, plan, record, results, sharding
+from tinyjax.model import ModelConfig, Transformer, token_stats
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -37,14 +37,14 @@ def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int) 
 def loss_fn(model: Transformer, z_loss_weight: float):
   """params, tokens[B, L] -> (loss incl. z-loss, (mean NLL in nats/token))."""
   def fn(params, tokens_BL):
-    nll_BL, logz_BL, _, mask_BL = token_losses(model.apply({"params": params}, tokens_BL), tokens_BL)
+    stats, _, mask_BL = token_stats(model, params, tokens_BL)  # blockwise: no [B, L, V] logits
     n = mask_BL.sum()
-    loss = (nll_BL * mask_BL).sum() / n
-    return loss + z_loss_weight * (logz_BL ** 2 * mask_BL).sum() / n, loss
+    loss = (stats["nll"] * mask_BL).sum() / n
+    return loss + z_loss_weight * (stats["logz"] ** 2 * mask_BL).sum() / n, loss
   return fn
 
 
-def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sharding):
+def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sharding, accum: int | None = None):
   """(state, tokens[B, L]) -> (state, metrics), jitted with explicit shardings and the state donated.
 
   A non-finite loss or gradient norm never reaches the state: the update is dropped (params and optimizer state
@@ -52,7 +52,7 @@ def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sha
   skip_bad_steps). So every state the loop can checkpoint is finite.
   """
   grad_fn = jax.value_and_grad(loss_fn(model, cfg.train.z_loss_weight), has_aux=True)
-  accum = cfg.train.grad_accum_steps
+  accum = accum or cfg.train.grad_accum_steps  # the memory plan resolves grad_accum_steps=0 (auto)
   micro_sharding = NamedSharding(batch_sharding.mesh, P(None, sharding.DATA))
 
   def grads_and_loss(params, tokens_BL):
@@ -92,6 +92,26 @@ def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sha
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                  donate_argnums=0)
+
+
+def compile_step(cfg, model, tx, total: int, shapes, state_sh, batch_sh):
+  """(train step, memory plan). With train.memory_check (or grad_accum_steps=0, auto) the step is compiled ahead
+  for these shapes and XLA's figures are checked against the device; a step that cannot fit is a ConfigError."""
+  mesh = batch_sh.mesh
+  if not cfg.train.memory_check and cfg.train.grad_accum_steps:
+    return make_train_step(model, tx, cfg, total, state_sh, batch_sh), {"checked": False}
+  device = mesh.devices.flat[0]
+  per_device = cfg.train.train_batch_size // mesh.shape[sharding.DATA]
+  abstract = (checkpoint.abstract(shapes, state_sh),
+              memory.abstract_batch(cfg.train.train_batch_size, cfg.model.seq_len, batch_sh))
+  planner = memory.StepPlanner(
+      cfg, lambda a: make_train_step(model, tx, cfg, total, state_sh, batch_sh, accum=a), abstract, per_device)
+  accum, info, fit = planner.choose(device.device_kind, device.platform)
+  if cfg.train.memory_check and fit["fits"] is False:
+    memory.refuse(cfg, info["peak"], fit, device.device_kind, accum)
+  plan_info = {"checked": cfg.train.memory_check, "grad_accum_steps": accum, "compiled_gib": memory.gib(info),
+               "attention": model.cfg.attention_impl(device.platform), **fit}
+  return planner.executables[accum], plan_info
 
 
 def params_sha256(params) -> str:
@@ -139,6 +159,8 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
   shapes = jax.eval_shape(init)
   state_sh = sharding.state_shardings(shapes, mesh, cfg.mesh.fsdp)
   batch_sh = sharding.batch_sharding(mesh)
+  # Before anything is allocated: compile the step (shapes only) and refuse one that cannot fit the device.
+  train_step, info["memory"] = compile_step(cfg, model, tx, total, shapes, state_sh, batch_sh)
 
   # Resume order: (1) the newest readable checkpoint in workdir/checkpoints restores the state (onto this mesh) and
   # the data position (= its step); an unreadable newest one falls back to the previous; (2) else a fresh init.
@@ -157,7 +179,6 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
   info = record.start(workdir, cfg, info)
 
-  train_step = make_train_step(model, tx, cfg, total, state_sh, batch_sh)
   evaluator = evaluate.Evaluator(model, ds, cfg, batch_sh)
   log = metrics.Logger(workdir, total, config.tokens_per_step(cfg), cfg.train.log_every, start,
                        meta.get("training_time", 0.0))
