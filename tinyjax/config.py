@@ -77,6 +77,7 @@ def base() -> mlc.ConfigDict:
   m.attention = "auto"  # "auto" | "reference" | "blockwise" | "splash" (TPU) | "pallas_gpu"; auto picks per platform
   m.attention_block = 512  # key-block length of the blockwise attention (memory O(seq_len x block) per head)
   m.loss_block_size = 2048  # tokens per lm_head + loss block (no [B, L, V] logits); 0 = unblocked (tests)
+  m.init_from = ""  # "" = fresh init; else a HF Llama dir (export.load_hf) whose weights start a fresh run
 
   c.optimizer = o = mlc.ConfigDict()
   o.name = "muon"  # "muon" (Levanter MuonConfig) | "adamw" (Levanter AdamConfig)

@@ -167,6 +167,9 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
   ckpt = checkpoint.Checkpointer(workdir, cfg) if cfg.checkpoint.enabled else None
   restored = ckpt.restore_latest(checkpoint.abstract(shapes, state_sh)) if ckpt else None
   state, meta = restored if restored else (jax.jit(init, out_shardings=state_sh)(), {"step": 0})
+  if not restored and cfg.model.init_from:  # a fresh run may start from a HF Llama checkpoint
+    from tinyjax import export  # noqa: PLC0415 - only runs that import weights need it
+    state = export.init_from(cfg, state, tx, state_sh)
   start = meta["step"]
   if start:
     print(f"resuming from checkpoint at step {start}/{total} in {ckpt.directory}", flush=True)

@@ -1,0 +1,217 @@
+"""HF export/import: config and tokenizer load in transformers, safetensors names/shapes/dtypes as LlamaForCausalLM
+declares them, export -> import is the bitwise identity, logits equal transformers' PyTorch Llama (where torch is
+installed), config.model.init_from, and the CLI's one-line errors."""
+import dataclasses
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tinyjax import checkpoint, config, export, optim, train
+from tinyjax import tokenizer as tokenizers
+from tinyjax.config import ConfigError
+from tinyjax.model import ModelConfig, Transformer
+
+# GQA (4 query heads share 2 kv heads), fp32 compute so the parity bound is about the math, not bf16 rounding.
+GQA = ModelConfig(hidden_dim=64, intermediate_dim=128, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=32,
+                  vocab_size=320, compute_dtype="float32")
+TEXTS = ["The Python interpreter reads a line and runs it.", "A list comprehension builds a list from a loop.",
+         "Functions are defined with def and return values.", "import os, sys; print(sys.path)"] * 4
+
+
+def make_tokenizer(folder) -> tokenizers.Loaded:
+  """The builtin tokenizer recipe (tokenizer.train_bpe: byte-level BPE, BOS=0, EOS=1, BOS post-processor), trained
+  on a few lines so it takes milliseconds."""
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "corpus.txt").write_text("\n".join(TEXTS) + "\n")
+  tok = tokenizers.train_bpe([str(folder / "corpus.txt")], 300)
+  (folder / "tokenizer.json").write_text(tok.to_str())
+  return tokenizers.load(str(folder), str(folder), [], GQA.vocab_size)
+
+
+def strong_params(c: ModelConfig, seed: int = 0) -> dict:
+  """Random params at unit scale: Levanter's init gives near-zero logits, which would make any parity test vacuous."""
+  model = Transformer(c, eos_id=1)
+  shapes = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
+  leaves, tree = jax.tree.flatten(shapes)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  def draw(key, x):
+    if x.ndim == 1:  # norm scales around 1
+      return 1.0 + 0.2 * jax.random.normal(key, x.shape, x.dtype)
+    return jax.random.normal(key, x.shape, x.dtype) * (1.0 if x.shape[0] == c.vocab_size else x.shape[0] ** -0.5)
+  return jax.tree.unflatten(tree, [draw(k, x) for k, x in zip(keys, leaves)])
+
+
+def tokens_without_eos(seed: int, shape) -> np.ndarray:
+  return np.asarray(jax.random.randint(jax.random.key(seed), shape, 2, GQA.vocab_size), np.int32)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def make_run(tok, c=GQA, seed=0) -> export.Run:
+  return export.Run("", 0, {}, c, strong_params(c, seed), tok)
+
+
+def make_workdir(path, tok, c=GQA, step=5) -> dict:
+  """A real run directory: an Orbax checkpoint of a full TrainState written by checkpoint.Checkpointer."""
+  cfg = config.base()
+  for f in dataclasses.fields(ModelConfig):
+    cfg.model[f.name] = getattr(c, f.name)
+  cfg.data.tokenizer, cfg.data.cache_dir = tok.path, str(path / "cache")
+  cfg.train.num_train_steps = 10
+  model = Transformer(c, eos_id=tok.eos_id)
+  state = train.init_state(model, optim.make(cfg, 10), 0)
+  params = strong_params(c)
+  state = state.replace(params=params)
+  ckpt = checkpoint.Checkpointer(str(path), cfg)
+  ckpt.save(step, state, {})
+  ckpt.close()
+  return params
+
+
+def hf_names(c: ModelConfig) -> dict:
+  """LlamaForCausalLM's tensors (transformers models/llama/modeling_llama.py), torch (out, in) layout."""
+  D, F, K, V = c.hidden_dim, c.intermediate_dim, c.head_dim, c.vocab_size
+  names = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+  H, G = c.num_heads * K, c.num_kv_heads * K
+  for i in range(c.num_layers):
+    p = f"model.layers.{i}."
+    names.update({p + "self_attn.q_proj.weight": (H, D), p + "self_attn.k_proj.weight": (G, D),
+                  p + "self_attn.v_proj.weight": (G, D), p + "self_attn.o_proj.weight": (D, H),
+                  p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+                  p + "mlp.down_proj.weight": (D, F), p + "input_layernorm.weight": (D,),
+                  p + "post_attention_layernorm.weight": (D,)})
+  if not c.tie_word_embeddings:
+    names["lm_head.weight"] = (V, D)
+  return names
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_safetensors_names_shapes_dtypes(tmp_path, tok, tied):
+  safetensors = pytest.importorskip("safetensors")
+  c = dataclasses.replace(GQA, tie_word_embeddings=tied)
+  export.export(make_run(tok, c), str(tmp_path))
+  with safetensors.safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+    got = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert f.metadata() == {"format": "pt"}, "transformers requires format=pt metadata"
+  assert got == {k: list(v) for k, v in hf_names(c).items()}
+  assert dtypes == {"F32"}, "float32 master weights are exported as stored"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_import_is_bitwise_identity(tmp_path, tok, tied):
+  pytest.importorskip("safetensors")
+  run = make_run(tok, dataclasses.replace(GQA, tie_word_embeddings=tied))
+  export.export(run, str(tmp_path), max_shard_bytes=60_000)  # ~0.4 MB of weights: several shards plus an index
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "model.safetensors").exists()
+  imported = export.load_hf(str(tmp_path))
+  assert jax.tree.structure(imported.params) == jax.tree.structure(run.params)
+  for a, b in zip(jax.tree.leaves(imported.params), jax.tree.leaves(run.params)):
+    assert a.dtype == b.dtype and np.array_equal(a, np.asarray(b)), "export -> import changed a parameter"
+  assert {k: imported.model[k] for k in export.SHAPE_FIELDS} == {k: getattr(run.model_cfg, k) for k in
+                                                                 export.SHAPE_FIELDS}
+  assert (imported.bos_id, imported.eos_id) == (run.tok.bos_id, run.tok.eos_id)
+
+
+def test_transformers_loads_config_and_tokenizer(tmp_path, tok):
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("safetensors")
+  export.export(make_run(tok), str(tmp_path))
+  hf = transformers.AutoConfig.from_pretrained(str(tmp_path))
+  assert type(hf).__name__ == "LlamaConfig" and hf.architectures == ["LlamaForCausalLM"]
+  assert (hf.hidden_size, hf.intermediate_size, hf.num_hidden_layers, hf.num_attention_heads,
+          hf.num_key_value_heads, hf.vocab_size, hf.head_dim) == (64, 128, 2, 4, 2, 320, 16)
+  assert (hf.rms_norm_eps, hf.tie_word_embeddings, hf.bos_token_id, hf.eos_token_id) == (1e-5, False, 0, 1)
+  rope = getattr(hf, "rope_parameters", None) or {"rope_theta": hf.rope_theta}  # transformers 5 | 4
+  assert rope["rope_theta"] == 10000.0
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  for text in ["The Python interpreter", "zz unseen wörds", ""]:
+    ours = tok.tokenizer.encode(text, add_special_tokens=True).ids
+    assert hf_tok(text)["input_ids"] == ours, f"transformers encodes {text!r} differently"
+    assert ours[0] == tok.bos_id and tok.eos_id not in ours, "prompts: BOS first, no EOS"
+  assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (0, 1)
+  assert hf_tok.decode(tok.tokenizer.encode("def f(x):", add_special_tokens=True).ids, skip_special_tokens=True) \
+      == "def f(x):"
+
+
+def test_logits_match_transformers_pytorch_llama(tmp_path, tok):
+  """max |Δlogit| <= 1e-4 in fp32 on a GQA shape; also every tensor loads with no missing/unexpected key."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  run = make_run(tok, seed=3)
+  export.export(run, str(tmp_path))
+  hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True,
+                                                               attn_implementation="eager")
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  declared = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight" or not
+              hf.config.tie_word_embeddings}
+  assert declared == hf_names(GQA), "our name/shape table differs from LlamaForCausalLM's own"
+  tokens = tokens_without_eos(7, (3, GQA.seq_len))  # no EOS: HF has no document masking
+  ours = np.asarray(Transformer(GQA, eos_id=tok.eos_id).apply({"params": run.params}, tokens))
+  with torch.no_grad():
+    theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  assert ours.std() > 0.5, "logits too small for the parity bound to mean anything"
+  assert np.abs(ours - theirs).max() <= 1e-4, np.abs(ours - theirs).max()
+
+
+def test_qk_norm_model_refused_with_reason(tmp_path, tok):
+  with pytest.raises(ConfigError, match="use_qk_norm.*LlamaForCausalLM has no q/k norm"):
+    export.export(make_run(tok, dataclasses.replace(GQA, use_qk_norm=True)), str(tmp_path))
+
+
+def test_import_refuses_other_architectures(tmp_path, tok):
+  pytest.importorskip("safetensors")
+  export.export(make_run(tok), str(tmp_path))
+  hf = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**hf, "attention_bias": True}))
+  with pytest.raises(ConfigError, match="biases"):
+    export.load_hf(str(tmp_path))
+  with pytest.raises(ConfigError, match="not a HF model directory"):
+    export.load_hf(str(tmp_path / "nowhere"))
+
+
+def test_cli_exports_a_checkpoint_and_init_from_loads_it(tmp_path, tok):
+  pytest.importorskip("safetensors")
+  params = make_workdir(tmp_path / "run", tok)
+  export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+  for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json"):
+    assert (tmp_path / "hf" / name).exists(), name
+  # config.model.init_from: a fresh TrainState takes the HF weights and a matching optimizer state.
+  cfg = config.base()
+  for f in dataclasses.fields(ModelConfig):
+    cfg.model[f.name] = getattr(GQA, f.name)
+  cfg.model.init_from = str(tmp_path / "hf")
+  tx = optim.make(cfg, 10)
+  state = train.init_state(Transformer(GQA, eos_id=1), tx, 0)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  loaded = export.init_from(cfg, state, tx, shardings)
+  for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  assert jax.tree.structure(loaded.opt_state) == jax.tree.structure(state.opt_state)
+  cfg.model.num_layers = 3
+  with pytest.raises(ConfigError, match=r"different model: model.num_layers \(checkpoint 2, config 3\)"):
+    export.init_from(cfg, state, tx, shardings)
+
+
+def test_cli_errors_are_one_line(tmp_path, tok, capsys):
+  make_workdir(tmp_path / "run", tok, dataclasses.replace(GQA, use_qk_norm=True))
+  run, out = str(tmp_path / "run"), str(tmp_path / "hf")
+  for argv, message in [([run, "--out", out], "use_qk_norm=True cannot be exported"),
+                        ([run, "--out", out, "--step", "9"], r"--step=9: .* steps \[5\]"),
+                        ([str(tmp_path / "none"), "--out", out], "no checkpoints/ directory"),
+                        ([run, "--out", out, "--max_shard_size", "lots"], "--max_shard_size='lots' is invalid")]:
+    with pytest.raises(SystemExit) as e:
+      export.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("tinyjax: error: ")
+    assert re.search(message, err), err
+  assert not (tmp_path / "hf").exists(), "a refused export must write nothing"
