@@ -119,6 +119,10 @@ def base() -> mlc.ConfigDict:
   t.skip_bad_steps = False  # non-finite loss/grad: False = stop the run; True = skip the update and count it (Marin)
   t.loss_spike_ratio = 3.0  # warn when loss > ratio x running mean of recent logged losses; 0 = off
   t.loss_spike_window = 20  # logged losses in the running mean of loss_spike_ratio
+  t.dynamics_every = 0  # > 0: every this many steps, a separately compiled step also writes dynamics.jsonl; 0 = off
+  t.dynamics_rows = 1  # rows of the batch whose activations / logits / attention logits the dynamics step measures
+  t.tensorboard = True  # mirror metrics and dynamics to TensorBoard event files in workdir/tensorboard
+  t.wandb_project = ""  # "" = off; else log to this Weights & Biases project (pip install 'tinyjax[wandb]')
 
   c.checkpoint = k = mlc.ConfigDict()
   k.enabled = True  # save checkpoints (Orbax) in workdir/checkpoints and auto-resume from the latest
@@ -262,8 +266,10 @@ def validate(cfg, num_devices: int | None = None) -> None:
            t.device_memory_gb)
   for key in ("steps_per_eval", "log_every"):
     _require(getattr(t, key) > 0, f"train.{key}", "must be a positive integer", getattr(t, key))
-  for key in ("max_eval_batches", "eval_batch_size", "nominal_params", "plan_num_devices"):
+  for key in ("max_eval_batches", "eval_batch_size", "nominal_params", "plan_num_devices", "dynamics_every"):
     _require(getattr(t, key) >= 0, f"train.{key}", "must be >= 0 (0 = default)", getattr(t, key))
+  _require(1 <= t.dynamics_rows <= t.train_batch_size, "train.dynamics_rows",
+           f"must be in [1, train.train_batch_size={t.train_batch_size}]", t.dynamics_rows)
   _require(t.z_loss_weight >= 0, "train.z_loss_weight", "must be >= 0", t.z_loss_weight)
   _require(len(d.train_urls) > 0, "data.train_urls", "must name at least one source", list(d.train_urls))
   _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)

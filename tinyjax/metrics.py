@@ -27,9 +27,9 @@ def _lines(path: str):
         continue
 
 
-def read(workdir: str) -> list[dict]:
-  """The rows of workdir/metrics.jsonl (the one reader of the file: results, plot, envdiff use it)."""
-  return [row for _, row in _lines(os.path.join(workdir, FILE))]
+def read(workdir: str, name: str = FILE) -> list[dict]:
+  """The rows of workdir/metrics.jsonl (the one reader of the file: results, plot, envdiff use it; dynamics.jsonl)."""
+  return [row for _, row in _lines(os.path.join(workdir, name))]
 
 
 def _truncate(path: str, last_step: int) -> None:
@@ -40,6 +40,9 @@ def _truncate(path: str, last_step: int) -> None:
   with open(path + ".tmp", "w") as f:
     f.writelines(rows)
   os.replace(path + ".tmp", path)
+
+
+truncate = _truncate  # dynamics.jsonl is cut back on resume exactly as metrics.jsonl
 
 
 def _duration(seconds: float) -> str:
@@ -64,6 +67,7 @@ class Logger:
     self.training_time = training_time  # Marin's training_time: summed step wall time incl. compile, excl. eval
     self.last: dict = {}
     self.last_eval = ""
+    self.sinks = []  # tracking.Tracker (TensorBoard, W&B): every numeric row is mirrored there
 
   def push(self, step: int, device_metrics: dict) -> dict | None:
     """Queues this step's metrics if it is a log step; returns the previously queued row, now fetched."""
@@ -107,6 +111,8 @@ class Logger:
       return
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, **row}, sort_keys=True) + "\n")
+    for sink in self.sinks:
+      sink.write(step, row)
     parts = [f"step {step}/{self.total}"]
     if evals:
       parts += [f"eval {n}: loss {row[f'eval/{n}/loss']:.4f} bpb {row[f'eval/{n}/bpb']:.4f}" for n in evals]

@@ -105,6 +105,7 @@ def segment_ids(tokens_BL, eos_id: int):
 
 class Attention(nn.Module):
   cfg: ModelConfig
+  dynamics: bool = False  # also sow pre-softmax logit statistics (dynamics.py; a small sub-batch only)
 
   @nn.compact
   def __call__(self, x_BLD, seg_BL):
@@ -120,6 +121,9 @@ class Attention(nn.Module):
     q_BLHK, k_BLGK = rope(q_BLHK, c.rope_theta), rope(k_BLGK, c.rope_theta)
     # Levanter's q_proj Out axis is (kv_heads, q_per_group, head_dim): query heads are grouped by kv head.
     q_BLGRK = q_BLHK.reshape(B, L, G, H // G, K)
+    if self.dynamics:
+      for name, value in attention.logit_stats(q_BLGRK, k_BLGK, seg_BL).items():
+        self.sow("intermediates", name, value)
     out_BLGRK = attention.attend(q_BLGRK, k_BLGK, v_BLGK, seg_BL, c.attention_impl(), c.attention_block)
     return _dense(D, H * K, c, "o_proj")(out_BLGRK.reshape(B, L, H * K))
 
@@ -138,13 +142,17 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
+  dynamics: bool = False
 
   @nn.compact
   def __call__(self, x_BLD, seg_BL):
     c = self.cfg
     norm = lambda name: RMSNorm(c.layer_norm_epsilon, c.compute_dtype, c.param_dtype, name=name)
-    x_BLD = x_BLD + Attention(c, name="self_attn")(norm("input_layernorm")(x_BLD), seg_BL)
-    return x_BLD + MLP(c, name="mlp")(norm("post_attention_layernorm")(x_BLD))
+    x_BLD = x_BLD + Attention(c, self.dynamics, name="self_attn")(norm("input_layernorm")(x_BLD), seg_BL)
+    x_BLD = x_BLD + MLP(c, name="mlp")(norm("post_attention_layernorm")(x_BLD))
+    if self.dynamics:
+      self.sow("intermediates", "residual", x_BLD)  # the block's output (the residual stream)
+    return x_BLD
 
 
 class Table(nn.Module):
@@ -174,6 +182,7 @@ class Transformer(nn.Module):
   """
   cfg: ModelConfig
   eos_id: int
+  dynamics: bool = False  # sow activations and attention-logit statistics (the dynamics step's forward pass)
 
   @nn.compact
   def __call__(self, tokens_BL, targets_BL=None):
@@ -187,7 +196,7 @@ class Transformer(nn.Module):
     seg_BL = segment_ids(tokens_BL, self.eos_id)
     block = nn.remat(Block) if c.remat == "block" else Block
     for i in range(c.num_layers):
-      x_BLD = block(c, name=f"layers_{i}")(x_BLD, seg_BL)
+      x_BLD = block(c, self.dynamics, name=f"layers_{i}")(x_BLD, seg_BL)
     x_BLD = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, c.param_dtype, name="norm")(x_BLD)
     head_DV = embedding_VD.T if c.tie_word_embeddings else table("lm_head", "kernel", D ** -0.5, True)
     head_DV = head_DV.astype(c.compute_dtype)

@@ -13,7 +13,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import checkpoint, config, data, evaluate, faults, memory, metrics, optim, plan, record, results, sharding
+from tinyjax import (checkpoint, config, data, dynamics, evaluate, faults, memory, metrics, optim, plan, record,
+                     results, sharding, tracking)
 from tinyjax.model import ModelConfig, Transformer, token_stats
 
 
@@ -44,12 +45,15 @@ def loss_fn(model: Transformer, z_loss_weight: float):
   return fn
 
 
-def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sharding, accum: int | None = None):
+def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sharding, accum: int | None = None,
+                    with_dynamics: bool = False):
   """(state, tokens[B, L]) -> (state, metrics), jitted with explicit shardings and the state donated.
 
   A non-finite loss or gradient norm never reaches the state: the update is dropped (params and optimizer state
   keep their values) and counted; the host decides whether that stops the run (default) or is skipped (Marin's
   skip_bad_steps). So every state the loop can checkpoint is finite.
+  with_dynamics: the same update, plus metrics["dynamics"] (dynamics.py): a separate function that run() compiles
+  ahead and calls only on dynamics steps, so ordinary steps pay nothing.
   """
   grad_fn = jax.value_and_grad(loss_fn(model, cfg.train.z_loss_weight), has_aux=True)
   accum = accum or cfg.train.grad_accum_steps  # the memory plan resolves grad_accum_steps=0 (auto)
@@ -88,6 +92,8 @@ def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sha
     out = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(new.params),
            "bad_steps": new.bad_steps, "first_bad_step": new.first_bad_step, "bad_what": new.bad_what,
            **optim.current_learning_rates(cfg, total_steps, state.step)}
+    if with_dynamics:
+      out["dynamics"] = dynamics.collect(model, state.params, grads, updates, tokens_BL[:cfg.train.dynamics_rows])
     return new, out
 
   return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
@@ -186,12 +192,27 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
   log = metrics.Logger(workdir, total, config.tokens_per_step(cfg), cfg.train.log_every, start,
                        meta.get("training_time", 0.0))
   guard = Guard(cfg, log, ckpt)
+  tracker = tracking.Tracker(workdir, cfg, start)  # TensorBoard / W&B mirrors of metrics and dynamics
+  log.sinks.append(tracker)
+  every = cfg.train.dynamics_every
+  dyn_log = dynamics.Log(workdir, start, [tracker])
+  dyn_step = None
+  if every:  # compiled now, outside the timed loop, so that training_time and throughput exclude it
+    dyn = make_train_step(model, tx, cfg, total, state_sh, batch_sh, info["memory"].get("grad_accum_steps"),
+                          with_dynamics=True)
+    with jax.set_mesh(mesh):
+      dyn_step = dyn.lower(checkpoint.abstract(shapes, state_sh), memory.abstract_batch(
+          cfg.train.train_batch_size, cfg.model.seq_len, batch_sh)).compile()
   batches = data.train_batches(ds, cfg, start, jax.process_index(), jax.process_count())
   signals, status = faults.Signals(), "failed"
   gc_policy(cfg.env.gc_policy)
   try:
     for step in range(start + 1, total + 1):  # `step` counts completed updates
-      state, out = train_step(state, sharding.to_global(next(batches), batch_sh))
+      if every and step % every == 0:
+        state, out = dyn_step(state, sharding.to_global(next(batches), batch_sh))
+        dyn_log.push(step, out.pop("dynamics"))  # fetched at the next dynamics step or the end
+      else:
+        state, out = train_step(state, sharding.to_global(next(batches), batch_sh))
       guard.check(log.push(step, out))  # fetches the previous log step only: the dispatch queue never stalls
       if step % cfg.train.steps_per_eval == 0 or step == total:
         guard.check(log.flush())
@@ -207,6 +228,8 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
     status = type(e).__name__.lower()
     raise
   finally:
+    dyn_log.flush()
+    tracker.close()
     signals.restore()
     gc_policy("default")
     if ckpt:

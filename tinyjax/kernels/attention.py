@@ -84,6 +84,23 @@ def reference(q_BLGRK, k_BLGK, v_BLGK, seg_BL):
   return jnp.einsum("bgrlm,bmgk->blgrk", probs_BGRLL, v_BLGK)
 
 
+def logit_stats(q_BLGRK, k_BLGK, seg_BL) -> dict:
+  """Pre-softmax attention logits q.k/sqrt(K) over the allowed (causal, same-document) pairs: per query head
+  (h = g*R + r) the max and RMS, and the layer's mean attention entropy in nats. Materialises [B, G, R, L, L]: for
+  the dynamics step's few rows only."""
+  B, L, G, R, K = q_BLGRK.shape
+  s_BGRLL = jnp.einsum("blgrk,bmgk->bgrlm", q_BLGRK, k_BLGK, preferred_element_type=jnp.float32) / math.sqrt(K)
+  pos = jnp.arange(L)
+  mask = jnp.broadcast_to(_mask(seg_BL, seg_BL, pos, pos), s_BGRLL.shape)
+  per_head = lambda x_BGRLL: jnp.moveaxis(x_BGRLL, 0, 2).reshape(G * R, -1)  # [H, B*L*L]
+  count_H = per_head(mask).sum(-1)
+  logit_max_H = jnp.max(per_head(jnp.where(mask, s_BGRLL, -jnp.inf)), axis=-1)
+  logit_rms_H = jnp.sqrt(per_head(jnp.where(mask, s_BGRLL * s_BGRLL, 0.0)).sum(-1) / count_H)
+  logp_BGRLL = jax.nn.log_softmax(jnp.where(mask, s_BGRLL, -jnp.inf), axis=-1)
+  entropy_BGRL = -jnp.sum(jnp.where(mask, jnp.exp(logp_BGRLL) * logp_BGRLL, 0.0), axis=-1)
+  return {"logit_max": logit_max_H, "logit_rms": logit_rms_H, "entropy": jnp.mean(entropy_BGRL)}
+
+
 # ---- blockwise (flash) attention in pure JAX -------------------------------------------------------------------
 
 def _kv_blocks(k_BLGK, v_BLGK, seg_BL, block: int):
