@@ -154,6 +154,15 @@ def base() -> mlc.ConfigDict:
   c.mesh.data = -1  # devices on the data axis; -1 = all devices
   c.mesh.fsdp = False  # also shard params and optimizer state over the data axis (ZeRO-3 style)
 
+  c.distributed = dd = mlc.ConfigDict()  # several processes (hosts) in one run: see distributed.py
+  dd.mode = "auto"  # "auto": start jax.distributed when SLURM/MPI/a TPU slice has > 1 process | "on" | "off"
+  dd.coordinator_address = ""  # "host:port" of process 0 for clusters JAX cannot detect ("" = detect)
+  dd.num_processes = 0  # with coordinator_address: processes in the run (0 = detect)
+  dd.process_id = -1  # with coordinator_address: this process's index (-1 = detect)
+  dd.initialization_timeout_s = 300  # seconds to wait for every process to join
+  dd.heartbeat_timeout_s = 100  # JAX's coordination heartbeat: a silent process is declared dead after this
+  dd.step_timeout_s = 1800.0  # multi-process: exit (code 4) when no step finishes for this long (lost host); 0 = off
+
   c.env = e = mlc.ConfigDict()  # applied by env.py before the JAX backend starts; None = leave the environment as is
   e.platform = config_dict.placeholder(str)  # JAX_PLATFORMS: "cpu", "cuda", "tpu", ...
   e.host_device_count = 0  # > 0: fake this many CPU devices (testing sharding on one host)
@@ -277,6 +286,11 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]", d.max_bad_fraction)
   _require(cfg.mesh.data == -1 or cfg.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive",
            cfg.mesh.data)
+  dd = cfg.distributed
+  _require(dd.mode in ("auto", "on", "off"), "distributed.mode", "allowed: auto, on, off", dd.mode)
+  for key in ("num_processes", "initialization_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
+    _require(dd[key] >= 0, f"distributed.{key}", "must be >= 0", dd[key])
+  _require(dd.process_id >= -1, "distributed.process_id", "must be >= 0 (or -1 = detect)", dd.process_id)
   _require(cfg.env.host_device_count >= 0, "env.host_device_count", "must be >= 0", cfg.env.host_device_count)
 
   from tinyjax import flops, model  # late: keeps `import tinyjax.config` free of jax/flax for data worker processes

@@ -22,6 +22,8 @@ def main(argv: list[str]) -> None:
   from tinyjax import env  # imports jax; applying the env must precede any backend use
   try:
     env_record = env.apply(cfg.env)
+    from tinyjax import distributed  # after the env (XLA reads it at backend start), before any device use
+    env_record["distributed"] = distributed.initialize(cfg.distributed)
     import jax
     config.validate(cfg, num_devices=jax.device_count())
     from tinyjax import plan, sharding, train
@@ -29,7 +31,8 @@ def main(argv: list[str]) -> None:
       mesh = sharding.make_mesh(cfg.mesh)  # the memory plan compiles the step (never runs it)
       print(json.dumps({**plan.describe(cfg, mesh, env_record), "memory": plan.memory_plan(cfg, mesh)}, indent=2))
       return
-    print(env.summary(env_record), flush=True)
+    if jax.process_index() == 0:
+      print(env.summary(env_record), flush=True)
     stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     train.run(cfg, _WORKDIR.value or os.path.join("workdir", stem), env_record)
   except config.ConfigError as e:
