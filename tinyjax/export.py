@@ -107,7 +107,8 @@ def model_fields(hf: dict, path: str) -> dict:
   def need(ok, what):
     if not ok:
       raise ConfigError(f"{path}/config.json: {what}; tinyjax imports only plain Llama (LlamaForCausalLM)")
-  need(hf.get("model_type") == "llama", f"model_type is {hf.get('model_type')!r}, not 'llama'")
+  need("model_type" in hf, "no model_type (a tinyjax workdir? export it first: python -m tinyjax.export)")
+  need(hf["model_type"] == "llama", f"model_type is {hf['model_type']!r}, not 'llama'")
   need(hf.get("hidden_act", "silu") == "silu", f"hidden_act is {hf.get('hidden_act')!r}, not 'silu'")
   need(not hf.get("attention_bias") and not hf.get("mlp_bias"), "the projections have biases")
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -153,12 +154,12 @@ def write_weights(tensors: dict[str, np.ndarray], out: str, max_shard_bytes: int
     size += arr.nbytes
   meta = {"format": "pt"}  # transformers refuses safetensors files without this metadata
   if len(shards) == 1:
-    st.save_file(tensors, os.path.join(out, "model.safetensors"), metadata=meta)
+    _write_bytes(os.path.join(out, "model.safetensors"), st.save(tensors, metadata=meta))
     return ["model.safetensors"]
   files, weight_map = [], {}
   for i, names in enumerate(shards):
     fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    st.save_file({n: tensors[n] for n in names}, os.path.join(out, fname), metadata=meta)
+    _write_bytes(os.path.join(out, fname), st.save({n: tensors[n] for n in names}, metadata=meta))
     files.append(fname)
     weight_map.update({n: fname for n in names})
   index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())}, "weight_map": weight_map}
@@ -181,6 +182,11 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
   for fname in files:
     tensors.update(st.load_file(os.path.join(path, fname)))
   return tensors
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  with open(path, "wb") as f:  # not safetensors.save_file, which leaves the file mode 0600
+    f.write(data)
 
 
 def _write_json(path: str, obj) -> None:
@@ -249,7 +255,13 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   if not os.path.isdir(directory):
     raise ConfigError(f"{workdir}: no checkpoints/ directory (is it a tinyjax workdir with checkpoint.enabled?)")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
-  with ocp.CheckpointManager(directory, options=options) as manager:
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax notes at WARNING that a read-only manager is read-only
+  try:
+    manager = ocp.CheckpointManager(directory, options=options)
+  finally:
+    logging.set_verbosity(verbosity)
+  with manager:
     steps = manager.all_steps()
     if not steps or (step is not None and step not in steps):
       raise ConfigError(f"--step={step}: {directory} has checkpoints at steps {sorted(steps) or 'none'}")
@@ -298,7 +310,10 @@ def load_hf(path: str, dtype: str | None = None) -> Imported:
   fields = model_fields(hf, path)
   c = model_config({**fields, "compute_dtype": "float32"})
   eos = hf.get("eos_token_id")
-  return Imported(fields, from_hf(read_weights(path), c, dtype), hf.get("bos_token_id"),
+  tensors = {k: v for k, v in read_weights(path).items() if not k.endswith("rotary_emb.inv_freq")}  # old HF buffers
+  if c.tie_word_embeddings:
+    tensors.pop("lm_head.weight", None)  # some tied checkpoints also store the (identical) head
+  return Imported(fields, from_hf(tensors, c, dtype), hf.get("bos_token_id"),
                   eos[0] if isinstance(eos, list) else eos)
 
 
@@ -316,7 +331,6 @@ def init_from(cfg, state, tx, state_shardings):
 
 
 def main(argv: list[str] | None = None) -> None:
-  logging.set_verbosity(logging.ERROR)  # Orbax's read-only-manager notices are not the user's concern
   parser = cli.ArgParser(prog="python -m tinyjax.export", description=__doc__.splitlines()[0])
   parser.add_argument("workdir", help="a tinyjax run directory (holds checkpoints/)")
   parser.add_argument("--out", required=True, help="directory to write the HF checkpoint into")

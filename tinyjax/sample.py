@@ -17,7 +17,6 @@ import math
 import os
 import sys
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,7 +196,6 @@ def samples_after_training(workdir: str, prompts=SAMPLE_PROMPTS, max_new_tokens:
 
 
 def main(argv: list[str] | None = None) -> None:
-  logging.set_verbosity(logging.ERROR)  # Orbax's read-only-manager notices are not the user's concern
   parser = cli.ArgParser(prog="python -m tinyjax.sample", description=__doc__.splitlines()[0])
   parser.add_argument("workdir", help="a tinyjax run directory (holds checkpoints/)")
   parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); default: two fixed ones")
