@@ -121,6 +121,17 @@ def test_export_import_is_bitwise_identity(tmp_path, tok, tied):
   assert (imported.bos_id, imported.eos_id) == (run.tok.bos_id, run.tok.eos_id)
 
 
+def test_bfloat16_export_rounds_once(tmp_path, tok):
+  pytest.importorskip("safetensors")
+  run = make_run(tok)
+  export.export(run, str(tmp_path), dtype="bfloat16")
+  assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  imported = export.load_hf(str(tmp_path))
+  for a, b in zip(jax.tree.leaves(imported.params), jax.tree.leaves(run.params)):
+    assert a.dtype == jnp.bfloat16 and np.array_equal(a, np.asarray(b.astype(jnp.bfloat16)))
+  assert export.load_hf(str(tmp_path), "float32").params["norm"]["scale"].dtype == np.float32
+
+
 def test_transformers_loads_config_and_tokenizer(tmp_path, tok):
   transformers = pytest.importorskip("transformers")
   pytest.importorskip("safetensors")

@@ -128,7 +128,8 @@ def test_cli_and_samples_after_training(tmp_path, tok, capsys):
   assert saved["step"] == 5 and [s["prompt"] for s in saved["samples"]] == list(sample.SAMPLE_PROMPTS)
   assert saved["samples"] == got and "sample (step 5)" in capsys.readouterr().out
   assert sample.samples_after_training(str(tmp_path / "nothing")) == []
-  for argv, message in [(["--step", "3"], r"--step=3: .* steps \[5\]"), (["--top_p", "0"], "--top_p must be"),
+  for argv, message in [(["--step", "3"], r"--step=3: .* steps \[5\]"),
+                        (["--top_p", "0"], r"--top_p=0.0 is invalid: must be in \(0, 1\]"),
                         (["--max_new_tokens", "40"], "exceeds the model's seq_len 32")]:
     with pytest.raises(SystemExit) as e:
       sample.main([str(tmp_path / "run"), *argv])

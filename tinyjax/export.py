@@ -19,6 +19,7 @@ import sys
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tinyjax import cli, config
@@ -84,7 +85,7 @@ def from_hf(tensors: dict[str, np.ndarray], c: ModelConfig, dtype=None) -> dict:
   return params
 
 
-def hf_config(c: ModelConfig, bos_id: int | None, eos_id: int) -> dict:
+def hf_config(c: ModelConfig, bos_id: int | None, eos_id: int, dtype: str | None = None) -> dict:
   """config.json of LlamaForCausalLM. rope_theta is written both flat (transformers 4.x, vLLM, llama.cpp) and as
   rope_parameters (transformers 5); torch_dtype and dtype likewise."""
   check_exportable(c)
@@ -98,7 +99,7 @@ def hf_config(c: ModelConfig, bos_id: int | None, eos_id: int) -> dict:
       "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": False, "attention_dropout": 0.0,
       "mlp_bias": False, "pretraining_tp": 1, "initializer_range": 0.02, "use_cache": True,
       "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": None,
-      "torch_dtype": c.param_dtype, "dtype": c.param_dtype,
+      "torch_dtype": dtype or c.param_dtype, "dtype": dtype or c.param_dtype,
   }
 
 
@@ -280,12 +281,14 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   return Run(workdir, step, saved, c, params, tok)
 
 
-def export(run: Run, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD) -> list[str]:
-  """Writes run as a LlamaForCausalLM directory; returns the files written."""
+def export(run: Run, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD, dtype: str | None = None) -> list[str]:
+  """Writes run as a LlamaForCausalLM directory (weights cast to dtype, default the param dtype); returns the files
+  written."""
   check_exportable(run.model_cfg)
   os.makedirs(out, exist_ok=True)
-  files = write_weights(to_hf(run.params, run.model_cfg), out, max_shard_bytes)
-  _write_json(os.path.join(out, "config.json"), hf_config(run.model_cfg, run.tok.bos_id, run.tok.eos_id))
+  tensors = {k: v.astype(jnp.dtype(dtype or v.dtype)) for k, v in to_hf(run.params, run.model_cfg).items()}
+  files = write_weights(tensors, out, max_shard_bytes)
+  _write_json(os.path.join(out, "config.json"), hf_config(run.model_cfg, run.tok.bos_id, run.tok.eos_id, dtype))
   generation = {"bos_token_id": run.tok.bos_id, "eos_token_id": run.tok.eos_id,
                 "pad_token_id": run.tok.eos_id}  # no pad token: pad with EOS, as generate() would with a warning
   _write_json(os.path.join(out, "generation_config.json"), generation)
@@ -336,10 +339,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", required=True, help="directory to write the HF checkpoint into")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   parser.add_argument("--max_shard_size", default="5GB", help="split model.safetensors above this (e.g. 200MB)")
+  parser.add_argument("--dtype", choices=config.DTYPES, default=None, help="weight dtype (default: as trained)")
   args = parser.parse_args(argv)
   try:
     run = load_run(args.workdir, args.step)
-    files = export(run, args.out, parse_size(args.max_shard_size))
+    files = export(run, args.out, parse_size(args.max_shard_size), args.dtype)
   except ConfigError as e:
     cli.fail(str(e))
   print(f"exported step {run.step} of {args.workdir} to {args.out}: {', '.join(files)}")

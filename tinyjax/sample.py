@@ -11,6 +11,7 @@ it would alone. Attention also keeps model.py's EOS document mask, so cached log
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyjax import cli, export
+from tinyjax import cli, config, export
 from tinyjax.config import ConfigError
 from tinyjax.model import ModelConfig, rms_norm, rope
 
@@ -207,14 +208,19 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   parser.add_argument("--json", action="store_true", help="print the samples as JSON")
+  parser.add_argument("--compute_dtype", choices=config.DTYPES, default=None,
+                      help="matmul dtype (default: the run's model.compute_dtype); float32 to compare with HF fp32")
   a = parser.parse_args(argv)
-  for ok, what in ((a.max_new_tokens > 0, "--max_new_tokens must be > 0"), (a.temperature >= 0, "--temperature "
-                   "must be >= 0"), (a.top_k >= 0, "--top_k must be >= 0"), (0 < a.top_p <= 1, "--top_p must be "
-                   "in (0, 1]"), (a.num_samples > 0, "--num_samples must be > 0")):
+  rules = {"max_new_tokens": (a.max_new_tokens > 0, "> 0"), "temperature": (a.temperature >= 0, ">= 0"),
+           "top_k": (a.top_k >= 0, ">= 0"), "top_p": (0 < a.top_p <= 1, "in (0, 1]"),
+           "num_samples": (a.num_samples > 0, "> 0")}
+  for name, (ok, allowed) in rules.items():
     if not ok:
-      cli.fail(what)
+      cli.fail(f"--{name}={getattr(a, name)} is invalid: must be {allowed}")
   try:
     run = export.load_run(a.workdir, a.step)
+    if a.compute_dtype:
+      run = dataclasses.replace(run, model_cfg=dataclasses.replace(run.model_cfg, compute_dtype=a.compute_dtype))
     out = sample(run, a.prompt or list(SAMPLE_PROMPTS), a.max_new_tokens, a.temperature, a.top_k, a.top_p,
                  a.seed, a.num_samples)
   except ConfigError as e:
