@@ -128,8 +128,9 @@ def model_fields(hf: dict, path: str) -> dict:
 def _safetensors():
   try:
     import safetensors.numpy  # noqa: PLC0415 - optional: only export/import need it
-  except ImportError:
-    cli.fail("HF export/import needs the safetensors package: pip install safetensors (or pip install -e '.[hf]')")
+  except ImportError as e:
+    raise ConfigError("HF export/import needs the safetensors package: pip install safetensors "
+                      "(or pip install -e '.[hf]')") from e
   return safetensors.numpy
 
 
@@ -264,8 +265,10 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     logging.set_verbosity(verbosity)
   with manager:
     steps = manager.all_steps()
-    if not steps or (step is not None and step not in steps):
-      raise ConfigError(f"--step={step}: {directory} has checkpoints at steps {sorted(steps) or 'none'}")
+    if not steps:
+      raise ConfigError(f"{directory} holds no complete checkpoint yet (the first is written at a save step)")
+    if step is not None and step not in steps:
+      raise ConfigError(f"--step={step}: {directory} has checkpoints at steps {sorted(steps)}")
     step = max(steps) if step is None else step
     saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["config"]
     c = model_config(saved["model"])
