@@ -74,7 +74,21 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def _remote(path: str) -> bool:
+  return "://" in path and not path.startswith("file://")
+
+
+def exists(path: str) -> bool:
+  """os.path.exists, also for gs:// (and other fsspec) URLs of caches read in place."""
+  if not _remote(path):
+    return os.path.exists(path)
+  return corpus._fs(path).exists(path)  # noqa: SLF001
+
+
 def read_json(path: str):
+  if _remote(path):
+    with corpus._fs(path).open(path, "r") as f:  # noqa: SLF001
+      return json.load(f)
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 
@@ -149,7 +163,9 @@ def summary(path: str) -> str:
 # ---- reading ----
 
 def open_store(path: str) -> ts.TensorStore:
-  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.abspath(path)}}
+  # gs://: tensorstore's own GCS driver reads the chunks it needs (TENSORSTORE_GCS_HTTP_URL points it at an emulator)
+  kvstore = path.rstrip("/") + "/" if _remote(path) else {"driver": "file", "path": os.path.abspath(path)}
+  spec = {"driver": "zarr3", "kvstore": kvstore}
   ctx = ts.Context({"cache_pool": {"total_bytes_limit": READ_CACHE_BYTES}})
   return ts.open(spec, read=True, context=ctx).result()
 
@@ -161,7 +177,7 @@ class TokenCache:
                tokenizer_vocab_size: int | None = None):
     self.cache_dir = cache_dir
     path = os.path.join(cache_dir, LEDGER)
-    if not os.path.exists(path):
+    if not exists(path):
       raise FileNotFoundError(f"no token cache at {cache_dir} (missing {LEDGER}); data.prepare builds it")
     self.ledger = read_json(path)
     if not self.ledger.get("is_finished", False):
@@ -246,10 +262,13 @@ FETCHED = ".tinyjax-fetched"  # marks a remote cache's local mirror as complete
 
 
 def fetch(url: str, root: str, log=log) -> str:
-  """The local directory of a prebuilt cache URL: a local path as is; hf:// and gs:// (anything fsspec reads)
-  mirrored once under <root>/remote/ (resumable: huggingface_hub skips files it already has)."""
+  """The directory a prebuilt cache is read from: a local path as is; gs:// in place (tensorstore reads only the
+  chunks a run needs, from every host, without a full copy per host); hf:// (and other fsspec URLs) mirrored once
+  under <root>/remote/ (resumable: huggingface_hub skips files it already has)."""
   if "://" not in url:
     return os.path.abspath(os.path.expanduser(url))
+  if url.startswith("gs://"):
+    return url.rstrip("/")
   if url.startswith("hf://"):
     repo_type, repo_id, revision, sub = corpus.parse_hf(url)
     base = os.path.join(root, "remote", "hf", f"{repo_type}s", repo_id.replace("/", "--") + f"@{revision or 'main'}")

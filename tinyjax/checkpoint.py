@@ -30,9 +30,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, cfg):
+  def __init__(self, workdir: str, cfg, directory: str | None = None):
     self.cfg, k = cfg, cfg.checkpoint
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # directory: <workdir>/checkpoints, or a remote one (gs://...) for a remote workdir (workdir.py)
+    self.directory = directory or os.path.join(os.path.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=k.max_to_keep, keep_period=k.keep_period or None, enable_async_checkpointing=k.async_save,
         cleanup_tmp_directories=True, create=True)

@@ -63,7 +63,7 @@ def _cache_dir(root: str, urls, tok: tokenizers.Loaded, name: str, text_key: str
 
 def _prebuilt(root: str, url: str, tok: tokenizers.Loaded, key: str) -> str:
   path = cache.fetch(url, root)
-  if not os.path.exists(os.path.join(path, cache.LEDGER)):
+  if not cache.exists(os.path.join(path, cache.LEDGER)):
     raise ConfigError(f"config.{key}: {url!r} is neither a supported file ({', '.join(corpus.FORMATS)}, optionally "
                       f"{', '.join(corpus.COMPRESSIONS)}) nor a Levanter cache directory (no {cache.LEDGER})")
   cache.TokenCache(path, tok.sha256, tok.name, tok.vocab_size)  # refuses unfinished caches and other tokenizers

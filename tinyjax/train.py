@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tinyjax import (checkpoint, config, data, dynamics, evaluate, faults, memory, metrics, optim, plan, record,
                      results, sharding, tracking)
+from tinyjax import workdir as workdirs
 from tinyjax.model import ModelConfig, Transformer, token_stats
 
 
@@ -154,6 +155,9 @@ def _check_writable(workdir: str) -> None:
 
 def run(cfg, workdir: str, env_record: dict) -> dict:
   """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row."""
+  wd = workdirs.Workdir(workdir, cfg.data.cache_dir)  # gs://...: checkpoints in place, small files mirrored
+  wd.pull()
+  workdir = wd.local
   _check_writable(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   ds = data.prepare(cfg)
@@ -170,7 +174,7 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
 
   # Resume order: (1) the newest readable checkpoint in workdir/checkpoints restores the state (onto this mesh) and
   # the data position (= its step); an unreadable newest one falls back to the previous; (2) else a fresh init.
-  ckpt = checkpoint.Checkpointer(workdir, cfg) if cfg.checkpoint.enabled else None
+  ckpt = checkpoint.Checkpointer(workdir, cfg, wd.checkpoints) if cfg.checkpoint.enabled else None
   restored = ckpt.restore_latest(checkpoint.abstract(shapes, state_sh)) if ckpt else None
   state, meta = restored if restored else (jax.jit(init, out_shardings=state_sh)(), {"step": 0})
   if not restored and cfg.model.init_from:  # a fresh run may start from a HF Llama checkpoint
@@ -180,7 +184,7 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
   if start:
     print(f"resuming from checkpoint at step {start}/{total} in {ckpt.directory}", flush=True)
   if start >= total:
-    print(f"run already complete ({total} steps) in {workdir}", flush=True)
+    print(f"run already complete ({total} steps) in {wd.path}", flush=True)
     ckpt.close()
     return {"step": start}
   if jax.process_index() == 0:
@@ -191,7 +195,7 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
   evaluator = evaluate.Evaluator(model, ds, cfg, batch_sh)
   log = metrics.Logger(workdir, total, config.tokens_per_step(cfg), cfg.train.log_every, start,
                        meta.get("training_time", 0.0))
-  guard = Guard(cfg, log, ckpt)
+  guard = Guard(cfg, log, ckpt, wd)
   tracker = tracking.Tracker(workdir, cfg, start)  # TensorBoard / W&B mirrors of metrics and dynamics
   log.sinks.append(tracker)
   every = cfg.train.dynamics_every
@@ -235,17 +239,19 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
     if ckpt:
       ckpt.close()
     record.finish(workdir, info, status)
+    wd.push()
   log.write(total, {"param_sha256": params_sha256(state.params)})
   if jax.process_index() == 0:
     results.write_results(workdir)  # Marin-schema speedrun_results.json
+  wd.push()
   return log.last
 
 
 class Guard:
   """Host side of the non-finite guard and loss-spike warnings; never lets a diverged run write a checkpoint."""
 
-  def __init__(self, cfg, log: metrics.Logger, ckpt: checkpoint.Checkpointer | None):
-    self.skip, self.log, self.ckpt = cfg.train.skip_bad_steps, log, ckpt
+  def __init__(self, cfg, log: metrics.Logger, ckpt: checkpoint.Checkpointer | None, wd=None):
+    self.skip, self.log, self.ckpt, self.wd = cfg.train.skip_bad_steps, log, ckpt, wd
     self.spikes = faults.SpikeDetector(cfg.train.loss_spike_ratio, cfg.train.loss_spike_window)
     self.reported_bad = 0
 
@@ -270,3 +276,5 @@ class Guard:
       first_bad, what = jax.device_get((state.first_bad_step, state.bad_what))
       self.check({"step": step, "first_bad_step": int(first_bad), "bad_what": int(what)})
     self.ckpt.save(step, state, {"training_time": self.log.training_time})
+    if self.wd is not None:
+      self.wd.push()  # a remote workdir's metrics are at least as new as its newest checkpoint

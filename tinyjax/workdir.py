@@ -1,0 +1,69 @@
+"""Where a run's files live: a local directory, or a remote one (`--workdir=gs://bucket/run`, any fsspec URL).
+
+A remote workdir keeps Orbax checkpoints in place (`<workdir>/checkpoints`: Orbax and tensorstore write gs:// natively,
+every process its own shards). The small files (config.json, metrics.jsonl, dynamics.jsonl, run_info.json,
+speedrun_results.json, samples, tensorboard/) are written to a local mirror, because object stores cannot append,
+and copied up by process 0 at every checkpoint save and when the run ends; a (re)started run first copies them
+down. A resumed run cuts metrics back to its checkpoint's step, so a mirror copied up at a save is always enough.
+Needs `pip install 'tinyjax[gcs]'` for gs://.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+
+from tinyjax.config import ConfigError
+
+MIRRORED = ("config.json", "metrics.jsonl", "dynamics.jsonl", "run_info.json", "speedrun_results.json",
+            "samples.txt", "samples.json", "tensorboard")
+
+
+def is_remote(path: str) -> bool:
+  return "://" in path and not path.startswith("file://")
+
+
+class Workdir:
+
+  def __init__(self, path: str, cache_dir: str):
+    self.path = path.rstrip("/")
+    self.remote = is_remote(path)
+    if self.remote:
+      key = hashlib.sha256(self.path.encode()).hexdigest()[:16]
+      self.local = os.path.join(os.path.expanduser(cache_dir), "workdirs", key)
+      try:
+        import fsspec  # noqa: PLC0415
+        self.fs, self.root = fsspec.core.url_to_fs(self.path)
+      except (ImportError, ValueError) as e:
+        raise ConfigError(f"--workdir={path}: cannot open this URL ({e}); for gs:// install the gcs extra: "
+                          "pip install 'tinyjax[gcs]'") from e
+    else:
+      self.local, self.fs, self.root = os.path.abspath(path), None, None
+    os.makedirs(self.local, exist_ok=True)
+
+  @property
+  def checkpoints(self) -> str:
+    return f"{self.path}/checkpoints" if self.remote else os.path.join(self.local, "checkpoints")
+
+  def pull(self) -> None:
+    """Remote -> local mirror (the remote copy is the truth); every process keeps its own mirror."""
+    if not self.remote:
+      return
+    for name in MIRRORED:
+      src, dst = f"{self.root}/{name}", os.path.join(self.local, name)
+      if self.fs.isdir(src):
+        self.fs.get(src + "/", dst + "/", recursive=True)  # trailing slashes: the contents, not a nested copy
+      elif self.fs.exists(src):
+        self.fs.get(src, dst)
+
+  def push(self) -> None:
+    """Local mirror -> remote (process 0)."""
+    if not self.remote or jax.process_index() != 0:
+      return
+    for name in MIRRORED:
+      src = os.path.join(self.local, name)
+      if os.path.isdir(src):
+        self.fs.put(src + "/", f"{self.root}/{name}/", recursive=True)
+      elif os.path.exists(src):
+        self.fs.put(src, f"{self.root}/{name}")
