@@ -153,24 +153,45 @@ def test_transformers_loads_config_and_tokenizer(tmp_path, tok):
       == "def f(x):"
 
 
-def test_logits_match_transformers_pytorch_llama(tmp_path, tok):
-  """max |Δlogit| <= 1e-4 in fp32 on a GQA shape; also every tensor loads with no missing/unexpected key."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_match_transformers_pytorch_llama(tmp_path, tok, tied):
+  """max |Δlogit| <= 1e-4 in fp32 on a GQA shape; every tensor of a sharded export loads with no missing/unexpected
+  key."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  run = make_run(tok, seed=3)
-  export.export(run, str(tmp_path))
+  c = dataclasses.replace(GQA, tie_word_embeddings=tied)
+  run = make_run(tok, c, seed=3)
+  export.export(run, str(tmp_path), max_shard_bytes=100_000)
+  assert (tmp_path / "model.safetensors.index.json").exists()
   hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True,
                                                                attn_implementation="eager")
   assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
   declared = {k: tuple(v.shape) for k, v in hf.state_dict().items() if k != "lm_head.weight" or not
               hf.config.tie_word_embeddings}
-  assert declared == hf_names(GQA), "our name/shape table differs from LlamaForCausalLM's own"
+  assert declared == hf_names(c), "our name/shape table differs from LlamaForCausalLM's own"
+  assert {str(v.dtype) for v in hf.state_dict().values()} == {"torch.float32"}
   tokens = tokens_without_eos(7, (3, GQA.seq_len))  # no EOS: HF has no document masking
-  ours = np.asarray(Transformer(GQA, eos_id=tok.eos_id).apply({"params": run.params}, tokens))
+  ours = np.asarray(Transformer(c, eos_id=tok.eos_id).apply({"params": run.params}, tokens))
   with torch.no_grad():
     theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
   assert ours.std() > 0.5, "logits too small for the parity bound to mean anything"
   assert np.abs(ours - theirs).max() <= 1e-4, np.abs(ours - theirs).max()
+
+
+def test_tokenizer_config_of_the_source_is_kept(tmp_path, tok):
+  """A hub tokenizer's own tokenizer_config.json (chat template, class, ...) is exported as downloaded."""
+  src = tmp_path / "hub"
+  src.mkdir()
+  (src / "tokenizer.json").write_text(open(tok.path, encoding="utf-8").read())
+  own = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+         "eos_token": "<|end_of_text|>", "chat_template": "{{ messages }}"}
+  (src / "tokenizer_config.json").write_text(json.dumps(own))
+  hub_tok = tokenizers.load(str(src), str(tmp_path), [], GQA.vocab_size)
+  written = export.write_tokenizer(hub_tok, str(tmp_path), 32)
+  assert written == ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+  assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == own
+  assert json.loads((tmp_path / "special_tokens_map.json").read_text()) == {
+      "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
 
 
 def test_qk_norm_model_refused_with_reason(tmp_path, tok):

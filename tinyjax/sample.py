@@ -51,8 +51,9 @@ def _attend(q_BTGRK, k_BSGK, v_BSGK, mask_BTS):
   return jnp.einsum("bgrts,bsgk->btgrk", probs, v_BSGK)
 
 
-def forward(params, c: ModelConfig, tokens_BT, pos_BT, seg_BT, valid_BT, cache: dict, start):
-  """Runs T new tokens written at cache slots start..start+T-1 -> (logits float32[B, T, V], cache).
+def forward(params, c: ModelConfig, tokens_BT, pos_BT, seg_BT, valid_BT, cache: dict, start, last_only=False):
+  """Runs T new tokens written at cache slots start..start+T-1 -> (logits float32[B, T, V], cache); last_only: the
+  last position's logits only ([B, 1, V]: a prefill never materialises [B, P, V]).
 
   A query at slot s sees slots <= s that hold real tokens of its own document."""
   dt, eps = c.compute_dtype, c.layer_norm_epsilon
@@ -64,7 +65,7 @@ def forward(params, c: ModelConfig, tokens_BT, pos_BT, seg_BT, valid_BT, cache: 
   causal_TS = jnp.arange(S)[None, :] <= start + jnp.arange(T)[:, None]
   mask_BTS = causal_TS[None] & cache["valid"][:, None, :] & (cache["seg"][:, None, :] == seg_BT[:, :, None])
   x = jnp.take(params["embed_tokens"]["embedding"].astype(dt), tokens_BT, axis=0)
-  ks, vs = [], []
+  k_cache, v_cache = cache["k"], cache["v"]
   for i in range(c.num_layers):
     p = params[f"layers_{i}"]
     a = p["self_attn"]
@@ -75,19 +76,19 @@ def forward(params, c: ModelConfig, tokens_BT, pos_BT, seg_BT, valid_BT, cache: 
     if c.use_qk_norm:
       q, k = rms_norm(q, a["q_norm"]["scale"], eps, dt), rms_norm(k, a["k_norm"]["scale"], eps, dt)
     q, k = rope(q, c.rope_theta, pos_BT), rope(k, c.rope_theta, pos_BT)
-    k_all, v_all = put(cache["k"][i], k), put(cache["v"][i], v)
-    ks.append(k_all)
-    vs.append(v_all)
-    out = _attend(q.reshape(B, T, G, H // G, K), k_all, v_all, mask_BTS)
+    # In-place writes into the [layers, B, S, G, K] buffers (XLA updates a while-loop carry without copying it).
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (i, 0, start, 0, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (i, 0, start, 0, 0))
+    out = _attend(q.reshape(B, T, G, H // G, K), k_cache[i], v_cache[i], mask_BTS)
     x = x + _dense(out.reshape(B, T, H * K), a["o_proj"]["kernel"], dt)
     h = rms_norm(x, p["post_attention_layernorm"]["scale"], eps, dt)
     m = p["mlp"]
     up = jax.nn.silu(_dense(h, m["gate_proj"]["kernel"], dt)) * _dense(h, m["up_proj"]["kernel"], dt)
     x = x + _dense(up, m["down_proj"]["kernel"], dt)
-  x = rms_norm(x, params["norm"]["scale"], eps, dt)
+  x = rms_norm(x[:, -1:] if last_only else x, params["norm"]["scale"], eps, dt)
   head = params["embed_tokens"]["embedding"].T if c.tie_word_embeddings else params["lm_head"]["kernel"]
   logits = jnp.dot(x, head.astype(dt)).astype(jnp.float32)
-  return logits, {**cache, "k": jnp.stack(ks), "v": jnp.stack(vs)}
+  return logits, {**cache, "k": k_cache, "v": v_cache}
 
 
 def prompt_layout(valid_BP, tokens_BP, eos_id: int):
@@ -120,7 +121,8 @@ def generate(params, tokens_BP, valid_BP, key, *, c: ModelConfig, eos_id: int, m
   temperature 0 is greedy (argmax); rows that reached EOS are padded with EOS and the loop ends when all have."""
   B, P = tokens_BP.shape
   pos_BP, seg_BP = prompt_layout(valid_BP, tokens_BP, eos_id)
-  logits, cache = forward(params, c, tokens_BP, pos_BP, seg_BP, valid_BP, init_cache(c, B, P + max_new_tokens), 0)
+  logits, cache = forward(params, c, tokens_BP, pos_BP, seg_BP, valid_BP, init_cache(c, B, P + max_new_tokens), 0,
+                          last_only=True)
   state = (0, cache, logits[:, -1], key, jnp.full((B, max_new_tokens), eos_id, jnp.int32),
            jnp.zeros(B, bool), pos_BP[:, -1] + 1, seg_BP[:, -1], jnp.full(B, max_new_tokens, jnp.int32))
 
