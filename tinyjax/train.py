@@ -13,8 +13,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import (checkpoint, config, data, dynamics, evaluate, faults, memory, metrics, optim, plan, record,
-                     results, sharding, tracking)
+from tinyjax import (checkpoint, config, data, distributed, dynamics, evaluate, faults, memory, metrics, optim, plan,
+                     record, results, sharding, tracking)
 from tinyjax import workdir as workdirs
 from tinyjax.model import ModelConfig, Transformer, token_stats
 
@@ -160,7 +160,13 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
   workdir = wd.local
   _check_writable(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
+  # Several processes: process 0 prepares the data first (one build on shared storage; the others then find the
+  # finished ledger, or, on per-host local disks, build their own copy after it).
+  if jax.process_index() != 0:
+    distributed.barrier("tinyjax-data-ready")
   ds = data.prepare(cfg)
+  if jax.process_index() == 0:
+    distributed.barrier("tinyjax-data-ready")
   model = Transformer(ModelConfig.from_config(cfg.model), eos_id=ds.eos_id)
   info = plan.describe(cfg, mesh, env_record)
   total = info["num_train_steps"]
