@@ -19,15 +19,24 @@ class Diverged(Exception):
 
 
 class Signals:
-  """First SIGTERM/SIGINT: ask the loop to checkpoint at the next step boundary. Second: exit at once."""
+  """First SIGTERM/SIGINT: ask the loop to checkpoint at the next step boundary. Second: exit at once.
 
-  def __init__(self):
-    self.received = None
-    self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+  multiprocess: SIGTERM stays with JAX's preemption notifier (distributed.py), which makes every process stop at the
+  same step; a SIGINT (Ctrl-C) is turned into that notice by re-sending SIGTERM to this process.
+  """
+
+  def __init__(self, multiprocess: bool = False):
+    self.received, self.multiprocess = None, multiprocess
+    ours = (signal.SIGINT,) if multiprocess else (signal.SIGTERM, signal.SIGINT)
+    self._previous = {s: signal.signal(s, self._handle) for s in ours}
 
   def _handle(self, signum, frame):
     if self.received is not None:
       os._exit(128 + signum)  # the user insists: no checkpoint, no cleanup
+    if self.multiprocess:
+      self.received = signal.Signals(signum).name
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: all processes agree on the checkpoint step
+      return
     self.received = signal.Signals(signum).name
     print(f"received {self.received}: checkpointing at the next step boundary (send again to exit at once)",
           flush=True)

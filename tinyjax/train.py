@@ -214,7 +214,8 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
       dyn_step = dyn.lower(checkpoint.abstract(shapes, state_sh), memory.abstract_batch(
           cfg.train.train_batch_size, cfg.model.seq_len, batch_sh)).compile()
   batches = data.train_batches(ds, cfg, start, jax.process_index(), jax.process_count())
-  signals, status = faults.Signals(), "failed"
+  signals, status = faults.Signals(distributed.is_multiprocess()), "failed"
+  watchdog = distributed.Watchdog(cfg.distributed.step_timeout_s)  # a lost host must not hang the others forever
   gc_policy(cfg.env.gc_policy)
   try:
     for step in range(start + 1, total + 1):  # `step` counts completed updates
@@ -227,17 +228,21 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
       if step % cfg.train.steps_per_eval == 0 or step == total:
         guard.check(log.flush())
         log.write(step, evaluator(state.params, step))
-      if ckpt and (ckpt.due(step, total) or signals.received):
+      stop = distributed.preempted(step, signals.received)  # several processes: the same step on every one
+      if ckpt and (ckpt.due(step, total) or stop):
         guard.save(step, state)
-      if signals.received:
-        log.event(step, "preempted", f"{signals.received}: checkpoint at step {step} written")
-        raise faults.Preempted(f"stopped by {signals.received} at step {step}; checkpoint written, rerun to resume")
+      if stop:
+        why = signals.received or "SIGTERM (a preemption notice to one of the run's processes)"
+        log.event(step, "preempted", f"{why}: checkpoint at step {step} written")
+        raise faults.Preempted(f"stopped by {why} at step {step}; checkpoint written, rerun to resume")
+      watchdog.beat()
     guard.check(log.flush())
     status = "completed"
   except (faults.Preempted, faults.Diverged) as e:
     status = type(e).__name__.lower()
     raise
   finally:
+    watchdog.stop()
     dyn_log.flush()
     tracker.close()
     signals.restore()
