@@ -187,10 +187,11 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
     from tinyjax import export  # noqa: PLC0415 - only runs that import weights need it
     state = export.init_from(cfg, state, tx, state_sh)
   start = meta["step"]
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)  # process 0 alone talks
   if start:
-    print(f"resuming from checkpoint at step {start}/{total} in {ckpt.directory}", flush=True)
+    say(f"resuming from checkpoint at step {start}/{total} in {ckpt.directory}", flush=True)
   if start >= total:
-    print(f"run already complete ({total} steps) in {wd.path}", flush=True)
+    say(f"run already complete ({total} steps) in {wd.path}", flush=True)
     ckpt.close()
     return {"step": start}
   if jax.process_index() == 0:
