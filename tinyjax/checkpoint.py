@@ -15,7 +15,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from tinyjax.config import ConfigError
+from tinyjax.config import EXECUTION_ONLY_MODEL_KEYS, ConfigError
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -57,7 +57,8 @@ class Checkpointer:
     """A checkpoint of a different model is a user mistake: name every differing model field."""
     ours, theirs = _flat(json.loads(self.cfg.to_json_best_effort())["model"]), _flat(saved.get("model", {}))
     diff = [f"model.{k} (checkpoint {theirs.get(k)!r}, config {ours.get(k)!r})"
-            for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+            for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k) and k not in EXECUTION_ONLY_MODEL_KEYS]
     if diff:
       raise ConfigError(f"checkpoint {self.directory}/{step} was made with a different model: {'; '.join(diff)}")
 

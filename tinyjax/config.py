@@ -21,6 +21,8 @@ COEFFICIENT_TYPES = ("simple", "quintic")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "block")
 ATTENTION = ("auto", "reference", "blockwise", "splash", "pallas_gpu")  # = kernels.attention.IMPLEMENTATIONS
+# model keys that change how the model is computed, not what it is: a run may resume with other values.
+EXECUTION_ONLY_MODEL_KEYS = ("remat", "attention", "attention_block", "loss_block_size", "init_from")
 
 
 # Marin experiments/llama.py shapes: (hidden_dim, intermediate_dim, num_layers, num_heads, num_kv_heads, seq_len).
