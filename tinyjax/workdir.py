@@ -38,9 +38,13 @@ class Workdir:
       except (ImportError, ValueError) as e:
         raise ConfigError(f"--workdir={path}: cannot open this URL ({e}); for gs:// install the gcs extra: "
                           "pip install 'tinyjax[gcs]'") from e
-    else:
+      try:
+        os.makedirs(self.local, exist_ok=True)
+      except OSError as e:
+        raise ConfigError(f"config.data.cache_dir: cannot create the local mirror {self.local} of --workdir={path}"
+                          f" ({e.strerror})") from e
+    else:  # created (and checked for writability) by the trainer
       self.local, self.fs, self.root = os.path.abspath(path), None, None
-    os.makedirs(self.local, exist_ok=True)
 
   @property
   def checkpoints(self) -> str:
