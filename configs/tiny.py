@@ -18,6 +18,7 @@ def get_config():
   t = c.train
   t.train_batch_size, t.num_train_steps = 16, 500
   t.steps_per_eval, t.log_every, t.max_eval_batches = 100, 20, 8
+  t.sample_prompts = ("The Python interpreter", "A list comprehension")  # printed at the end (samples.json)
   o = c.optimizer  # the llama_50m_muon_1x recipe, plus a 5% warmup (the small-model Muon finding)
   o.name = "muon"
   o.learning_rate, o.adam_lr = 0.02, 0.004

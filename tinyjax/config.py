@@ -124,6 +124,7 @@ def base() -> mlc.ConfigDict:
   t.dynamics_every = 0  # > 0: every this many steps, a separately compiled step also writes dynamics.jsonl; 0 = off
   t.dynamics_rows = 1  # rows of the batch whose activations / logits / attention logits the dynamics step measures
   t.tensorboard = True  # mirror metrics and dynamics to TensorBoard event files in workdir/tensorboard
+  t.sample_prompts = ()  # after the run, print one sample per prompt and write workdir/samples.json (sample.py)
   t.wandb_project = ""  # "" = off; else log to this Weights & Biases project (pip install 'tinyjax[wandb]')
 
   c.checkpoint = k = mlc.ConfigDict()

@@ -34,7 +34,11 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0:
       print(env.summary(env_record), flush=True)
     stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
-    train.run(cfg, _WORKDIR.value or os.path.join("workdir", stem), env_record)
+    workdir = _WORKDIR.value or os.path.join("workdir", stem)
+    train.run(cfg, workdir, env_record)
+    if cfg.train.sample_prompts:  # show what the model learned (the tiny default does)
+      from tinyjax import sample  # noqa: PLC0415
+      sample.samples_after_training(workdir, prompts=tuple(cfg.train.sample_prompts))
   except config.ConfigError as e:
     cli.fail(str(e))
   except faults.Preempted as e:
