@@ -146,9 +146,11 @@ def test_eval_metrics_are_named_eval_name_bpb(c4_ds, tok_dir):
   import jax.numpy as jnp
   from tinyjax import evaluate, sharding
 
-  class Uniform:
-    def apply(self, variables, tokens_BL):
-      return jnp.zeros(tokens_BL.shape + (512,), jnp.float32)
+  from tinyjax.kernels import loss
+
+  class Uniform:  # all-zero logits over 512 ids, as the loss statistics Transformer returns with targets
+    def apply(self, variables, tokens_BL, targets_BL):
+      return loss.reference_stats(jnp.zeros(tokens_BL.shape + (1,)), jnp.zeros((1, 512)), targets_BL)
 
   cfg, ds = c4_ds
   cfg.mesh.data = 1
