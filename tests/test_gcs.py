@@ -106,6 +106,16 @@ def test_remote_workdir_preempted_on_a_fresh_host_resumes_bitwise(gcs, tmp_path)
   assert gcs.exists(f"{BUCKET}/runs/w1/config.json") and gcs.ls(f"{BUCKET}/runs/w1/tensorboard")
 
 
+def test_export_and_samples_read_a_remote_run(gcs, tmp_path):
+  from tinyjax import export, sample  # noqa: PLC0415
+  cache, url = str(tmp_path / "cache"), f"gs://{BUCKET}/runs/w2"
+  _run(_cfg(cache, **{"train.num_train_steps": 4}), url)
+  run = export.load_run(url)
+  assert run.step == 4
+  out = sample.samples_after_training(url, prompts=("def",), max_new_tokens=4)
+  assert len(out) == 1 and json.loads(gcs.cat(f"{BUCKET}/runs/w2/samples.json"))["step"] == 4
+
+
 def test_prebuilt_cache_on_gcs_is_read_in_place(gcs, tmp_path):
   """A Levanter cache uploaded to the bucket trains exactly as the same cache on local disk, with no local copy."""
   cache = str(tmp_path / "cache")

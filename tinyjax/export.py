@@ -253,8 +253,12 @@ def run_tokenizer(saved: dict) -> tokenizers.Loaded:
 def load_run(workdir: str, step: int | None = None) -> Run:
   """Params (on the default device) of checkpoint `step` of workdir (default: the newest complete one)."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory):
+  from tinyjax import workdir as workdirs  # noqa: PLC0415
+  if workdirs.is_remote(workdir):  # gs://...: Orbax reads the bucket's checkpoints in place
+    directory = f"{workdir.rstrip('/')}/checkpoints"
+  else:
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not workdirs.is_remote(workdir) and not os.path.isdir(directory):
     raise ConfigError(f"{workdir}: no checkpoints/ directory (is it a tinyjax workdir with checkpoint.enabled?)")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
   verbosity = logging.get_verbosity()

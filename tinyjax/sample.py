@@ -190,7 +190,13 @@ def samples_after_training(workdir: str, prompts=SAMPLE_PROMPTS, max_new_tokens:
   n = min(max_new_tokens, run.model_cfg.seq_len - max(len(i) for i in encode_prompts(run.tok, list(prompts))[2]))
   out = sample(run, list(prompts), n, temperature, top_k, 1.0, seed)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, SAMPLES_FILE), "w", encoding="utf-8") as f:
+    from tinyjax import workdir as workdirs  # noqa: PLC0415
+    remote = workdirs.is_remote(workdir)
+    if remote:
+      import fsspec  # noqa: PLC0415
+    opener = fsspec.open if remote else open  # gs:// workdirs: written to the bucket directly
+    with opener(f"{workdir.rstrip('/')}/{SAMPLES_FILE}" if remote else os.path.join(workdir, SAMPLES_FILE), "w",
+                encoding="utf-8") as f:
       json.dump({"step": run.step, "temperature": temperature, "top_k": top_k, "seed": seed, "samples": out}, f,
                 indent=2)
   for s in out:
