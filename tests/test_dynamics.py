@@ -1,8 +1,6 @@
 """Training dynamics, TensorBoard mirrors: values equal independent computations, ordinary steps never run the
 dynamics variant, and a resumed run's dynamics.jsonl equals an uninterrupted one's."""
-import json
 import math
-import os
 import shutil
 
 import jax
@@ -10,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from small_runs import small_cfg
 from tinyjax import config, dynamics, env, metrics, train
 from tinyjax.model import ModelConfig, Transformer
 
@@ -95,20 +94,8 @@ def test_tree_statistics_and_update_ratio():
   assert ratios["update_ratio/group/norm"] == pytest.approx(0.1)
 
 
-def _cfg(cache_dir, steps=8, **overrides):
-  c = config.base()
-  m = c.model
-  m.hidden_dim, m.intermediate_dim, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 2, 2, 2
-  m.seq_len, m.vocab_size = 32, 512
-  t = c.train
-  t.train_batch_size, t.num_train_steps, t.log_every, t.steps_per_eval, t.max_eval_batches = 8, steps, 1, 4, 1
-  t.dynamics_every = 2
-  c.checkpoint.save_interval_steps, c.checkpoint.max_to_keep = 4, 3
-  c.data.cache_dir, c.mesh.data = cache_dir, 1
-  for key, value in overrides.items():
-    group, name = key.split(".")
-    c[group][name] = value
-  return c
+def _cfg(cache_dir):
+  return small_cfg(cache_dir, **{"train.dynamics_every": 2})
 
 
 @pytest.fixture(scope="module")

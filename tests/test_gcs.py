@@ -3,7 +3,6 @@ Orbax and tensorstore GCS code paths, no network."""
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import time
 
 import pytest
 
-from tinyjax import config, data, env, faults, metrics, train
+from small_runs import run, small_cfg
+from tinyjax import data, faults, metrics
 from tinyjax import workdir as workdirs
 
 BUCKET = "tinyjax-test"
@@ -54,46 +54,16 @@ def gcs():
       os.environ[key] = value
 
 
-def _cfg(cache_dir, **overrides):
-  c = config.base()
-  m = c.model
-  m.hidden_dim, m.intermediate_dim, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 2, 2, 2
-  m.seq_len, m.vocab_size = 32, 512
-  t = c.train
-  t.train_batch_size, t.num_train_steps, t.log_every, t.steps_per_eval, t.max_eval_batches = 8, 8, 1, 4, 1
-  c.checkpoint.save_interval_steps, c.checkpoint.max_to_keep = 4, 3
-  c.data.cache_dir, c.mesh.data = cache_dir, 1
-  for key, value in overrides.items():
-    group, name = key.split(".")
-    c[group][name] = value
-  return c
-
-
-def _run(cfg, workdir, sigterm_at=None):
-  real = data.train_batches
-
-  def batches(ds, cfg, start_step=0, *args):
-    for step, rows in enumerate(real(ds, cfg, start_step, *args), start=start_step + 1):
-      if step == sigterm_at:
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield rows
-  data.train_batches = batches
-  try:
-    return train.run(cfg, workdir, env.record())
-  finally:
-    data.train_batches = real
-
-
 def test_remote_workdir_preempted_on_a_fresh_host_resumes_bitwise(gcs, tmp_path):
   cache = str(tmp_path / "cache")
-  _run(_cfg(cache), str(tmp_path / "local"))
+  run(small_cfg(cache), str(tmp_path / "local"))
   expected = metrics.read(str(tmp_path / "local"))
   url = f"gs://{BUCKET}/runs/w1"
   with pytest.raises(faults.Preempted):
-    _run(_cfg(cache), url, sigterm_at=6)
+    run(small_cfg(cache), url, sigterm_at=6)
   assert sorted(p.rsplit("/", 1)[-1] for p in gcs.ls(f"{BUCKET}/runs/w1/checkpoints")) == ["4", "6"]
   shutil.rmtree(workdirs.Workdir(url, cache).local)  # the VM was recreated: nothing local survives
-  _run(_cfg(cache), url)
+  run(small_cfg(cache), url)
   remote = [json.loads(line) for line in gcs.cat(f"{BUCKET}/runs/w1/metrics.jsonl").decode().splitlines()]
   strip = lambda rows: [{k: v for k, v in r.items() if k not in ("training_time", "tokens_per_second",
                                                                  "eta_seconds")} for r in rows if "event" not in r]
@@ -109,9 +79,9 @@ def test_remote_workdir_preempted_on_a_fresh_host_resumes_bitwise(gcs, tmp_path)
 def test_export_and_samples_read_a_remote_run(gcs, tmp_path):
   from tinyjax import export, sample  # noqa: PLC0415
   cache, url = str(tmp_path / "cache"), f"gs://{BUCKET}/runs/w2"
-  _run(_cfg(cache, **{"train.num_train_steps": 4}), url)
-  run = export.load_run(url)
-  assert run.step == 4
+  run(small_cfg(cache, **{"train.num_train_steps": 4}), url)
+  loaded = export.load_run(url)
+  assert loaded.step == 4
   out = sample.samples_after_training(url, prompts=("def",), max_new_tokens=4)
   assert len(out) == 1 and json.loads(gcs.cat(f"{BUCKET}/runs/w2/samples.json"))["step"] == 4
 
@@ -119,14 +89,14 @@ def test_export_and_samples_read_a_remote_run(gcs, tmp_path):
 def test_prebuilt_cache_on_gcs_is_read_in_place(gcs, tmp_path):
   """A Levanter cache uploaded to the bucket trains exactly as the same cache on local disk, with no local copy."""
   cache = str(tmp_path / "cache")
-  cfg = _cfg(cache, **{"train.num_train_steps": 3, "checkpoint.enabled": False})
+  cfg = small_cfg(cache, **{"train.num_train_steps": 3, "checkpoint.enabled": False})
   ds = data.prepare(cfg)  # tinyjax's own build of the train split: Levanter's TreeCache layout
   gcs.put(ds.train_cache + "/", f"{BUCKET}/caches/train/", recursive=True)
-  _run(cfg, str(tmp_path / "a"))
-  cfg_gs = _cfg(cache, **{"train.num_train_steps": 3, "checkpoint.enabled": False})
+  run(cfg, str(tmp_path / "a"))
+  cfg_gs = small_cfg(cache, **{"train.num_train_steps": 3, "checkpoint.enabled": False})
   cfg_gs.data.train_urls = [f"gs://{BUCKET}/caches/train"]
   cfg_gs.data.tokenizer = ds.tokenizer_path  # the tokenizer that built it (its ledger records the sha256)
-  _run(cfg_gs, str(tmp_path / "b"))
+  run(cfg_gs, str(tmp_path / "b"))
   losses = lambda w: [r["loss"] for r in metrics.read(str(w)) if "loss" in r]
   assert losses(tmp_path / "b") == losses(tmp_path / "a")
   assert not os.path.exists(os.path.join(cache, "remote")), "gs:// caches are read in place, never mirrored"
