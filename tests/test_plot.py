@@ -43,6 +43,8 @@ def _check_png(path, min_kb=15):
 @pytest.mark.parametrize("kind, extra", [
     ("curves", {"axis": "steps"}), ("curves", {"axis": "flops"}), ("batch", {"group_by": "optimizer.name"}),
     ("flops", {"leaderboard": [RUNS_JSON]}), ("flops", {"leaderboard": [RUNS_JSON], "flops_axis": "hardware"}),
+    ("batch", {"group_by": "optimizer.name,train.train_batch_size"}), ("scaling", {"group_by": "model_size"}),
+    ("scaling", {"axis": "tokens", "group_by": "optimizer.name"}),
 ])
 def test_every_kind_writes_a_png(runs, tmp_path, kind, extra):
   if extra.get("flops_axis") == "hardware":
@@ -63,3 +65,16 @@ def test_cli(runs, tmp_path, capsys):
   with pytest.raises(SystemExit):
     plot.main(runs[:1] + ["--out", out, "--kind", "flops", "--leaderboard", str(tmp_path / "none.json")])
   assert capsys.readouterr().err.strip().endswith("none.json: no such file or directory")
+
+
+def test_sweep_figures_group_lines_and_fall_back_to_loss(runs, tmp_path):
+  loaded = [plot.Run(w) for w in runs[:4]]
+  assert [plot._group_label(r, "optimizer.name,train.train_batch_size") for r in loaded] == [
+      "name=muon, train_batch_size=8", "name=muon, train_batch_size=16", "name=adamw, train_batch_size=8",
+      "name=adamw, train_batch_size=32"]
+  y_of, label = plot._metric(loaded)
+  assert label == "final BPB (python_docs)" and y_of(loaded[0]) == pytest.approx(2.08)
+  no_eval = plot.Run(make_workdir(tmp_path / "no_eval", "tiny", evals={}))
+  y_of, label = plot._metric(loaded + [no_eval])
+  assert label == "final train loss (nats/token)" and y_of(no_eval) == pytest.approx(4.0)  # make_workdir's last loss
+  _check_png(plot.plot(runs[:4] + [no_eval.workdir], str(tmp_path / "s.png"), "scaling", axis="tokens"))

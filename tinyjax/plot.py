@@ -1,11 +1,16 @@
 """Figures from workdirs (matplotlib, headless): training curves, BPB vs batch size, BPB vs FLOPs with Marin's runs.
 
-python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch|flops] [--x steps|tokens|flops]
+python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch|scaling|flops]
+                       [--x steps|tokens|flops|chinchilla]
                        [--group-by CONFIG.KEY] [--leaderboard FILE_OR_DIR_OR_URL ...] [--flops-axis model|hardware]
 
   curves  train loss and eval BPB against steps, tokens or model FLOPs (3 x forward FLOPs/token x tokens).
   batch   final BPB against train_batch_size, one line per value of --group-by (a dotted config.json key such as
-          optimizer.name or model.hidden_dim, or a results key such as model_size): the batch-size figure.
+          optimizer.name or model.hidden_dim, or a results key such as model_size; several comma-separated keys
+          make one line per combination): the batch-size figure.
+  scaling final BPB against the Chinchilla multiple (--x chinchilla, the default here) or tokens (--x tokens), one
+          line per --group-by value (model_size by default): the data-scaling figure.
+  batch and scaling fall back to the final train loss when some run has no eval (no BPB).
   flops   final BPB against model (or hardware) FLOPs, coloured by model size, Marin's runs (--leaderboard) as
           reference points, and the Pareto front: points with a lower BPB than every point with smaller FLOPs
           (the speedrun website's definition). Our runs without a Paloma c4_en eval are drawn hollow and left out
@@ -87,22 +92,53 @@ def plot_curves(runs: list[Run], axis: str, ax_loss, ax_bpb) -> None:
     ax_bpb.set_xscale("log")
 
 
-def plot_batch(runs: list[Run], group_by: str, ax) -> None:
-  groups: dict[str, list[tuple[int, float]]] = {}
+def _group_label(run: Run, group_by: str) -> str:
+  keys = group_by.split(",")
+  if len(keys) == 1:
+    return f"{group_by}={run.lookup(group_by)}"
+  return ", ".join(f"{k.split('.')[-1]}={run.lookup(k)}" for k in keys)
+
+
+def _metric(runs: list[Run]):
+  """(run -> y, y label): final BPB when every run has one, else the final train loss."""
+  if all(r.row["bpb"] is not None for r in runs):
+    return (lambda r: r.row["bpb"]), _bpb_label(runs)
+  return (lambda r: r.info["tinyjax"]["final_train_loss"]), "final train loss (nats/token)"
+
+
+def _lines(runs: list[Run], x_of, group_by: str, ax) -> None:
+  y_of, ylabel = _metric(runs)
+  groups: dict[str, list[tuple[float, float]]] = {}
   for run in runs:
-    if run.row["bpb"] is not None:
-      point = (run.config["train"]["train_batch_size"], run.row["bpb"])
-      groups.setdefault(f"{group_by}={run.lookup(group_by)}", []).append(point)
+    if y_of(run) is not None:
+      groups.setdefault(_group_label(run, group_by), []).append((x_of(run), y_of(run)))
   for label, points in sorted(groups.items()):
     points.sort()
     ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+
+
+def plot_batch(runs: list[Run], group_by: str, ax) -> None:
+  _lines(runs, lambda r: r.config["train"]["train_batch_size"], group_by, ax)
   sizes = sorted({r.config["train"]["train_batch_size"] for r in runs})
   ax.set_xscale("log", base=2)
   ax.set_xticks(sizes, [str(s) for s in sizes])
   ax.set_xlabel("train_batch_size (sequences)")
-  ax.set_ylabel(_bpb_label(runs))
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+
+
+def plot_scaling(runs: list[Run], group_by: str, axis: str, ax) -> None:
+  if axis == "tokens":
+    _lines(runs, lambda r: r.info["total_tokens"], group_by, ax)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    return
+  _lines(runs, lambda r: r.config["train"]["chinchilla_multiple"], group_by, ax)
+  multiples = sorted({r.config["train"]["chinchilla_multiple"] for r in runs})
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(multiples, [f"{m:g}x" for m in multiples])
+  ax.set_xlabel("Chinchilla multiple (tokens / (20 x params))")
 
 
 def _bpb_label(runs: list[Run]) -> str:
@@ -158,6 +194,8 @@ def plot(workdirs: list[str], out: str, kind: str = "curves", axis: str = "steps
     fig, ax = plt.subplots(figsize=(7.5, 5))
     if kind == "batch":
       plot_batch(runs, group_by, ax)
+    elif kind == "scaling":
+      plot_scaling(runs, group_by, axis, ax)
     else:
       plot_flops(runs, compare.load_leaderboard(leaderboard) if leaderboard else [], flops_axis, ax)
   fig.tight_layout()
@@ -170,15 +208,20 @@ def main(argv: list[str]) -> None:
   p = cli.ArgParser(prog="python -m tinyjax.plot", description=__doc__.splitlines()[0])
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   p.add_argument("--out", required=True, metavar="FILE.png")
-  p.add_argument("--kind", choices=("curves", "batch", "flops"), default="curves")
-  p.add_argument("--x", choices=("steps", "tokens", "flops"), default="steps", help="curves: x axis")
-  p.add_argument("--group-by", default="optimizer.name", help="batch: dotted config/results key (lines)")
+  p.add_argument("--kind", choices=("curves", "batch", "scaling", "flops"), default="curves")
+  p.add_argument("--x", choices=("steps", "tokens", "flops", "chinchilla"), default=None,
+                 help="curves: steps|tokens|flops (default steps); scaling: chinchilla|tokens (default chinchilla)")
+  p.add_argument("--group-by", default=None,
+                 help="batch/scaling: dotted config/results key(s), comma-separated (lines); default optimizer.name "
+                      "for batch, model_size for scaling")
   p.add_argument("--leaderboard", action="append", metavar="FILE_OR_DIR_OR_URL",
                  help="flops: Marin reference runs (repeatable; none by default)")
   p.add_argument("--flops-axis", choices=("model", "hardware"), default="model", help="flops: x axis")
   args = p.parse_args(argv)
+  axis = args.x or ("chinchilla" if args.kind == "scaling" else "steps")
+  group_by = args.group_by or ("model_size" if args.kind == "scaling" else "optimizer.name")
   try:
-    print(plot(args.workdirs, args.out, args.kind, args.x, args.group_by, args.leaderboard, args.flops_axis))
+    print(plot(args.workdirs, args.out, args.kind, axis, group_by, args.leaderboard, args.flops_axis))
   except (compare.LeaderboardError, OSError, ValueError, KeyError) as e:
     cli.fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
 

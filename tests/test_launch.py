@@ -1,0 +1,259 @@
+"""Launchers against fake gcloud / sbatch / srun / scontrol on PATH that record their argv: the command lines pinned.
+
+The fake gcloud plays a TPU VM: `describe` prints the next line of a states file (NOTFOUND = exit 1), the training
+ssh exits with the next code of a run-codes file; everything else exits 0. The sbatch script is run by bash with a
+fake srun that records its argv and SLURM environment and exits with a chosen code.
+"""
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tinyjax.launch import commands as C
+from tinyjax.launch import slurm, tpu
+
+FAKE_GCLOUD = r'''#!PYTHON
+import json, os, sys
+def pop(path, default):
+  lines = open(path).read().split() if os.path.exists(path) else []
+  if not lines:
+    return default
+  if len(lines) > 1:  # the last line stays: the VM keeps its state
+    open(path, "w").write("\n".join(lines[1:]))
+  return lines[0]
+with open(os.environ["FAKE_LOG"], "a") as f:
+  f.write(json.dumps(sys.argv[1:]) + "\n")
+args = sys.argv[1:]
+if "describe" in args:
+  state = pop(os.environ["FAKE_STATES"], "READY")
+  if state == "NOTFOUND":
+    sys.exit(1)
+  print(state)
+elif "ssh" in args and any("tinyjax.main" in a for a in args):
+  sys.exit(int(pop(os.environ["FAKE_RUN_RCS"], "0")))
+'''
+
+FAKE_RECORDER = r'''#!PYTHON
+import json, os, sys
+env = {k: v for k, v in os.environ.items() if k.startswith(("SLURM_", "TINYJAX_"))}
+with open(os.environ["FAKE_LOG"], "a") as f:
+  f.write(json.dumps({"prog": os.path.basename(sys.argv[0]), "argv": sys.argv[1:], "env": env}) + "\n")
+if os.path.basename(sys.argv[0]) == "scontrol" and sys.argv[1:3] == ["show", "hostnames"]:
+  print("gpu-node-07\ngpu-node-08")
+if os.path.basename(sys.argv[0]) == "srun" and os.environ.get("FAKE_SRUN_EXEC"):
+  cmd = [a for a in sys.argv[1:] if not a.startswith("--")]  # the task command after srun's options
+  os.environ.update(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="0")
+  os.execvp(cmd[0], cmd)
+sys.exit(int(os.environ.get("FAKE_RC", "0")))
+'''
+
+
+def _install(bin_dir, name, source):
+  path = bin_dir / name
+  path.write_text(source.replace("PYTHON", sys.executable))
+  path.chmod(path.stat().st_mode | stat.S_IXUSR)
+  return str(path)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _install(bin_dir, "gcloud", FAKE_GCLOUD)
+  for name in ("sbatch", "srun", "scontrol", "python-on-node"):
+    _install(bin_dir, name, FAKE_RECORDER)
+  log, states, rcs = tmp_path / "calls.jsonl", tmp_path / "states", tmp_path / "rcs"
+  monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_LOG", str(log))
+  monkeypatch.setenv("FAKE_STATES", str(states))
+  monkeypatch.setenv("FAKE_RUN_RCS", str(rcs))
+
+  class Fake:
+    dir = bin_dir
+
+    def calls(self):
+      return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    def set(self, states_=(), rcs_=()):
+      states.write_text("\n".join(states_))
+      rcs.write_text("\n".join(str(r) for r in rcs_))
+  return Fake()
+
+
+BASE = ["--name=tj", "--zone=us-central2-b", "--accelerator-type=v4-16"]
+MAIN = ["--config=configs/c4_50m.py", "--config.train.train_batch_size=64", "--workdir=gs://bkt/runs/a b"]
+
+
+def test_create_on_demand_spot_queued(fake):
+  assert tpu.main(["create", *BASE]) == 0
+  assert tpu.main(["create", *BASE, "--spot", "--project=p1"]) == 0
+  assert tpu.main(["create", *BASE, "--queued", "--spot", "--version=v2-alpha-tpuv4"]) == 0
+  assert tpu.main(["delete", *BASE, "--queued"]) == 0
+  assert fake.calls() == [
+      ["compute", "tpus", "tpu-vm", "create", "tj", "--zone=us-central2-b", "--accelerator-type=v4-16",
+       "--version=tpu-ubuntu2204-base"],
+      ["compute", "tpus", "tpu-vm", "create", "tj", "--zone=us-central2-b", "--project=p1",
+       "--accelerator-type=v4-16", "--version=tpu-ubuntu2204-base", "--spot"],
+      ["compute", "tpus", "queued-resources", "create", "tj", "--node-id=tj", "--zone=us-central2-b",
+       "--accelerator-type=v4-16", "--runtime-version=v2-alpha-tpuv4", "--spot"],
+      ["compute", "tpus", "queued-resources", "delete", "tj", "--zone=us-central2-b", "--force", "--quiet"],
+  ]
+
+
+def test_setup_and_run_use_every_worker(fake):
+  assert tpu.main(["setup", *BASE, "--repo=https://example.com/tinyjax.git", "--ref=v1"]) == 0
+  assert tpu.main(["run", *BASE, "--", *MAIN]) == 0
+  setup, run = fake.calls()
+  assert setup[:7] == ["compute", "tpus", "tpu-vm", "ssh", "tj", "--zone=us-central2-b", "--worker=all"]
+  script = setup[7].removeprefix("--command=")
+  assert "git clone --quiet https://example.com/tinyjax.git ~/tinyjax" in script
+  assert "git fetch --quiet origin v1" in script and "-e '.[tpu,gcs]'" in script
+  assert "if [ ! -d ~/tinyjax/.git ]" in script and "if [ ! -x .venv/bin/python ]" in script  # idempotent
+  assert run[6] == "--worker=all"
+  cmd = run[7].removeprefix("--command=")
+  # the training arguments reach every worker unchanged (the workdir with a space stays one argument)
+  assert (".venv/bin/python -m tinyjax.main --config=configs/c4_50m.py --config.train.train_batch_size=64 "
+          "'--workdir=gs://bkt/runs/a b' 2>&1 | tee -a ~/tinyjax_logs/run-$(hostname).log") in cmd
+  assert "set -o pipefail" in cmd
+
+
+def test_status_logs_ssh_and_dry_run(fake, capsys):
+  fake.set(["READY"])
+  assert tpu.main(["status", *BASE]) == 0
+  assert tpu.main(["logs", *BASE, "--lines=7"]) == 0
+  assert tpu.main(["ssh", *BASE, "--worker=1"]) == 0
+  assert [c[3:] for c in fake.calls()] == [
+      ["describe", "tj", "--zone=us-central2-b", "--format=value(state)"],
+      ["ssh", "tj", "--zone=us-central2-b", "--worker=all", "--command=tail -n 7 ~/tinyjax_logs/run-*.log"],
+      ["ssh", "tj", "--zone=us-central2-b", "--worker=1"],
+  ]
+  capsys.readouterr()
+  assert tpu.main(["run", *BASE, "--dry-run", "--", *MAIN]) == 0
+  printed = capsys.readouterr().out.strip()
+  assert len(fake.calls()) == 3, "--dry-run runs nothing"
+  assert shlex.split(printed) == C.ssh(C.Tpu("tj", "us-central2-b", "v4-16"), C.run_script(MAIN))
+
+
+def test_babysitter_recreates_after_preemption(fake):
+  # READY -> the run dies with the VM (ssh 255) -> PREEMPTED: delete, create, CREATING, READY, setup, rerun -> 0
+  fake.set(["READY", "PREEMPTED", "PREEMPTED", "CREATING", "READY"], [255, 0])
+  sleeps = []
+  t = C.Tpu("tj", "us-central2-b", "v4-16", spot=True)
+  rc = tpu.babysit(t, tpu.Runner(False), MAIN, "https://example.com/tinyjax.git", "main", max_restarts=3,
+                   poll_s=5, sleep=sleeps.append)
+  assert rc == 0
+  verbs = [(c[2], c[3]) if c[2] != "tpu-vm" or c[3] != "ssh" else ("ssh", "run" if "tinyjax.main" in c[-1]
+                                                                    else "setup") for c in fake.calls()]
+  assert verbs == [("tpu-vm", "describe"), ("ssh", "setup"), ("ssh", "run"), ("tpu-vm", "describe"),
+                   ("tpu-vm", "describe"), ("tpu-vm", "delete"), ("tpu-vm", "create"), ("tpu-vm", "describe"),
+                   ("tpu-vm", "describe"), ("ssh", "setup"), ("ssh", "run")]
+  create = fake.calls()[6]
+  assert "--spot" in create
+  runs = [c for c in fake.calls() if c[3] == "ssh" and "tinyjax.main" in c[-1]]
+  assert runs[0] == runs[1], "the same command is rerun; the workdir's checkpoint resumes it"
+  assert sleeps == [5, 5]
+
+
+def test_babysitter_reruns_exit_75_and_stops_on_a_real_failure(fake):
+  t = C.Tpu("tj", "z")
+  fake.set(["READY"], [75, 75, 0])  # maintenance SIGTERM: checkpointed and exited 75 on a VM that stays READY
+  assert tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=5, sleep=lambda s: None) == 0
+  assert sum("tinyjax.main" in c[-1] for c in fake.calls()) == 3
+  fake.set(["READY"], [1])  # a crash on a healthy VM is not retried
+  assert tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=5, sleep=lambda s: None) == 1
+  fake.set(["READY"], [75, 75, 75])
+  assert tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=1, sleep=lambda s: None) == 75
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    (tpu, ["create", "--zone=z"], "the following arguments are required: --name"),
+    (tpu, ["run", "--name=a", "--zone=z"], "run needs the training arguments after --"),
+    (tpu, ["setup", "--name=a", "--zone=z"], "setup needs --repo=GIT_URL"),
+    (tpu, ["reboot", "--name=a", "--zone=z"], "invalid choice: 'reboot'"),
+    (slurm, ["--nodes=2", "--", "--config=c"], "the following arguments are required: --job-name"),
+    (slurm, ["--job-name=j"], "the training arguments go after --"),
+])
+def test_missing_arguments_are_one_line_exit_2(module, argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    module.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def _submit(tmp_path, *args):
+  script = tmp_path / "job.sbatch"
+  rc = slurm.main(["--job-name=bs64", f"--log-dir={tmp_path / 'logs'}", f"--script={script}",
+                   f"--python={tmp_path / 'bin' / 'python-on-node'}", f"--chdir={tmp_path}", *args, "--", *MAIN])
+  return rc, script
+
+
+def test_sbatch_script_header_and_submission(fake, tmp_path):
+  rc, script = _submit(tmp_path, "--nodes=2", "--gpus-per-node=4", "--partition=gpu", "--time=4:00:00")
+  assert rc == 0
+  assert fake.calls() == [{"prog": "sbatch", "argv": [str(script)], "env": {}}]
+  header = [line for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+  assert header == ["#SBATCH --job-name=bs64", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
+                    "#SBATCH --gpus-per-node=4", "#SBATCH --time=4:00:00", "#SBATCH --requeue",
+                    "#SBATCH --signal=B:USR1@120", "#SBATCH --open-mode=append",
+                    f"#SBATCH --output={tmp_path / 'logs'}/%x-%j.out", "#SBATCH --partition=gpu"]
+  assert os.path.isdir(tmp_path / "logs")
+
+
+def _run_script(script, **env):
+  full = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu-node-[07-08]", **env}
+  return subprocess.run(["bash", str(script)], env=full, capture_output=True, text=True, timeout=30)
+
+
+def test_sbatch_per_gpu_step_and_requeue_on_exit_75(fake, tmp_path):
+  _, script = _submit(tmp_path, "--nodes=2", "--gpus-per-node=4")
+  r = _run_script(script, FAKE_RC="75")  # srun's step: tinyjax checkpointed on SIGTERM and exited 75
+  assert r.returncode == 75, r.stderr
+  srun = [c for c in fake.calls() if c["prog"] == "srun"]
+  assert srun[0]["argv"] == ["--ntasks=8", "--ntasks-per-node=4", str(tmp_path / "bin" / "python-on-node"),
+                             "-m", "tinyjax.main", *MAIN]  # no tinyjax flags: JAX reads SLURM_* itself
+  assert [c["argv"] for c in fake.calls() if c["prog"] == "scontrol"][-1] == ["requeue", "4242"]
+  r = _run_script(script, FAKE_RC="1")
+  assert r.returncode == 1
+  assert sum(c["argv"] == ["requeue", "4242"] for c in fake.calls()) == 1, "a crash is not requeued"
+
+
+def test_sbatch_per_node_passes_the_coordinator(fake, tmp_path, monkeypatch):
+  _, script = _submit(tmp_path, "--nodes=2", "--gpus-per-node=8", "--per=node")
+  assert "#SBATCH --ntasks-per-node=1" in script.read_text()
+  r = _run_script(script, FAKE_SRUN_EXEC="1", SLURM_LOCALID="0")
+  assert r.returncode == 0, r.stderr
+  task = [c for c in fake.calls() if c["prog"] == "python-on-node"][0]
+  assert task["argv"] == ["-m", "tinyjax.main", *MAIN, "--config.distributed.coordinator_address=gpu-node-07:61586",
+                          "--config.distributed.num_processes=2", "--config.distributed.process_id=1"]
+  assert "SLURM_LOCALID" not in task["env"], "else JAX would pin the process to GPU 0 only"
+
+
+def test_sbatch_time_limit_signal_reaches_the_step(fake, tmp_path):
+  """USR1 to the batch shell (sbatch --signal=B:USR1@120) becomes SIGTERM to the srun step, whose exit 75 requeues."""
+  _, script = _submit(tmp_path)
+  srun = fake.dir / "srun"  # a step that checkpoints on SIGTERM: exit 75
+  started = tmp_path / "step_started"
+  srun.write_text(f"#!/bin/bash\ntrap 'exit 75' TERM\ntouch {started}\nwhile :; do sleep 0.05; done\n")
+  proc = subprocess.Popen(["bash", str(script)], env={**os.environ, "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for _ in range(400):  # the step runs: the batch shell has set its traps before starting it
+    if started.exists():
+      break
+    time.sleep(0.05)
+  proc.send_signal(10)  # SIGUSR1
+  out, _ = proc.communicate(timeout=20)
+  assert proc.returncode == 75, out
+  assert "time limit in 120 s: SIGTERM to the training step" in out
+  assert [c["argv"] for c in fake.calls() if c["prog"] == "scontrol"][-1] == ["requeue", "7"]
+
+
+def test_slurm_dry_run_prints_script_and_command(fake, tmp_path, capsys):
+  rc, script = _submit(tmp_path, "--dry-run")
+  out = capsys.readouterr().out
+  assert rc == 0 and not script.exists() and fake.calls() == []
+  assert out.startswith(f"# {script}\n#!/bin/bash\n") and out.rstrip().endswith(f"sbatch {script}")

@@ -1,0 +1,188 @@
+"""Sweeps: the shipped grids and their workdir names, --launch print/local/tpu/slurm, skip-finished, the report, and
+one real 2-point tiny sweep end to end (slow)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from test_results import make_workdir
+from tinyjax import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEPS = os.path.join(ROOT, "configs", "sweeps")
+
+
+def _points(name):
+  return sweep.expand(sweep.load(os.path.join(SWEEPS, f"{name}.py")))
+
+
+def test_batch_size_grid():
+  s = sweep.load(os.path.join(SWEEPS, "batch_size.py"))
+  points = sweep.expand(s)
+  assert len(points) == 5 * 2 * 2 and len({p.name for p in points}) == 20
+  assert [p.name for p in points[:4]] == [
+      "train_batch_size-16_lr_scaling_base_batch-0_warmup-0.0", "train_batch_size-16_lr_scaling_base_batch-0_warmup-0.05",
+      "train_batch_size-16_lr_scaling_base_batch-128_warmup-0.0",
+      "train_batch_size-16_lr_scaling_base_batch-128_warmup-0.05"]
+  assert {p.axis_values["train.train_batch_size"] for p in points} == {16, 32, 64, 128, 256}
+  assert sweep.main_args(sweep.config_path(s, points[-1]), "gs://b/sw", points[-1]) == [
+      "--config=configs/c4_50m.py", "--config.train.chinchilla_multiple=2.0", "--config.train.train_batch_size=256",
+      "--config.optimizer.lr_scaling_base_batch=128", "--config.optimizer.warmup=0.05",
+      "--workdir=gs://b/sw/train_batch_size-256_lr_scaling_base_batch-128_warmup-0.05"]
+
+
+def test_model_size_grid_switches_the_base_config():
+  s = sweep.load(os.path.join(SWEEPS, "model_size.py"))
+  points = sweep.expand(s)
+  assert len(points) == 15
+  assert points[0].name == "c4_30m_chinchilla_multiple-0.25" and points[-1].name == "c4_75m_chinchilla_multiple-4.0"
+  assert sweep.main_args(sweep.config_path(s, points[7]), "/r", points[7]) == [
+      "--config=configs/c4_50m.py", "--config.train.chinchilla_multiple=1.0",
+      "--workdir=/r/c4_50m_chinchilla_multiple-1.0"]
+
+
+def test_names_are_filesystem_safe_and_collisions_rejected(tmp_path, capsys):
+  assert sweep.point_name({"data.train_urls": "hf://a b/c*", "x": 1}) == "train_urls-hf___a_b_c__x-1"
+  bad = tmp_path / "dup.py"
+  bad.write_text("def get_sweep():\n  return {'config': 'configs/tiny.py', 'axes': "
+                 "[[{'train.seed': 1}, {'model.seed': 1}]]}\n")
+  with pytest.raises(SystemExit) as e:
+    sweep.expand(sweep.load(str(bad)))
+  assert e.value.code == 2 and "share a workdir name (seed-1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nope.py"], "nope.py: no such sweep file"),
+    ([os.path.join(SWEEPS, "tiny.py"), "--launch", "tpu"], "--launch tpu needs the launcher's flags after --"),
+    ([os.path.join(SWEEPS, "tiny.py"), "--launch", "ssh"], "invalid choice: 'ssh'"),
+])
+def test_user_mistakes_exit_2(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    sweep.main(argv)
+  err = capsys.readouterr().err.strip()
+  assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def _finish(path, status="completed", results=True):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "run_info.json"), "w") as f:
+    json.dump({"status": status}, f)
+  if results:
+    with open(os.path.join(path, "speedrun_results.json"), "w") as f:
+      json.dump({"runs": []}, f)
+
+
+def test_status_of_workdirs(tmp_path):
+  assert sweep.status(str(tmp_path / "none")) == "new"
+  _finish(tmp_path / "a")
+  _finish(tmp_path / "b", status="running")
+  _finish(tmp_path / "c", results=False)
+  _finish(tmp_path / "d", status="preempted")
+  assert [sweep.status(str(tmp_path / n)) for n in "abcd"] == ["completed", "running", "incomplete", "preempted"]
+
+
+def test_launch_print_marks_finished_points(tmp_path, capsys):
+  points = _points("tiny")
+  _finish(tmp_path / points[1].name)
+  assert sweep.main([os.path.join(SWEEPS, "tiny.py"), "--launch", "print", "--root", str(tmp_path)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 6 and lines[1].startswith("# done: python -m tinyjax.main --config=configs/tiny.py")
+  assert lines[0] == ("python -m tinyjax.main --config=configs/tiny.py --config.train.log_every=10 "
+                      "--config.train.max_eval_batches=4 '--config.train.sample_prompts=()' "
+                      "--config.train.train_batch_size=4 --config.train.num_train_steps=80 "
+                      f"--config.optimizer.lr_scaling_base_batch=0 --workdir={tmp_path}/{points[0].name}")
+  assert points[0].name == "train_batch_size-4_num_train_steps-80_lr_scaling_base_batch-0"
+
+
+def test_launch_local_skips_finished_and_stops_on_preemption(tmp_path, monkeypatch):
+  points, calls = _points("tiny"), []
+  _finish(tmp_path / points[0].name)
+  _finish(tmp_path / points[2].name, status="preempted")  # interrupted: rerun, main resumes it
+  rcs = iter([0, 75])
+  monkeypatch.setattr(sweep.subprocess, "call", lambda argv: calls.append(argv) or next(rcs))
+  assert sweep.main([os.path.join(SWEEPS, "tiny.py"), "--launch", "local", "--root", str(tmp_path)]) == 75
+  assert [c[-1] for c in calls] == [f"--workdir={tmp_path}/{p.name}" for p in points[1:3]]  # 4th+ never started
+  assert calls[0][:4] == [sys.executable, "-m", "tinyjax.main", f"--config={ROOT}/configs/tiny.py"]
+
+
+def test_launch_tpu_and_slurm_dry_run(tmp_path, capsys):
+  f = os.path.join(SWEEPS, "tiny.py")
+  assert sweep.main([f, "--launch", "tpu", "--dry-run", "--root", "gs://b/t", "--", "--name=tj", "--zone=z",
+                     "--repo=https://example.com/t.git"]) == 0
+  out = capsys.readouterr().out
+  runs = [line for line in out.splitlines() if "tinyjax.main" in line]
+  assert len(runs) == 6 and all("--worker=all" in line for line in runs)
+  assert "--workdir=gs://b/t/train_batch_size-16_num_train_steps-20_lr_scaling_base_batch-16" in runs[-1]
+  assert sweep.main([f, "--launch", "slurm", "--dry-run", "--root", str(tmp_path), "--", "--nodes=2"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("#SBATCH --requeue") == 6 and out.count("#SBATCH --nodes=2") == 6
+  assert "#SBATCH --job-name=tiny-train_batch_size-8_num_train_steps-40_lr_scaling_base_batch-16" in out
+
+
+def _fake_sweep(tmp_path):
+  """The tiny grid's six points as finished workdirs with made-up BPBs."""
+  points = _points("tiny")
+  bpb = {(4, 0): 2.50, (4, 16): 2.45, (8, 0): 2.30, (8, 16): 2.40, (16, 0): 2.25, (16, 16): 2.25}
+  for p in points:
+    b, base = p.axis_values["train.train_batch_size"], p.axis_values["optimizer.lr_scaling_base_batch"]
+
+    def edit(cfg, b=b, base=base):
+      cfg.train.train_batch_size, cfg.optimizer.lr_scaling_base_batch, cfg.train.num_train_steps = b, base, 320 // b
+    make_workdir(tmp_path / p.name, "tiny", edit=edit, evals={"python_docs": [bpb[b, base] + 0.5, bpb[b, base]]},
+                 extra_info={"status": "completed"})
+  return points
+
+
+def test_report_table_and_figures(tmp_path, capsys):
+  _fake_sweep(tmp_path)
+  assert sweep.main([os.path.join(SWEEPS, "tiny.py"), "--report", "--root", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  with open(tmp_path / "report.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["train.train_batch_size"], r["optimizer.lr_scaling_base_batch"], r["bpb"]) for r in rows] == [
+      ("4", "0", "2.5000"), ("4", "16", "2.4500"), ("8", "0", "2.3000"), ("8", "16", "2.4000"),
+      ("16", "0", "2.2500"), ("16", "16", "2.2500")]
+  assert {r["status"] for r in rows} == {"completed"}
+  assert [r["completed_steps"] for r in rows] == ["80", "80", "40", "40", "20", "20"]
+  assert {r["total_tokens"] for r in rows} == {str(320 * 128)}
+  assert {r["eval_set"] for r in rows} == {"python_docs"}
+  assert "train_batch_size-16_num_train_steps-20_lr_scaling_base_batch-16  16" in out  # the console table
+  for kind in ("batch", "scaling"):
+    path = tmp_path / f"{kind}.png"
+    assert path.stat().st_size > 15 * 1024 and matplotlib.image.imread(path).shape[0] > 300
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tmp_path):
+  """Two real points x 6 steps: run, rerun (both skipped), report."""
+  sweep_file = tmp_path / "two.py"
+  sweep_file.write_text(
+      "def get_sweep():\n"
+      f"  return {{'config': {os.path.join(ROOT, 'configs', 'tiny.py')!r},\n"
+      "          'fixed': {'train.num_train_steps': 6, 'train.steps_per_eval': 6, 'train.log_every': 2,\n"
+      "                    'train.max_eval_batches': 1, 'train.sample_prompts': '()'},\n"
+      "          'axes': [[{'train.train_batch_size': 4}, {'train.train_batch_size': 8}]],\n"
+      "          'figures': [{'kind': 'batch', 'group_by': 'optimizer.name'},\n"
+      "                      {'kind': 'scaling', 'group_by': 'model_size', 'x': 'tokens'}]}\n")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the runs must not inherit the tests' 8 devices
+  cmd = [sys.executable, "-m", "tinyjax.sweep", str(sweep_file), "--root", str(tmp_path / "runs")]
+  first = subprocess.run(cmd + ["--launch", "local"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert first.stdout.count(": new") == 2
+  again = subprocess.run(cmd + ["--launch", "local", "--report"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert again.stdout.count("completed, skipped") == 2 and "running" not in again.stdout
+  with open(tmp_path / "runs" / "report.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["name"] for r in rows] == ["train_batch_size-4", "train_batch_size-8"]
+  assert all(r["status"] == "completed" and r["completed_steps"] == "6" and r["eval_set"] == "python_docs"
+             for r in rows)
+  assert all(1.0 < float(r["bpb"]) < 4.0 and 5.0 < float(r["final_train_loss"]) < 9.0 for r in rows)
+  assert int(rows[1]["total_tokens"]) == 2 * int(rows[0]["total_tokens"]) == 2 * 6 * 4 * 128
+  for kind in ("batch", "scaling"):
+    assert (tmp_path / "runs" / f"{kind}.png").stat().st_size > 15 * 1024

@@ -1,0 +1,172 @@
+"""Every command line the launchers run, as pure functions: gcloud argv lists, remote shell lines, the sbatch script.
+
+The gcloud flags are the documented ones of `gcloud compute tpus tpu-vm {create,describe,ssh,delete}` and
+`gcloud compute tpus queued-resources {create,delete}` (cloud.google.com/sdk/gcloud/reference/compute/tpus).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+GCLOUD = "gcloud"
+TPU_VM = ("compute", "tpus", "tpu-vm")
+QUEUED = ("compute", "tpus", "queued-resources")
+REMOTE_DIR = "~/tinyjax"  # the checkout + venv on every worker
+LOG_DIR = "~/tinyjax_logs"  # one log file per worker: <log name>-<worker hostname>.log
+EXIT_PREEMPTED = 75  # tinyjax.faults.EXIT_PREEMPTED: checkpointed on SIGTERM, rerun to resume
+
+# Runtime (software) versions by accelerator family, from the Cloud TPU docs' "TPU software versions" table.
+RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
+                    "v6e": "v2-alpha-tpuv6e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tpu:
+  """One TPU VM (single host or a multi-host slice)."""
+  name: str
+  zone: str
+  accelerator_type: str = "v4-8"
+  version: str = ""  # "" = RUNTIME_VERSIONS[family of accelerator_type]
+  project: str = ""  # "" = gcloud's core/project
+  spot: bool = False  # Spot VM: cheaper, may be reclaimed at any time (the babysitter recreates it)
+  queued: bool = False  # create through a queued resource (waits for capacity instead of failing)
+
+  @property
+  def runtime(self) -> str:
+    return self.version or RUNTIME_VERSIONS.get(self.accelerator_type.split("-")[0], RUNTIME_VERSIONS["v4"])
+
+  def where(self) -> list[str]:
+    return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
+
+
+def create(t: Tpu) -> list[str]:
+  spot = ["--spot"] if t.spot else []
+  if t.queued:  # the node gets the queued resource's name, so describe/ssh/delete address it the same way
+    return [GCLOUD, *QUEUED, "create", t.name, f"--node-id={t.name}", *t.where(),
+            f"--accelerator-type={t.accelerator_type}", f"--runtime-version={t.runtime}", *spot]
+  return [GCLOUD, *TPU_VM, "create", t.name, *t.where(), f"--accelerator-type={t.accelerator_type}",
+          f"--version={t.runtime}", *spot]
+
+
+def describe_state(t: Tpu) -> list[str]:
+  """Prints the node's state (READY, CREATING, PREEMPTED, ...); exits non-zero when the node does not exist."""
+  return [GCLOUD, *TPU_VM, "describe", t.name, *t.where(), "--format=value(state)"]
+
+
+def delete(t: Tpu) -> list[str]:
+  if t.queued:  # --force deletes the queued resource's nodes first (a preempted one blocks recreation otherwise)
+    return [GCLOUD, *QUEUED, "delete", t.name, *t.where(), "--force", "--quiet"]
+  return [GCLOUD, *TPU_VM, "delete", t.name, *t.where(), "--quiet"]
+
+
+def ssh(t: Tpu, command: str | None = None, worker: str = "all") -> list[str]:
+  """The same command on every worker at once (--worker=all); no command = an interactive shell on one worker."""
+  return [GCLOUD, *TPU_VM, "ssh", t.name, *t.where(), f"--worker={worker}"] + (
+      [f"--command={command}"] if command is not None else [])
+
+
+def setup_script(repo: str, ref: str = "main", extras: str = "tpu,gcs") -> str:
+  """Idempotent worker setup: clone once, check out `ref`, one venv, `pip install -e .[tpu,gcs]` (a no-op if done)."""
+  d = REMOTE_DIR
+  return " && ".join([
+      "set -e",
+      f"if [ ! -d {d}/.git ]; then git clone --quiet {shlex.quote(repo)} {d}; fi",
+      f"cd {d}",
+      f"git fetch --quiet origin {shlex.quote(ref)}",
+      "git checkout --quiet --detach FETCH_HEAD",
+      "if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi",
+      f".venv/bin/pip install --quiet -e {shlex.quote(f'.[{extras}]')}",
+      ".venv/bin/python -c 'import jax, tinyjax; print(\"tinyjax ready on\", __import__(\"socket\").gethostname(), "
+      "\"jax\", jax.__version__)'",
+  ])
+
+
+def main_argv(main_args: list[str], python: str = "python") -> list[str]:
+  """`python -m tinyjax.main ARGS`: ARGS (--config=..., --config.a.b=v, --workdir=gs://...) pass through unchanged."""
+  return [python, "-m", "tinyjax.main", *main_args]
+
+
+def run_script(main_args: list[str], log_name: str = "run", detach: bool = False) -> str:
+  """The training command as each worker runs it: tee'd (or, detached, appended) to its own log file."""
+  log = f"{LOG_DIR}/{log_name}-$(hostname).log"
+  cmd = shlex.join(main_argv(main_args, ".venv/bin/python"))
+  start = f"cd {REMOTE_DIR} && mkdir -p {LOG_DIR}"
+  if detach:
+    return f"{start} && (nohup {cmd} >> {log} 2>&1 < /dev/null &)"
+  return f"{start} && set -o pipefail && {cmd} 2>&1 | tee -a {log}"  # pipefail: ssh's exit code is tinyjax's
+
+
+def logs_script(log_name: str = "run", lines: int = 50) -> str:
+  return f"tail -n {int(lines)} {LOG_DIR}/{log_name}-*.log"
+
+
+@dataclasses.dataclass(frozen=True)
+class Slurm:
+  """One SLURM job over `nodes` GPU nodes."""
+  job_name: str
+  nodes: int = 1
+  gpus_per_node: int = 8
+  per: str = "gpu"  # "gpu": one process per GPU (JAX's SLURM default) | "node": one process sees all its GPUs
+  time: str = "24:00:00"
+  partition: str = ""
+  account: str = ""
+  cpus_per_task: int = 0  # 0 = the cluster's default
+  signal_s: int = 120  # USR1 this many seconds before the time limit: checkpoint, exit 75, requeue
+  python: str = "python"  # interpreter on the nodes, e.g. /shared/tinyjax/.venv/bin/python
+  chdir: str = "."  # the tinyjax checkout on shared storage
+  log_dir: str = "slurm_logs"
+
+  @property
+  def tasks_per_node(self) -> int:
+    return self.gpus_per_node if self.per == "gpu" else 1
+
+
+def _sbatch_header(s: Slurm) -> list[str]:
+  lines = [f"--job-name={s.job_name}", f"--nodes={s.nodes}", f"--ntasks-per-node={s.tasks_per_node}",
+           f"--gpus-per-node={s.gpus_per_node}", f"--time={s.time}", "--requeue",
+           f"--signal=B:USR1@{s.signal_s}", "--open-mode=append", f"--output={s.log_dir}/%x-%j.out"]
+  lines += [f"--partition={s.partition}"] if s.partition else []
+  lines += [f"--account={s.account}"] if s.account else []
+  lines += [f"--cpus-per-task={s.cpus_per_task}"] if s.cpus_per_task else []
+  return ["#!/bin/bash"] + [f"#SBATCH {line}" for line in lines]
+
+
+def _task_command(s: Slurm, main_args: list[str]) -> str:
+  """What srun starts per task. Per GPU: plain tinyjax.main; JAX reads SLURM_* and takes GPU number SLURM_LOCALID.
+  Per node: JAX would also pin device [SLURM_LOCALID] = [0], so the task drops SLURM_LOCALID (JAX's SLURM detection
+  needs it) and names the coordinator explicitly, keeping all the node's GPUs."""
+  cmd = shlex.join(main_argv(main_args, s.python))
+  if s.per == "gpu":
+    return cmd
+  inner = (f'unset SLURM_LOCALID; exec {cmd} --config.distributed.coordinator_address="$TINYJAX_COORDINATOR" '
+           '--config.distributed.num_processes="$SLURM_NTASKS" --config.distributed.process_id="$SLURM_PROCID"')
+  return f"bash -c {shlex.quote(inner)}"
+
+
+def sbatch_script(s: Slurm, main_args: list[str]) -> str:
+  """The batch script: one srun step; time limit -> USR1 -> SIGTERM to the step; exit 75 -> scontrol requeue."""
+  ntasks = s.nodes * s.tasks_per_node
+  body = [
+      "# Generated by python -m tinyjax.launch.slurm. Preemption: SLURM requeues the job (--requeue) and SIGTERMs",
+      "# the step; the time limit: USR1 (--signal) is turned into SIGTERM. tinyjax checkpoints on SIGTERM and exits",
+      f"# {EXIT_PREEMPTED}, which requeues the job; the rerun resumes from the workdir's latest checkpoint.",
+      "set -u",
+      f"cd {shlex.quote(s.chdir)}",
+      'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+      'export TINYJAX_COORDINATOR="$head_node:$((SLURM_JOB_ID % 4096 + 61440))"  # per-node mode only',
+      'step=""',
+      'forward() { echo "tinyjax: $1: SIGTERM to the training step"; [ -n "$step" ] && kill -TERM "$step"; }',
+      "trap 'forward \"time limit in " + str(s.signal_s) + " s\"' USR1",
+      "trap 'forward preempted' TERM",
+      f"srun --ntasks={ntasks} --ntasks-per-node={s.tasks_per_node} {_task_command(s, main_args)} &",
+      "step=$!",
+      'while :; do wait "$step"; rc=$?; kill -0 "$step" 2>/dev/null || break; done  # a trap interrupts wait',
+      'echo "tinyjax: training step exited with code $rc"',
+      f'if [ "$rc" -eq {EXIT_PREEMPTED} ]; then scontrol requeue "$SLURM_JOB_ID" || true; fi',
+      'exit "$rc"',
+  ]
+  return "\n".join(_sbatch_header(s) + body) + "\n"
+
+
+def sbatch(script_path: str) -> list[str]:
+  return ["sbatch", script_path]

@@ -1,0 +1,244 @@
+"""Sweeps: a grid of runs from one base config, each in its own workdir, run locally or on TPU VMs / SLURM, reported.
+
+python -m tinyjax.sweep SWEEP_FILE [--launch local|tpu|slurm|print] [--root DIR] [--dry-run] [--report]
+                        [-- LAUNCHER ARGS]
+A sweep file (configs/sweeps/NAME.py) defines get_sweep() -> dict:
+  config   base config file, relative to the repository root (e.g. "configs/c4_50m.py")
+  fixed    {dotted key: value} overrides shared by every point
+  axes     list of axes; an axis is a list of override dicts (one per value; a dict may set several keys at once)
+  figures  list of {"kind": "batch"|"scaling", "group_by": "key[,key]", "x": "chinchilla"|"tokens"} for --report
+The grid is the product of the axes. A point's workdir is ROOT/NAME, NAME = its axis overrides as key-value pairs
+("train_batch_size-16_lr_scaling_base_batch-128_warmup-0.05"): deterministic and filesystem-safe.
+A point with speedrun_results.json and run_info.json status "completed" is skipped; any other is (re)run in its
+workdir, where tinyjax.main resumes from the latest checkpoint.
+--launch local: one `python -m tinyjax.main` subprocess after another; tpu: `tinyjax.launch.tpu babysit` per point
+(LAUNCHER ARGS: --name, --zone, --repo, ...); slurm: one `tinyjax.launch.slurm` job per point; print: the commands.
+--report: ROOT/report.csv (+ console table) and the sweep's figures ROOT/<kind>.png from the workdirs.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import posixpath
+import re
+import shlex
+import subprocess
+import sys
+
+from tinyjax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHES = ("local", "tpu", "slurm", "print")
+REPORT_COLUMNS = ("status", "completed_steps", "planned_steps", "total_tokens", "final_train_loss", "eval_set",
+                  "bpb", "training_time")
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  name: str
+  overrides: dict  # every override of this point, fixed ones included, in a stable order
+  axis_values: dict  # just the ones that vary (the name and the report columns)
+
+
+def _fmt(value) -> str:
+  return str(value)  # ml_collections parses "16", "0.05", "True", "muon" back to the key's type
+
+
+def point_name(axis_values: dict) -> str:
+  """"train_batch_size-16_warmup-0.05"; a "config" override (another base config file) is named by its stem."""
+  parts = [os.path.splitext(os.path.basename(v))[0] if key == "config" else f"{key.split('.')[-1]}-{_fmt(v)}"
+           for key, v in axis_values.items()]
+  return re.sub(r"[^A-Za-z0-9._-]", "_", "_".join(parts)) or "base"
+
+
+def load(path: str) -> dict:
+  """The sweep file's get_sweep() dict, checked."""
+  if not os.path.isfile(path):
+    cli.fail(f"{path}: no such sweep file (see configs/sweeps/)")
+  spec = importlib.util.spec_from_file_location("_tinyjax_sweep", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sweep = module.get_sweep() if hasattr(module, "get_sweep") else None
+  if not isinstance(sweep, dict) or not isinstance(sweep.get("config"), str) or not isinstance(
+      sweep.get("axes"), list) or not all(isinstance(a, list) and a for a in sweep["axes"]):
+    cli.fail(f"{path}: get_sweep() must return {{'config': PATH, 'axes': [[{{key: value}}, ...], ...], ...}}")
+  return {"fixed": {}, "figures": [], **sweep}
+
+
+def expand(sweep: dict) -> list[Point]:
+  """The grid, in axis order (the last axis varies fastest); names are unique or the sweep is rejected."""
+  points = []
+  for combo in itertools.product(*sweep["axes"]):
+    varying = {k: v for d in combo for k, v in d.items()}
+    points.append(Point(point_name(varying), {**sweep["fixed"], **varying}, varying))
+  names = [p.name for p in points]
+  if len(set(names)) != len(names):
+    cli.fail(f"sweep points share a workdir name ({sorted({n for n in names if names.count(n) > 1})[0]}): "
+             "give each axis value distinct overrides")
+  return points
+
+
+def workdir(root: str, point: Point) -> str:
+  return posixpath.join(root.rstrip("/"), point.name) if "://" in root else os.path.join(root, point.name)
+
+
+def config_path(sweep: dict, point: Point) -> str:
+  """The point's base config as written in the sweep file (relative to the repository root)."""
+  return point.overrides.get("config", sweep["config"])
+
+
+def main_args(config: str, root: str, point: Point) -> list[str]:
+  """tinyjax.main's arguments for one point: --config=FILE, a --config.KEY=VALUE per override, --workdir."""
+  return [f"--config={config}", *[f"--config.{k}={_fmt(v)}" for k, v in point.overrides.items() if k != "config"],
+          f"--workdir={workdir(root, point)}"]
+
+
+def _read_json(path: str):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def status(path: str) -> str:
+  """'completed' (speedrun_results.json + run_info status completed), 'new' (no run_info.json), 'incomplete'
+  (completed without results), else run_info's status (running, preempted, diverged, failed ...): rerun.
+  A remote (gs://) workdir is 'remote': always launched; rerunning a finished run restores it and stops at once."""
+  if "://" in path:  # not read remotely (no network round trips per point): tinyjax.main resumes or finishes it
+    return "remote"
+  info = _read_json(f"{path}/run_info.json")
+  if info is None:
+    return "new"
+  if info.get("status") == "completed":  # results missing: the run stopped while finishing; a rerun writes them
+    return "completed" if _read_json(f"{path}/speedrun_results.json") is not None else "incomplete"
+  return str(info.get("status") or "unknown")
+
+
+def _local_config(config_path: str) -> str:
+  """The base config as an absolute local path: as given if it exists from here, else under the repository root."""
+  return os.path.abspath(config_path) if os.path.exists(config_path) else os.path.join(REPO, config_path)
+
+
+def _launch_point(how: str, sweep: dict, root: str, point: Point, launcher_args: list[str], dry_run: bool,
+                  stem: str) -> int:
+  if how == "local":
+    argv = [sys.executable, "-m", "tinyjax.main", *main_args(_local_config(config_path(sweep, point)), root, point)]
+    print(f"tinyjax.sweep: {'would run' if dry_run else 'running'} {point.name}: {shlex.join(argv)}", flush=True)
+    return 0 if dry_run else subprocess.call(argv)
+  dry = ["--dry-run"] if dry_run else []
+  args = main_args(config_path(sweep, point), root, point)  # remote: the path inside the checkout, unchanged
+  if how == "tpu":
+    from tinyjax.launch import tpu  # noqa: PLC0415
+    return tpu.main(["babysit", *launcher_args, *dry, "--", *args])
+  from tinyjax.launch import slurm  # noqa: PLC0415
+  return slurm.main([*launcher_args, f"--job-name={stem}-{point.name}", *dry, "--", *args])
+
+
+def launch(how: str, sweep: dict, root: str, points: list[Point], launcher_args: list[str], dry_run: bool,
+           stem: str) -> int:
+  """Runs (or prints) every point that is not finished; returns 0 or the first failing exit code."""
+  worst = 0
+  for i, point in enumerate(points):
+    state = status(workdir(root, point))
+    if how == "print":
+      tag = "# done: " if state == "completed" else ""
+      print(tag + shlex.join(["python", "-m", "tinyjax.main", *main_args(config_path(sweep, point), root, point)]))
+      continue
+    if state == "completed":
+      print(f"tinyjax.sweep: [{i + 1}/{len(points)}] {point.name}: completed, skipped", flush=True)
+      continue
+    print(f"tinyjax.sweep: [{i + 1}/{len(points)}] {point.name}: {state}", flush=True)
+    rc = _launch_point(how, sweep, root, point, launcher_args, dry_run, stem)
+    if rc != 0:
+      print(f"tinyjax.sweep: {point.name} exited with code {rc}", file=sys.stderr, flush=True)
+      worst = worst or rc
+      if rc == 75:  # preempted (checkpointed): stop here; rerunning the sweep resumes this point
+        return rc
+  return worst
+
+
+def report_rows(root: str, points: list[Point]) -> list[dict]:
+  """One row per point: its axis values and, when it has run, its results (speedrun_results.json, written if
+  missing)."""
+  from tinyjax import compare  # noqa: PLC0415 - the report alone needs the results machinery
+  rows = []
+  for point in points:
+    path = workdir(root, point)
+    row = {"name": point.name, **point.axis_values}
+    ran = os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "run_info.json"))
+    ours = compare.load_ours(path) if ran else None  # writes speedrun_results.json if missing (then: completed)
+    row["status"] = status(path)
+    if ours:
+      with open(os.path.join(path, "speedrun_results.json")) as f:
+        info = json.load(f)["runs"][0]["run_info"]["tinyjax"]
+      row.update(completed_steps=info["completed_steps"], planned_steps=info["planned_steps"],
+                 total_tokens=ours["total_tokens"], final_train_loss=info["final_train_loss"],
+                 eval_set=ours["eval_set"], bpb=ours["bpb"], training_time=ours["training_time"])
+    rows.append(row)
+  return rows
+
+
+def _cell(value) -> str:
+  if isinstance(value, float):
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+  return "" if value is None else str(value)
+
+
+def write_report(sweep: dict, root: str, points: list[Point]) -> tuple[str, list[str]]:
+  """ROOT/report.csv, the console table, and the sweep's figures; returns (csv path, figure paths)."""
+  if "://" in root:
+    cli.fail(f"--report reads local workdirs; copy {root} here first (e.g. gcloud storage rsync -r) and pass --root")
+  rows = report_rows(root, points)
+  columns = ["name", *points[0].axis_values, *REPORT_COLUMNS]
+  out = os.path.join(root, "report.csv")
+  os.makedirs(root, exist_ok=True)
+  with open(out, "w", newline="") as f:
+    w = csv.DictWriter(f, columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows({c: _cell(r.get(c)) for c in columns} for r in rows)
+  cells = [[c.split(".")[-1] for c in columns]] + [[_cell(r.get(c)) for c in columns] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+  for row in cells:
+    print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+  done = [workdir(root, p) for p, r in zip(points, rows) if r.get("completed_steps")]
+  figures = []
+  if done:
+    from tinyjax import plot  # noqa: PLC0415 - matplotlib only for the report
+    for fig in sweep["figures"]:
+      path = os.path.join(root, f"{fig['kind']}.png")
+      figures.append(plot.plot(done, path, fig["kind"], axis=fig.get("x", "steps"),
+                               group_by=fig.get("group_by", "model_size")))
+  print(f"tinyjax.sweep: {out}" + "".join(f"\ntinyjax.sweep: {p}" for p in figures))
+  return out, figures
+
+
+def main(argv: list[str]) -> int:
+  own, launcher_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+  p = cli.ArgParser(prog="python -m tinyjax.sweep", description=__doc__.splitlines()[0])
+  p.add_argument("sweep_file")
+  p.add_argument("--launch", choices=LAUNCHES, default=None, help="run the points (default: local unless --report)")
+  p.add_argument("--root", default="", help="parent of the points' workdirs (default workdir/sweeps/<sweep name>)")
+  p.add_argument("--dry-run", action="store_true", help="print the commands the launch would run")
+  p.add_argument("--report", action="store_true", help="write ROOT/report.csv and the figures")
+  a = p.parse_args(own)
+  sweep = load(a.sweep_file)
+  stem = os.path.splitext(os.path.basename(a.sweep_file))[0]
+  root = a.root or os.path.join("workdir", "sweeps", stem)
+  points = expand(sweep)
+  how = a.launch or (None if a.report else "local")
+  if how in ("tpu", "slurm") and not launcher_args:
+    cli.fail(f"--launch {how} needs the launcher's flags after --, e.g. -- "
+             + ("--name=tj --zone=us-central2-b --repo=URL" if how == "tpu" else "--partition=gpu --nodes=1"))
+  rc = launch(how, sweep, root, points, launcher_args, a.dry_run, stem) if how else 0
+  if a.report and not a.dry_run:
+    write_report(sweep, root, points)
+  return rc
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
