@@ -30,7 +30,8 @@ def test_batch_size_grid():
       "train_batch_size-16_lr_scaling_base_batch-128_warmup-0.05"]
   assert {p.axis_values["train.train_batch_size"] for p in points} == {16, 32, 64, 128, 256}
   assert sweep.main_args(sweep.config_path(s, points[-1]), "gs://b/sw", points[-1]) == [
-      "--config=configs/c4_50m.py", "--config.train.chinchilla_multiple=2.0", "--config.train.train_batch_size=256",
+      "--config=configs/c4_50m.py", "--config.train.chinchilla_multiple=2.0", "--config.train.eval_batch_size=128",
+      "--config.train.train_batch_size=256",
       "--config.optimizer.lr_scaling_base_batch=128", "--config.optimizer.warmup=0.05",
       "--workdir=gs://b/sw/train_batch_size-256_lr_scaling_base_batch-128_warmup-0.05"]
 
@@ -43,6 +44,12 @@ def test_model_size_grid_switches_the_base_config():
   assert sweep.main_args(sweep.config_path(s, points[7]), "/r", points[7]) == [
       "--config=configs/c4_50m.py", "--config.train.chinchilla_multiple=1.0",
       "--workdir=/r/c4_50m_chinchilla_multiple-1.0"]
+
+
+def test_tiny_scaling_grid():
+  names = [p.name for p in _points("tiny_scaling")]
+  assert names[0] == "hidden_dim-64_intermediate_dim-224_num_train_steps-20" and len(names) == 6
+  assert names[-1] == "hidden_dim-128_intermediate_dim-448_num_train_steps-80"
 
 
 def test_names_are_filesystem_safe_and_collisions_rejected(tmp_path, capsys):
@@ -92,7 +99,8 @@ def test_launch_print_marks_finished_points(tmp_path, capsys):
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 6 and lines[1].startswith("# done: python -m tinyjax.main --config=configs/tiny.py")
   assert lines[0] == ("python -m tinyjax.main --config=configs/tiny.py --config.train.log_every=10 "
-                      "--config.train.max_eval_batches=4 '--config.train.sample_prompts=()' "
+                      "--config.train.eval_batch_size=16 --config.train.max_eval_batches=4 "
+                      "'--config.train.sample_prompts=()' "
                       "--config.train.train_batch_size=4 --config.train.num_train_steps=80 "
                       f"--config.optimizer.lr_scaling_base_batch=0 --workdir={tmp_path}/{points[0].name}")
   assert points[0].name == "train_batch_size-4_num_train_steps-80_lr_scaling_base_batch-0"
@@ -151,7 +159,7 @@ def test_report_table_and_figures(tmp_path, capsys):
   assert {r["total_tokens"] for r in rows} == {str(320 * 128)}
   assert {r["eval_set"] for r in rows} == {"python_docs"}
   assert "train_batch_size-16_num_train_steps-20_lr_scaling_base_batch-16  16" in out  # the console table
-  for kind in ("batch", "scaling"):
+  for kind in ("batch", "curves"):
     path = tmp_path / f"{kind}.png"
     assert path.stat().st_size > 15 * 1024 and matplotlib.image.imread(path).shape[0] > 300
 

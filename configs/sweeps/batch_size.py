@@ -12,7 +12,9 @@ REPORT:   python -m tinyjax.sweep configs/sweeps/batch_size.py --report --root D
 def get_sweep():
   return {
       "config": "configs/c4_50m.py",
-      "fixed": {"train.chinchilla_multiple": 2.0},
+      # eval_batch_size fixed: Marin ties it to the train batch, which would drop a different remainder of the
+      # Paloma c4_en windows at each point; 128 is Marin's batch for this model, so that point matches Marin's.
+      "fixed": {"train.chinchilla_multiple": 2.0, "train.eval_batch_size": 128},
       "axes": [
           [{"train.train_batch_size": b} for b in (16, 32, 64, 128, 256)],
           # 0 = the config's LR at every batch; 128 = LR x sqrt(batch / 128) (config.lr_multiplier)
