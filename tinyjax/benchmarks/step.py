@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -57,10 +58,12 @@ def _rms(x, w):
   return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5) * w
 
 
-def _rope(x):
-  K = x.shape[-1]
-  freqs = jnp.arange(x.shape[1])[:, None] / 10000.0 ** (jnp.arange(0, K, 2) / K)
-  cos, sin = jnp.cos(jnp.concatenate([freqs] * 2, -1))[:, None], jnp.sin(jnp.concatenate([freqs] * 2, -1))[:, None]
+def _rope_tables(K):
+  freqs = jnp.arange(L)[:, None] / 10000.0 ** (jnp.arange(0, K, 2) / K)
+  return jnp.cos(jnp.concatenate([freqs] * 2, -1))[:, None], jnp.sin(jnp.concatenate([freqs] * 2, -1))[:, None]
+
+
+def _rope(x, cos, sin):
   x1, x2 = jnp.split(x, 2, -1)
   return x * cos + jnp.concatenate([-x2, x1], -1) * sin
 
@@ -75,10 +78,11 @@ def bare_params(key):
 
 def bare_loss(p, tokens):
   x = p["emb"][tokens]
+  cos, sin = _rope_tables(D // HEADS)  # computed once per step, shared by every layer
   for lp in p["layers"]:
     h = _rms(x, lp["n1"])
-    q, k, v = (_rope((h @ lp[w]).reshape(B, L, HEADS, D // HEADS)) if w != "v"
-               else (h @ lp[w]).reshape(B, L, HEADS, D // HEADS) for w in "qkv")
+    q, k, v = ((h @ lp[w]).reshape(B, L, HEADS, D // HEADS) for w in "qkv")
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     x = x + jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(B, L, D) @ lp["o"]
     h = _rms(x, lp["n2"])
     x = x + (jax.nn.silu(h @ lp["gate"]) * (h @ lp["up"])) @ lp["down"]
@@ -90,17 +94,13 @@ def bare_step():
   tx = optax.adamw(1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
   params = bare_params(jax.random.key(0))
 
-  @functools_partial_donate
+  @functools.partial(jax.jit, donate_argnums=0)
   def step(state, tokens):
     p, s = state
     loss, g = jax.value_and_grad(bare_loss)(p, tokens)
     u, s = tx.update(g, s, p)
     return (optax.apply_updates(p, u), s), {"loss": loss}
   return step, (params, tx.init(params))
-
-
-def functools_partial_donate(f):
-  return jax.jit(f, donate_argnums=0)
 
 
 def _time(step, state, tokens, steps: int) -> tuple[float, object]:
@@ -127,9 +127,9 @@ def main() -> None:
     rate, bare_state = _time(bare, bare_state, tokens, args.steps)
     rates["bare"].append(rate)
   med = {k: statistics.median(v) for k, v in rates.items()}
-  print(json.dumps({"tokens_per_second": rates, "median": med, "ratio": med["tinyjax"] / med["bare"],
-                    "shape": dict(V=V, D=D, layers=LAYERS, heads=HEADS, F=F, L=L, B=B), "backend": jax.default_backend()},
-                   indent=2))
+  shape = dict(V=V, D=D, layers=LAYERS, heads=HEADS, F=F, L=L, B=B)
+  print(json.dumps({"tokens_per_second": rates, "median": med, "ratio": med["tinyjax"] / med["bare"], "shape": shape,
+                    "backend": jax.default_backend()}, indent=2))
 
 
 if __name__ == "__main__":
