@@ -109,11 +109,15 @@ def _metric(runs: list[Run]):
 def _lines(runs: list[Run], x_of, group_by: str, ax) -> None:
   y_of, ylabel = _metric(runs)
   groups: dict[str, list[tuple[float, float]]] = {}
+  order = {}  # label -> sort key: numbers by value (model_size 762432 before 2000000), then strings
   for run in runs:
     if y_of(run) is not None:
-      groups.setdefault(_group_label(run, group_by), []).append((x_of(run), y_of(run)))
-  for label, points in sorted(groups.items()):
-    points.sort()
+      label = _group_label(run, group_by)
+      groups.setdefault(label, []).append((x_of(run), y_of(run)))
+      order[label] = [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+                      for v in (run.lookup(k) for k in group_by.split(","))]
+  for label in sorted(groups, key=order.get):
+    points = sorted(groups[label])
     ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
