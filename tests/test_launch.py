@@ -257,3 +257,11 @@ def test_slurm_dry_run_prints_script_and_command(fake, tmp_path, capsys):
   out = capsys.readouterr().out
   assert rc == 0 and not script.exists() and fake.calls() == []
   assert out.startswith(f"# {script}\n#!/bin/bash\n") and out.rstrip().endswith(f"sbatch {script}")
+
+
+def test_babysit_dry_run_prints_one_round(fake, capsys):
+  assert tpu.main(["babysit", *BASE, "--spot", "--repo=https://example.com/t.git", "--dry-run", "--", *MAIN]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert fake.calls() == []
+  assert [shlex.split(line)[4] for line in lines] == ["describe", "ssh", "ssh"]  # VM READY: setup, then the run
+  assert "--worker=all" in lines[2] and "tinyjax.main" in lines[2]
