@@ -146,7 +146,9 @@ def _fake_sweep(tmp_path):
 
 
 def test_report_table_and_figures(tmp_path, capsys):
-  _fake_sweep(tmp_path)
+  points = _fake_sweep(tmp_path)
+  info_path = tmp_path / points[-1].name / "run_info.json"
+  info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "status": "preempted"}))
   assert sweep.main([os.path.join(SWEEPS, "tiny.py"), "--report", "--root", str(tmp_path)]) == 0
   out = capsys.readouterr().out
   with open(tmp_path / "report.csv") as f:
@@ -154,7 +156,7 @@ def test_report_table_and_figures(tmp_path, capsys):
   assert [(r["train.train_batch_size"], r["optimizer.lr_scaling_base_batch"], r["bpb"]) for r in rows] == [
       ("4", "0", "2.5000"), ("4", "16", "2.4500"), ("8", "0", "2.3000"), ("8", "16", "2.4000"),
       ("16", "0", "2.2500"), ("16", "16", "2.2500")]
-  assert {r["status"] for r in rows} == {"completed"}
+  assert [r["status"] for r in rows] == ["completed"] * 5 + ["preempted"]  # in the table, not in the figures
   assert [r["completed_steps"] for r in rows] == ["80", "80", "40", "40", "20", "20"]
   assert {r["total_tokens"] for r in rows} == {str(320 * 128)}
   assert {r["eval_set"] for r in rows} == {"python_docs"}

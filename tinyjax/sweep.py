@@ -205,7 +205,7 @@ def write_report(sweep: dict, root: str, points: list[Point]) -> tuple[str, list
   widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
   for row in cells:
     print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-  done = [workdir(root, p) for p, r in zip(points, rows) if r.get("completed_steps")]
+  done = [workdir(root, p) for p, r in zip(points, rows) if r["status"] == "completed"]  # figures: finished only
   figures = []
   if done:
     from tinyjax import plot  # noqa: PLC0415 - matplotlib only for the report
