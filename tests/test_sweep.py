@@ -25,7 +25,8 @@ def test_batch_size_grid():
   points = sweep.expand(s)
   assert len(points) == 5 * 2 * 2 and len({p.name for p in points}) == 20
   assert [p.name for p in points[:4]] == [
-      "train_batch_size-16_lr_scaling_base_batch-0_warmup-0.0", "train_batch_size-16_lr_scaling_base_batch-0_warmup-0.05",
+      "train_batch_size-16_lr_scaling_base_batch-0_warmup-0.0",
+      "train_batch_size-16_lr_scaling_base_batch-0_warmup-0.05",
       "train_batch_size-16_lr_scaling_base_batch-128_warmup-0.0",
       "train_batch_size-16_lr_scaling_base_batch-128_warmup-0.05"]
   assert {p.axis_values["train.train_batch_size"] for p in points} == {16, 32, 64, 128, 256}
