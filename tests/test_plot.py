@@ -78,3 +78,21 @@ def test_sweep_figures_group_lines_and_fall_back_to_loss(runs, tmp_path):
   y_of, label = plot._metric(loaded + [no_eval])
   assert label == "final train loss (nats/token)" and y_of(no_eval) == pytest.approx(4.0)  # make_workdir's last loss
   _check_png(plot.plot(runs[:4] + [no_eval.workdir], str(tmp_path / "s.png"), "scaling", axis="tokens"))
+
+
+def test_dynamics_figure_draws_every_matching_key(tmp_path):
+  import json  # noqa: PLC0415
+  with open(tmp_path / "dynamics.jsonl", "w") as f:
+    for step in (10, 20, 30):
+      f.write(json.dumps({"step": step, "attention/layers_0/head_0/logit_max": step / 10,
+                          "attention/layers_1/head_0/logit_max": step / 5, "logits/logz_max": 9.0}) + "\n")
+  out = plot.plot([str(tmp_path)], str(tmp_path / "d.png"), kind="dynamics")
+  assert matplotlib.image.imread(out).shape[0] > 100
+  fig_lines = plot.plt.figure()
+  ax = fig_lines.gca()
+  plot.plot_dynamics([str(tmp_path)], "attention/*/logit_max", ax)
+  assert sorted(line.get_label() for line in ax.get_lines()) == ["attention/layers_0/head_0/logit_max",
+                                                                 "attention/layers_1/head_0/logit_max"]
+  assert list(ax.get_lines()[1].get_ydata()) == [2.0, 4.0, 6.0]
+  with pytest.raises(ValueError, match="matches no dynamics key"):
+    plot.plot_dynamics([str(tmp_path)], "nope/*", ax)

@@ -1,7 +1,7 @@
 """Figures from workdirs (matplotlib, headless): training curves, BPB vs batch size, BPB vs FLOPs with Marin's runs.
 
-python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch|scaling|flops]
-                       [--x steps|tokens|flops|chinchilla]
+python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch|scaling|dynamics|flops]
+                       [--x steps|tokens|flops|chinchilla] [--quantity GLOB]
                        [--group-by CONFIG.KEY] [--leaderboard FILE_OR_DIR_OR_URL ...] [--flops-axis model|hardware]
 
   curves  train loss and eval BPB against steps, tokens or model FLOPs (3 x forward FLOPs/token x tokens).
@@ -11,6 +11,8 @@ python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch
   scaling final BPB against the Chinchilla multiple (--x chinchilla, the default here) or tokens (--x tokens), one
           line per --group-by value (model_size by default): the data-scaling figure.
   batch and scaling fall back to the final train loss when some run has no eval (no BPB).
+  dynamics the training-dynamics quantities (dynamics.jsonl) whose keys match --quantity (a glob, default
+          attention/*/head_*/logit_max: attention-logit growth) against step, one line per key and run.
   flops   final BPB against model (or hardware) FLOPs, coloured by model size, Marin's runs (--leaderboard) as
           reference points, and the Pareto front: points with a lower BPB than every point with smaller FLOPs
           (the speedrun website's definition). Our runs without a Paloma c4_en eval are drawn hollow and left out
@@ -18,6 +20,7 @@ python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import sys
@@ -187,9 +190,39 @@ def plot_flops(runs: list[Run], board: list[dict], flops_axis: str, ax) -> None:
   ax.legend(fontsize=7)
 
 
+def plot_dynamics(workdirs: list[str], quantity: str, ax) -> None:
+  """Every dynamics.jsonl key matching the glob `quantity`, against step: one line per key (and run)."""
+  from tinyjax import dynamics  # noqa: PLC0415
+  drawn = 0
+  for w in workdirs:
+    rows = dynamics.read(w)
+    if not rows:
+      raise ValueError(f"{w}: no dynamics.jsonl rows (run with --config.train.dynamics_every=N)")
+    for key in sorted({k for r in rows for k in r if fnmatch.fnmatch(k, quantity)}):
+      pts = [(r["step"], r[key]) for r in rows if key in r]
+      label = key if len(workdirs) == 1 else f"{os.path.basename(os.path.normpath(w))}: {key}"
+      ax.plot(*zip(*pts), marker=".", label=label)
+      drawn += 1
+  if not drawn:
+    raise ValueError(f"--quantity {quantity!r} matches no dynamics key (e.g. attention/*/head_*/logit_max, "
+                     "update_ratio/group/*, logits/logz_max)")
+  ax.set_xlabel("step")
+  ax.set_ylabel(quantity)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6, ncol=2 if drawn > 8 else 1)
+
+
 def plot(workdirs: list[str], out: str, kind: str = "curves", axis: str = "steps", group_by: str = "optimizer.name",
-         leaderboard: list[str] | None = None, flops_axis: str = "model") -> str:
+         leaderboard: list[str] | None = None, flops_axis: str = "model",
+         quantity: str = "attention/*/head_*/logit_max") -> str:
   """Draws `kind` for the workdirs into `out` (PNG); returns out."""
+  if kind == "dynamics":
+    fig, ax = plt.subplots(figsize=(8, 5))
+    plot_dynamics(workdirs, quantity, ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
   runs = [Run(w) for w in workdirs]
   if kind == "curves":
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -212,7 +245,9 @@ def main(argv: list[str]) -> None:
   p = cli.ArgParser(prog="python -m tinyjax.plot", description=__doc__.splitlines()[0])
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   p.add_argument("--out", required=True, metavar="FILE.png")
-  p.add_argument("--kind", choices=("curves", "batch", "scaling", "flops"), default="curves")
+  p.add_argument("--kind", choices=("curves", "batch", "scaling", "dynamics", "flops"), default="curves")
+  p.add_argument("--quantity", default="attention/*/head_*/logit_max",
+                 help="dynamics: glob over dynamics.jsonl keys (one line per match)")
   p.add_argument("--x", choices=("steps", "tokens", "flops", "chinchilla"), default=None,
                  help="curves: steps|tokens|flops (default steps); scaling: chinchilla|tokens (default chinchilla)")
   p.add_argument("--group-by", default=None,
@@ -225,7 +260,7 @@ def main(argv: list[str]) -> None:
   axis = args.x or ("chinchilla" if args.kind == "scaling" else "steps")
   group_by = args.group_by or ("model_size" if args.kind == "scaling" else "optimizer.name")
   try:
-    print(plot(args.workdirs, args.out, args.kind, axis, group_by, args.leaderboard, args.flops_axis))
+    print(plot(args.workdirs, args.out, args.kind, axis, group_by, args.leaderboard, args.flops_axis, args.quantity))
   except (compare.LeaderboardError, OSError, ValueError, KeyError) as e:
     cli.fail(str(e.args[0]) if isinstance(e, KeyError) else str(e))
 
