@@ -149,13 +149,15 @@ def test_end_to_end_stops_the_diverged_run(tmp_path):
   """Two real runs (tiny shapes, 60 steps): AdamW at lr 1e-3 trains; at 10 it blows up and is stopped early."""
   args = ["--config=configs/stability_tiny.py", "--lrs", "1e-3,10", "--steps", "60", f"--workdir-root={tmp_path}",
           "--set", "model.hidden_dim=32", "--set", "model.intermediate_dim=64", "--set", "train.log_every=2"]
+  stale = tmp_path / "lr-0.001"  # an unfinished earlier attempt: its rows must not be read as this run's
+  write_rows(str(stale), [{"step": 1, "loss": 0.5}])
   r = cli_run(*args)
   assert r.returncode == 0, r.stderr[-2000:]
   summary = json.load(open(tmp_path / "stability_summary.json"))
   (s,) = summary["settings"]
   good, bad = s["runs"]
   assert good["lr"] == 1e-3 and good["status"] == "completed" and good["last_step"] == 60
-  assert good["final_loss"] < good["initial_loss"]
+  assert good["final_loss"] < good["initial_loss"] and good["initial_loss"] > 5, "the stale row was discarded"
   assert bad["lr"] == 10 and bad["status"] == "diverged" and bad["last_step"] < 60, "stopped before the end"
   assert s["boundary"]["lr"] == 10 and s["boundary"]["quantity"] in ("loss-blowup", "non-finite loss",
                                                                      "non-finite grad_norm")

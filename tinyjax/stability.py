@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,10 +213,8 @@ def finished(run: Run) -> dict | None:
 
 def train(config_path: str, run: Run, nats: float, warm_fraction: float, env=None) -> dict:
   """Runs one LR to the end or to divergence (SIGTERM at a loss blow-up); writes and returns its record."""
-  os.makedirs(run.workdir, exist_ok=True)
-  for name in (metrics.FILE, "run_info.json"):  # an unfinished earlier attempt restarts from scratch
-    if os.path.exists(os.path.join(run.workdir, name)):
-      os.remove(os.path.join(run.workdir, name))
+  shutil.rmtree(run.workdir, ignore_errors=True)  # an unfinished earlier attempt (and its checkpoints) starts over
+  os.makedirs(run.workdir)
   cmd = [sys.executable, "-m", "tinyjax.main", f"--config={config_path}", f"--workdir={run.workdir}",
          *[f"--config.{o}" for o in run.overrides]]
   with open(os.path.join(run.workdir, "train.log"), "w") as log:
@@ -393,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
       cli.fail("--lrs is required (e.g. --lrs 3e-4,1e-3,3e-3,1e-2,3e-2,1e-1,3e-1) unless --report-only")
     if a.steps < 0 or a.blowup_nats <= 0 or not 0 <= a.warm_fraction < 1 or not 0 < a.safety <= 1:
       cli.fail("--steps must be >= 0, --blowup-nats > 0, --warm-fraction in [0, 1), --safety in (0, 1]")
-    varies, sets = parse_vary(a.vary), [s for s in a.set]
+    varies, sets = parse_vary(a.vary), list(a.set)
     if any("=" not in s for s in sets):
       cli.fail(f"--set {next(s for s in sets if '=' not in s)!r}: expected KEY=VALUE")
     runs = plan_runs(root, parse_lrs(a.lrs), varies, sets, a.steps, a.adam_ratio)
