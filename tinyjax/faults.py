@@ -7,7 +7,11 @@ import signal
 
 EXIT_DIVERGED = 3  # a non-finite loss or gradient norm stopped the run (nothing non-finite was saved)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT, checkpoint written, rerun the same command to resume
-NONFINITE = {1: "loss", 2: "grad_norm", 3: "loss and grad_norm"}
+NONFINITE = ((1, "loss"), (2, "grad_norm"), (4, "parameters or optimizer state after the update"))  # bits of TrainState.bad_what
+
+
+def nonfinite(bits: int) -> str:
+  return " and ".join(name for bit, name in NONFINITE if bits & bit) or "?"
 
 
 class Preempted(Exception):
@@ -50,7 +54,7 @@ def divergence(row: dict) -> str | None:
   """The record of the first non-finite step in a metrics row, or None."""
   if row.get("first_bad_step", -1) < 0:
     return None
-  return f"non-finite {NONFINITE.get(int(row['bad_what']), '?')} at step {int(row['first_bad_step'])}"
+  return f"non-finite {nonfinite(int(row['bad_what']))} at step {int(row['first_bad_step'])}"
 
 
 class SpikeDetector:

@@ -72,7 +72,8 @@ class Logger:
   def push(self, step: int, device_metrics: dict) -> dict | None:
     """Queues this step's metrics if it is a log step; returns the previously queued row, now fetched."""
     row = self.flush()
-    if step % self.log_every == 0 or step == self.total or step == self.first_step:
+    # Step 1 of a fresh run is always logged; a resumed run logs exactly the rows an uninterrupted run would.
+    if step % self.log_every == 0 or step == self.total or step == 1:
       self.pending = (step, device_metrics)
     return row
 

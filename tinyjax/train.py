@@ -25,7 +25,7 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   bad_steps: jax.Array  # updates skipped because the loss or gradient norm was not finite
   first_bad_step: jax.Array  # step of the first non-finite update, -1 if none
-  bad_what: jax.Array  # what was non-finite at first_bad_step: 1 loss, 2 grad_norm, 3 both
+  bad_what: jax.Array  # what was non-finite at first_bad_step: bits 1 loss, 2 grad_norm, 4 updated params
 
 
 def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -44,6 +44,11 @@ def loss_fn(model: Transformer, z_loss_weight: float):
     loss = (stats["nll"] * mask_BL).sum() / n
     return loss + z_loss_weight * (stats["logz"] ** 2 * mask_BL).sum() / n, loss
   return fn
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sharding, accum: int | None = None,
@@ -80,17 +85,22 @@ def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sha
   def step(state: TrainState, tokens_BL):
     grads, loss = grads_and_loss(state.params, tokens_BL)
     grad_norm = optax.tree.norm(grads)
-    what = jnp.where(jnp.isfinite(loss), 0, 1) + jnp.where(jnp.isfinite(grad_norm), 0, 2)
-    bad = what > 0
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    candidate = optax.apply_updates(state.params, updates)
+    candidate_norm = optax.tree.norm(candidate)  # an update can overflow with finite grads (e.g. a huge LR)
+    state_ok = jnp.isfinite(candidate_norm) & _all_finite(opt_state)  # nothing non-finite may reach a checkpoint
+    what = jnp.where(jnp.isfinite(loss), 0, 1) + jnp.where(jnp.isfinite(grad_norm), 0, 2)
+    what = what + jnp.where(state_ok | (what > 0), 0, 4)  # 4: only the update itself went non-finite
+    bad = what > 0
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
     first = bad & (state.first_bad_step < 0)
     new = TrainState(
-        step=state.step + 1, params=keep(optax.apply_updates(state.params, updates), state.params),
+        step=state.step + 1, params=keep(candidate, state.params),
         opt_state=keep(opt_state, state.opt_state), bad_steps=state.bad_steps + bad.astype(jnp.int32),
         first_bad_step=jnp.where(first, state.step + 1, state.first_bad_step),
         bad_what=jnp.where(first, what, state.bad_what))
-    out = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(new.params),
+    param_norm = jnp.where(bad, optax.tree.norm(state.params), candidate_norm)
+    out = {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
            "bad_steps": new.bad_steps, "first_bad_step": new.first_bad_step, "bad_what": new.bad_what,
            **optim.current_learning_rates(cfg, total_steps, state.step)}
     if with_dynamics:
@@ -233,6 +243,7 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
       if ckpt and (ckpt.due(step, total) or stop):
         guard.save(step, state)
       if stop:
+        guard.check(log.flush())  # the preempted step's own row, as an uninterrupted run would log it
         why = signals.received or "SIGTERM (a preemption notice to one of the run's processes)"
         log.event(step, "preempted", f"{why}: checkpoint at step {step} written")
         raise faults.Preempted(f"stopped by {why} at step {step}; checkpoint written, rerun to resume")
@@ -273,9 +284,9 @@ class Guard:
     diverged = faults.divergence(row)
     if diverged and not self.skip:
       last = self.ckpt.last_step if self.ckpt else None
-      self.log.event(row["step"], "diverged", f"{diverged}; last good checkpoint: {last}")
-      raise faults.Diverged(f"{diverged}; the update was not applied and nothing non-finite was saved; "
-                            f"last good checkpoint: step {last}")
+      saved = f"last good checkpoint: step {last}" if last is not None else "no checkpoint had been written yet"
+      self.log.event(row["step"], "diverged", f"{diverged}; {saved}")
+      raise faults.Diverged(f"{diverged}; the update was not applied and nothing non-finite was saved; {saved}")
     if row.get("bad_steps", 0) > self.reported_bad:
       self.log.event(row["step"], "skipped_bad_steps", f"{diverged}; {int(row['bad_steps'])} updates skipped so far")
       self.reported_bad = row["bad_steps"]
