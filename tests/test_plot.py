@@ -96,3 +96,18 @@ def test_dynamics_figure_draws_every_matching_key(tmp_path):
   assert list(ax.get_lines()[1].get_ydata()) == [2.0, 4.0, 6.0]
   with pytest.raises(ValueError, match="matches no dynamics key"):
     plot.plot_dynamics([str(tmp_path)], "nope/*", ax)
+
+
+def test_lr_figure_from_a_stability_root(tmp_path):
+  import json  # noqa: PLC0415
+  from tinyjax import stability  # noqa: PLC0415
+  records = [{"setting": "use_qk_norm=False", "lr": lr, "initial_loss": 6.7, "final_loss": loss,
+              "status": "diverged" if div else "completed",
+              "divergence": {"step": 24, "quantity": "loss blow-up"} if div else None}
+             for lr, loss, div in ((1e-3, 5.0, False), (1e-2, 4.1, False), (1.0, 6.7, True))]
+  with open(tmp_path / (stability.SUMMARY + ".json"), "w") as f:
+    json.dump(stability.summarize(records), f)
+  out = plot.plot([str(tmp_path)], str(tmp_path / "lr.png"), kind="lr")
+  assert matplotlib.image.imread(out).shape[0] > 100
+  with pytest.raises(ValueError, match="not found"):
+    plot.plot([str(tmp_path / "nope")], str(tmp_path / "x.png"), kind="lr")

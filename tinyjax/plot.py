@@ -1,6 +1,6 @@
 """Figures from workdirs (matplotlib, headless): training curves, BPB vs batch size, BPB vs FLOPs with Marin's runs.
 
-python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch|scaling|dynamics|flops]
+python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch|scaling|dynamics|lr|flops]
                        [--x steps|tokens|flops|chinchilla] [--quantity GLOB]
                        [--group-by CONFIG.KEY] [--leaderboard FILE_OR_DIR_OR_URL ...] [--flops-axis model|hardware]
 
@@ -13,6 +13,8 @@ python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch
   batch and scaling fall back to the final train loss when some run has no eval (no BPB).
   dynamics the training-dynamics quantities (dynamics.jsonl) whose keys match --quantity (a glob, default
           attention/*/head_*/logit_max: attention-logit growth) against step, one line per key and run.
+  lr      final loss against learning rate, one curve per setting, from a `python -m tinyjax.stability` root
+          (WORKDIR = its --workdir-root): the LR-sensitivity figure.
   flops   final BPB against model (or hardware) FLOPs, coloured by model size, Marin's runs (--leaderboard) as
           reference points, and the Pareto front: points with a lower BPB than every point with smaller FLOPs
           (the speedrun website's definition). Our runs without a Paloma c4_en eval are drawn hollow and left out
@@ -216,6 +218,16 @@ def plot(workdirs: list[str], out: str, kind: str = "curves", axis: str = "steps
          leaderboard: list[str] | None = None, flops_axis: str = "model",
          quantity: str = "attention/*/head_*/logit_max") -> str:
   """Draws `kind` for the workdirs into `out` (PNG); returns out."""
+  if kind == "lr":  # the LR-sensitivity figure of a python -m tinyjax.stability root
+    from tinyjax import stability  # noqa: PLC0415
+    if len(workdirs) != 1:
+      raise ValueError("--kind lr takes one stability root (the --workdir-root of python -m tinyjax.stability)")
+    summary_path = os.path.join(workdirs[0], stability.SUMMARY + ".json")
+    if not os.path.exists(summary_path):
+      raise ValueError(f"{summary_path}: not found (run python -m tinyjax.stability first)")
+    with open(summary_path) as f:
+      stability.plot_lr(json.load(f), out)
+    return out
   if kind == "dynamics":
     fig, ax = plt.subplots(figsize=(8, 5))
     plot_dynamics(workdirs, quantity, ax)
@@ -245,7 +257,7 @@ def main(argv: list[str]) -> None:
   p = cli.ArgParser(prog="python -m tinyjax.plot", description=__doc__.splitlines()[0])
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   p.add_argument("--out", required=True, metavar="FILE.png")
-  p.add_argument("--kind", choices=("curves", "batch", "scaling", "dynamics", "flops"), default="curves")
+  p.add_argument("--kind", choices=("curves", "batch", "scaling", "dynamics", "lr", "flops"), default="curves")
   p.add_argument("--quantity", default="attention/*/head_*/logit_max",
                  help="dynamics: glob over dynamics.jsonl keys (one line per match)")
   p.add_argument("--x", choices=("steps", "tokens", "flops", "chinchilla"), default=None,
