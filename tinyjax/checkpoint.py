@@ -18,6 +18,12 @@ import orbax.checkpoint as ocp
 from tinyjax.config import EXECUTION_ONLY_MODEL_KEYS, ConfigError
 
 
+# What a resumed run may not change silently (it changes the trajectory): optimizer, budget, batch, data order.
+TRAINING_KEY_PREFIXES = ("seed", "optimizer.", "train.train_batch_size", "train.num_train_steps",
+                         "train.chinchilla_multiple", "train.nominal_params", "train.grad_accum_steps",
+                         "train.z_loss_weight", "train.data_seed", "data.train_urls", "data.tokenizer", "data.text_key")
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():
@@ -40,6 +46,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.last_save_time = time.monotonic()
     self.last_step = self.manager.latest_step()
+    self.config_changes: list[str] = []  # training keys changed on resume (with checkpoint.allow_config_change)
 
   def due(self, step: int, total: int) -> bool:
     k = self.cfg.checkpoint
@@ -61,25 +68,69 @@ class Checkpointer:
             if ours.get(k) != theirs.get(k) and k not in EXECUTION_ONLY_MODEL_KEYS]
     if diff:
       raise ConfigError(f"checkpoint {self.directory}/{step} was made with a different model: {'; '.join(diff)}")
+    ours, theirs = _flat(json.loads(self.cfg.to_json_best_effort())), _flat(saved)
+    changed = [k for k in sorted(set(ours) | set(theirs))
+               if k.startswith(TRAINING_KEY_PREFIXES) and ours.get(k) != theirs.get(k)]
+    if changed and not self.cfg.checkpoint.allow_config_change:
+      listed = "; ".join(f"{k} (checkpoint {theirs.get(k)!r}, config {ours.get(k)!r})" for k in changed)
+      raise ConfigError(f"resuming {self.directory}/{step} with a changed training config: {listed}; rerun with the "
+                        "checkpoint's values, or set config.checkpoint.allow_config_change=True to continue anyway "
+                        "(recorded in metrics.jsonl; the old config.json is kept)")
+    self.config_changes = changed
 
   def restore_latest(self, abstract_state):
-    """(state, meta) from the newest readable checkpoint (onto abstract_state's shardings), or None if none.
+    """(state, meta) from the newest readable checkpoint (onto abstract_state's shardings), or None if there is none.
 
-    An unreadable newest checkpoint (truncated, corrupted) is skipped with a warning and the previous one is used.
+    Resume order: newest step first. A step that cannot be read (damaged files, missing or garbage meta, an empty or
+    stray numbered folder) is skipped; once an older step restores, the unreadable newer ones are moved aside to
+    `<step>.corrupt-<time>` (kept for inspection; saving that step again would otherwise fail). If checkpoints exist
+    but none can be restored, that is a ConfigError naming why (e.g. a changed optimizer), and nothing is moved or
+    deleted, unless checkpoint.start_over is set: then they are moved aside and the run starts from step 0.
     """
-    for step in sorted(self.manager.all_steps(), reverse=True):
-      meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-      self._check_config(meta.get("config", {}), step)
+    failed = []
+    for step in sorted(self._candidate_steps(), reverse=True):
       try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if not isinstance(meta, dict) or "config" not in meta:
+          raise ValueError("its meta/ is missing or not tinyjax's")
+        self._check_config(meta.get("config", {}), step)
         restored = self.manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      except ConfigError:
+        raise
       except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise many types for damaged files
-        print(f"warning: checkpoint {self.directory}/{step} is unreadable ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200]}); falling back to the previous one", flush=True)
+        failed.append((step, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"))
+        print(f"warning: checkpoint {self.directory}/{step} is unreadable ({failed[-1][1]}); trying the previous one",
+              flush=True)
         continue
+      self._move_aside([s for s, _ in failed])
       self.last_step = step
       return restored.state, meta
+    if failed and not self.cfg.checkpoint.start_over:
+      step, why = failed[0]
+      raise ConfigError(f"{self.directory} holds checkpoints {[s for s, _ in failed]} and none can be restored "
+                        f"(newest, step {step}: {why}); fix the config to match them, or set "
+                        "config.checkpoint.start_over=True to move them aside and start from step 0")
+    self._move_aside([s for s, _ in failed])
     return None
+
+  def _candidate_steps(self) -> list[int]:
+    """Orbax's finished steps plus numbered folders it does not list (stray or empty ones)."""
+    steps = set(self.manager.all_steps())
+    if os.path.isdir(self.directory):
+      steps |= {int(n) for n in os.listdir(self.directory) if n.isdigit()}
+    return sorted(steps)
+
+  def _move_aside(self, steps: list[int]) -> None:
+    if not steps or jax.process_index() != 0 or "://" in self.directory:
+      return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for step in steps:
+      src = os.path.join(self.directory, str(step))
+      if os.path.exists(src):
+        os.replace(src, f"{src}.corrupt-{stamp}")
+        print(f"warning: moved the unreadable checkpoint {src} aside to {src}.corrupt-{stamp}", flush=True)
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

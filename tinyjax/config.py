@@ -134,6 +134,8 @@ def base() -> mlc.ConfigDict:
   k.max_to_keep = 2  # recent checkpoints kept
   k.keep_period = 0  # also keep forever every checkpoint at a multiple of this step (Marin steps_per_export); 0 = none
   k.async_save = True  # write in the background while training continues
+  k.allow_config_change = False  # resume with changed optimizer/budget/batch/data keys (recorded); False = refuse
+  k.start_over = False  # checkpoints exist but none can be restored: False = refuse (exit 2); True = move aside, restart
 
   c.results = r = mlc.ConfigDict()  # the Marin speedrun_results.json run_info fields we cannot derive
   r.description = ""  # one sentence about the run (Marin SpeedrunConfig.description)
@@ -289,6 +291,13 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]", d.max_bad_fraction)
   _require(cfg.mesh.data == -1 or cfg.mesh.data > 0, "mesh.data", "must be -1 (all devices) or positive",
            cfg.mesh.data)
+  k = cfg.checkpoint
+  _require(k.max_to_keep >= 1, "checkpoint.max_to_keep", "must be >= 1 (0 would delete every checkpoint)",
+           k.max_to_keep)
+  for key in ("save_interval_steps", "save_interval_minutes", "keep_period"):
+    _require(k[key] >= 0, f"checkpoint.{key}", "must be >= 0 (0 = off)", k[key])
+  _require(t.loss_spike_window > 0, "train.loss_spike_window", "must be a positive integer", t.loss_spike_window)
+  _require(t.loss_spike_ratio >= 0, "train.loss_spike_ratio", "must be >= 0 (0 = off)", t.loss_spike_ratio)
   dd = cfg.distributed
   _require(dd.mode in ("auto", "on", "off"), "distributed.mode", "allowed: auto, on, off", dd.mode)
   for key in ("num_processes", "initialization_timeout_s", "heartbeat_timeout_s", "step_timeout_s"):
@@ -299,6 +308,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
   from tinyjax import flops, model  # late: keeps `import tinyjax.config` free of jax/flax for data worker processes
   steps = num_train_steps(cfg, flops.param_counts(model.ModelConfig.from_config(m))["model_size"])
   _require(steps > 0, "train.chinchilla_multiple", "gives 0 steps at this batch and seq_len", t.chinchilla_multiple)
+  _require(warmup_steps(cfg, steps) <= steps, "optimizer.warmup", f"must fit in the {steps} training steps",
+           o.warmup)
   _require(warmup_steps(cfg, steps) + decay_steps(cfg, steps) <= steps, "optimizer.decay",
            f"warmup + decay must fit in the {steps} training steps", o.decay)
 

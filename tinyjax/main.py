@@ -16,7 +16,8 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the planned run as JSON an
 
 
 def main(argv: list[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    cli.fail(f"unexpected argument {argv[1]!r}: flags are --config=..., --config.KEY=VALUE, --workdir=..., --dry_run")
   logging.set_verbosity(logging.WARNING)  # absl's INFO lines (e.g. "Unable to initialize backend 'tpu'") are noise
   cfg = _CONFIG.value
   from tinyjax import env  # imports jax; applying the env must precede any backend use

@@ -205,6 +205,8 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
     ckpt.close()
     return {"step": start}
   if jax.process_index() == 0:
+    if ckpt and ckpt.config_changes and os.path.exists(os.path.join(workdir, "config.json")):
+      os.replace(os.path.join(workdir, "config.json"), os.path.join(workdir, f"config.before-step{start}.json"))
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
   info = record.start(workdir, cfg, info)
@@ -213,6 +215,9 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
   log = metrics.Logger(workdir, total, config.tokens_per_step(cfg), cfg.train.log_every, start,
                        meta.get("training_time", 0.0))
   guard = Guard(cfg, log, ckpt, wd)
+  if ckpt and ckpt.config_changes:  # allowed by checkpoint.allow_config_change: on the record
+    log.event(start, "config_changed", f"resumed with changed {', '.join(ckpt.config_changes)} "
+                                       f"(previous config: config.before-step{start}.json)")
   tracker = tracking.Tracker(workdir, cfg, start)  # TensorBoard / W&B mirrors of metrics and dynamics
   log.sinks.append(tracker)
   every = cfg.train.dynamics_every
