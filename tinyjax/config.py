@@ -17,7 +17,7 @@ CHINCHILLA_TOKENS_PER_PARAM = 20
 
 OPTIMIZERS = ("muon", "adamw")
 SCHEDULES = ("linear", "cosine", "constant")
-COEFFICIENT_TYPES = ("simple", "quintic")
+COEFFICIENT_TYPES = ("simple", "quintic", "polar_express", "aol")  # Levanter optim/util.py NEWTON_SCHULZ_COEFFICIENTS
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "block")
 ATTENTION = ("auto", "reference", "blockwise", "splash", "pallas_gpu")  # = kernels.attention.IMPLEMENTATIONS
@@ -89,7 +89,7 @@ def base() -> mlc.ConfigDict:
   o.momentum = 0.95  # muon: heavy-ball momentum (no dampening)
   o.nesterov = True  # muon: Nesterov momentum (MuonConfig default); adamw: NAdam update (use adamw_defaults)
   o.backend_steps = 5  # muon: Newton-Schulz iterations
-  o.coefficient_type = "simple"  # muon: "simple" (all 2025 Marin runs) | "quintic" (Levanter default since 2026-01-29)
+  o.coefficient_type = "simple"  # muon NS set: simple (2025 Marin runs) | quintic (Levanter default) | polar_express | aol
   o.muon_epsilon = 1e-8  # muon: X = u / (||u||_F + muon_epsilon)
   o.use_kimi_scaling = False  # muon: scale by 0.2*sqrt(max(out,in)) instead of sqrt(max(1,out/in))
   o.beta1 = 0.9  # Adam beta1 (adam group for muon)
@@ -135,7 +135,7 @@ def base() -> mlc.ConfigDict:
   k.keep_period = 0  # also keep forever every checkpoint at a multiple of this step (Marin steps_per_export); 0 = none
   k.async_save = True  # write in the background while training continues
   k.allow_config_change = False  # resume with changed optimizer/budget/batch/data keys (recorded); False = refuse
-  k.start_over = False  # checkpoints exist but none can be restored: False = refuse (exit 2); True = move aside, restart
+  k.start_over = False  # checkpoints exist but none restorable: False = refuse (exit 2); True = move aside, restart
 
   c.results = r = mlc.ConfigDict()  # the Marin speedrun_results.json run_info fields we cannot derive
   r.description = ""  # one sentence about the run (Marin SpeedrunConfig.description)
