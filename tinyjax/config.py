@@ -89,7 +89,7 @@ def base() -> mlc.ConfigDict:
   o.momentum = 0.95  # muon: heavy-ball momentum (no dampening)
   o.nesterov = True  # muon: Nesterov momentum (MuonConfig default); adamw: NAdam update (use adamw_defaults)
   o.backend_steps = 5  # muon: Newton-Schulz iterations
-  o.coefficient_type = "simple"  # muon NS set: simple (2025 Marin runs) | quintic (Levanter default) | polar_express | aol
+  o.coefficient_type = "simple"  # muon NS: simple (2025 Marin runs) | quintic (Levanter default) | polar_express | aol
   o.muon_epsilon = 1e-8  # muon: X = u / (||u||_F + muon_epsilon)
   o.use_kimi_scaling = False  # muon: scale by 0.2*sqrt(max(out,in)) instead of sqrt(max(1,out/in))
   o.beta1 = 0.9  # Adam beta1 (adam group for muon)
