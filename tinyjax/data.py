@@ -102,7 +102,8 @@ def prepare(cfg) -> Dataset:
   evals = {name: _prepare_split(root, list(urls), tok, name, cfg, f"data.validation_urls['{name}']")
            for name, urls in sorted(cfg.data.validation_urls.items())}
   return Dataset(tok.path, tok.vocab_size, tok.bos_id, tok.eos_id,
-                 tokenizers.byte_lengths(tok.tokenizer, cfg.model.vocab_size), train, evals)
+                 tokenizers.byte_lengths(tok.tokenizer, cfg.model.vocab_size, tok.special_ids, tok.clean_up_spaces),
+                 train, evals)
 
 
 def _rows(batch_size: int, process_index: int, process_count: int, key: str) -> tuple[int, int]:

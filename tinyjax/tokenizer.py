@@ -66,6 +66,8 @@ class Loaded:
   append_bos: bool  # Levanter BatchTokenizer._need_to_add_bos: the tokenizer does not add BOS itself
   append_eos: bool  # Levanter _need_to_add_eos
   split_long: bool  # Levanter _needs_long_sequence_workaround
+  special_ids: frozenset = frozenset()  # HF all_special_ids (decode_rules): tokens that count 0 bytes
+  clean_up_spaces: bool = False  # tokenizer_config.json clean_up_tokenization_spaces (decode rule)
 
   @property
   def vocab_size(self) -> int:
@@ -190,24 +192,63 @@ def load(spec: str, root: str, train_urls, vocab_size: int) -> Loaded:
   bos_id, eos_id = (tok.token_to_id(bos) if bos else None), tok.token_to_id(eos)
   probe = tok.encode("hi there", add_special_tokens=True).ids  # Levanter's probe
   split_long = isinstance(tok.normalizer, (normalizers.Replace, normalizers.Sequence))
+  special_ids, clean_up = decode_rules(tok, folder, bos_id, eos_id)
   return Loaded(tok, path, spec, hashlib.sha256(raw).hexdigest(), bos_id, eos_id, bos, eos,
                 append_bos=bos_id is not None and probe[:1] != [bos_id], append_eos=probe[-1:] != [eos_id],
-                split_long=split_long)
+                split_long=split_long, special_ids=frozenset(special_ids), clean_up_spaces=clean_up)
 
 
-def byte_lengths(tok: Tokenizer, size: int) -> np.ndarray:
-  """int32[size] UTF-8 bytes per id (Levanter hf_utils.byte_length_of_token): special tokens 0, <0xNN> byte
-  tokens their byte count, others len(decode([id('.'), id])) - 1 (the '.' keeps a leading space), ids >= the
-  tokenizer's size 0."""
+# transformers' clean_up_tokenization (applied by decode when tokenizer_config.json's clean_up_tokenization_spaces is
+# true, as for Llama-3 / marin-tokenizer): these replacements, in this order.
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_SPECIAL_FIELDS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def decode_rules(tok: Tokenizer, folder: str, bos_id: int | None, eos_id: int) -> tuple[set[int], bool]:
+  """(all_special_ids, clean_up_tokenization_spaces) as a HF tokenizer loaded from `folder` has them: the ids of
+  the special-token fields and additional_special_tokens of tokenizer_config.json / special_tokens_map.json (not
+  every added token: Llama-3's <|eot_id|> is added but not special there); without those files, BOS and EOS."""
+  ids, clean_up, found = set(), False, False
+  for fname in ("special_tokens_map.json", "tokenizer_config.json"):
+    path = os.path.join(folder, fname)
+    if not os.path.exists(path):
+      continue
+    found = True
+    with open(path, encoding="utf-8") as f:
+      conf = json.load(f)
+    clean_up = bool(conf.get("clean_up_tokenization_spaces", clean_up))
+    values = [conf.get(k) for k in _SPECIAL_FIELDS] + list(conf.get("additional_special_tokens") or [])
+    for v in values:
+      v = v.get("content") if isinstance(v, dict) else v
+      if isinstance(v, str) and tok.token_to_id(v) is not None:
+        ids.add(tok.token_to_id(v))
+  if not found:
+    ids = {i for i in (bos_id, eos_id) if i is not None}
+  return ids, clean_up
+
+
+def byte_lengths(tok: Tokenizer, size: int, special_ids=None, clean_up: bool = False) -> np.ndarray:
+  """int32[size] UTF-8 bytes per id, as Levanter's hf_utils.byte_length_of_token computes them with a HF tokenizer:
+  all_special_ids 0; <0xNN> byte tokens their byte count; others len(decode([id('.'), id])) - 1 with the
+  tokenizer's decode rules (clean_up_tokenization_spaces included; the '.' keeps a leading space); ids >= the
+  tokenizer's size 0. special_ids=None: every added token marked special (the tokenizer.json view)."""
   n = min(size, tok.get_vocab_size(with_added_tokens=True))
-  special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+  if special_ids is None:
+    special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
   dot = tok.encode(".", add_special_tokens=False).ids[0]
   decoded = tok.decode_batch([[dot, i] for i in range(n)], skip_special_tokens=False)
   out = np.zeros(size, np.int32)
   for i, text in enumerate(decoded):
     piece = tok.id_to_token(i)
-    if i in special or piece is None:
+    if i in special_ids or piece is None:
       continue
     m = _BYTE_TOKEN.match(piece)
-    out[i] = len(bytes.fromhex(m.group(1))) if m else len(text.encode("utf-8")) - 1
+    if m:
+      out[i] = len(bytes.fromhex(m.group(1)))
+      continue
+    if clean_up:
+      for a, b in _CLEAN_UP:
+        text = text.replace(a, b)
+    out[i] = len(text.encode("utf-8")) - 1
   return out
