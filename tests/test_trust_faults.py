@@ -111,3 +111,51 @@ def test_byte_table_equals_levanters_rule_through_transformers(tmp_path):
   assert ours[eot] == len("<|eot_id|>") and ours[tok.token_to_id(bos)] == 0, "only all_special_ids count 0"
   space_dot = tok.token_to_id("Ġ.")
   assert space_dot is not None and ours[space_dot] == 1, "clean_up_tokenization_spaces: ' .' decodes to 1 byte"
+
+
+def test_rerun_finishes_records_a_stop_after_the_final_checkpoint_left(cache, tmp_path):
+  """Killed after the final checkpoint was committed but before the end-of-run records: the rerun writes them."""
+  import json  # noqa: PLC0415
+  import os  # noqa: PLC0415
+  run(small_cfg(cache), tmp_path)
+  full = metrics.read(str(tmp_path))
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in full if "param_sha256" not in r)
+  os.remove(tmp_path / "speedrun_results.json")
+  info = json.load(open(tmp_path / "run_info.json"))
+  json.dump({**info, "status": "running"}, open(tmp_path / "run_info.json", "w"))
+  run(small_cfg(cache), tmp_path)
+  assert [r["param_sha256"] for r in metrics.read(str(tmp_path)) if "param_sha256" in r] == \
+      [r["param_sha256"] for r in full if "param_sha256" in r]
+  assert json.load(open(tmp_path / "run_info.json"))["status"] == "completed"
+  assert (tmp_path / "speedrun_results.json").exists()
+
+
+def test_a_second_trainer_is_refused_and_a_stale_lock_is_taken_over(cache, tmp_path):
+  import os  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  import time  # noqa: PLC0415
+  from tinyjax import workdir as workdirs  # noqa: PLC0415
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = [sys.executable, "-m", "tinyjax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+          f"--config.data.cache_dir={cache}", "--config.model.vocab_size=512", "--config.model.seq_len=32",
+          "--config.train.train_batch_size=4", "--config.train.log_every=1", "--config.train.num_train_steps=100000"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  first = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while not metrics.read(str(tmp_path)) and time.time() < deadline:
+      time.sleep(0.2)
+    second = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 2 and "in use by another tinyjax run" in second.stderr, second.stderr[-2000:]
+    assert metrics.read(str(tmp_path)), "the refused trainer must not touch the running one's files"
+  finally:
+    first.kill()  # kill -9: the lock stays behind, stale
+    first.wait()
+  assert (tmp_path / workdirs.LOCK).exists()
+  lock = workdirs.Lock(str(tmp_path), str(tmp_path))
+  lock.acquire()
+  assert lock.held
+  lock.release()
+  assert not (tmp_path / workdirs.LOCK).exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 from typing import Any
 
@@ -131,6 +132,26 @@ def compile_step(cfg, model, tx, total: int, shapes, state_sh, batch_sh):
   return planner.executables[accum], plan_info
 
 
+def finish_records(workdir: str, cfg, info: dict, state: TrainState, total: int) -> None:
+  """Writes whatever end-of-run record a completed run lacks: the final param_sha256 row, run_info.json's
+  "completed" status and speedrun_results.json (process 0)."""
+  if jax.process_index() != 0:
+    return
+  rows = metrics.read(workdir)
+  if not any("param_sha256" in r for r in rows):
+    with open(os.path.join(workdir, metrics.FILE), "a") as f:
+      f.write(json.dumps({"step": total, "param_sha256": params_sha256(state.params)}, sort_keys=True) + "\n")
+    print(f"wrote the missing final param_sha256 to {metrics.FILE}", flush=True)
+  path = os.path.join(workdir, "run_info.json")
+  saved = json.load(open(path)) if os.path.exists(path) else None
+  if not saved or saved.get("status") != "completed":
+    record.finish(workdir, saved or record.start(workdir, cfg, info), "completed")
+    print("marked run_info.json completed", flush=True)
+  if not os.path.exists(os.path.join(workdir, results.RESULTS_FILE)):
+    results.write_results(workdir)
+    print(f"wrote the missing {results.RESULTS_FILE}", flush=True)
+
+
 def params_sha256(params) -> str:
   """Bitwise fingerprint of the parameters (leaf order is the pytree's, which is deterministic)."""
   h = hashlib.sha256()
@@ -166,9 +187,18 @@ def _check_writable(workdir: str) -> None:
 def run(cfg, workdir: str, env_record: dict) -> dict:
   """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row."""
   wd = workdirs.Workdir(workdir, cfg.data.cache_dir)  # gs://...: checkpoints in place, small files mirrored
-  wd.pull()
+  _check_writable(wd.local)
+  lock = workdirs.Lock(wd.local, wd.path)  # one trainer per workdir (a multi-host run shares process 0's lock)
+  lock.acquire()
+  try:
+    wd.pull()
+    return _train(cfg, wd, env_record)
+  finally:
+    lock.release()
+
+
+def _train(cfg, wd, env_record: dict) -> dict:
   workdir = wd.local
-  _check_writable(workdir)
   mesh = sharding.make_mesh(cfg.mesh)
   # Several processes: process 0 prepares the data first (one build on shared storage; the others then find the
   # finished ledger, or, on per-host local disks, build their own copy after it).
@@ -203,6 +233,8 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
   if start >= total:
     say(f"run already complete ({total} steps) in {wd.path}", flush=True)
     ckpt.close()
+    finish_records(workdir, cfg, info, state, total)  # a stop after the final checkpoint left some unwritten
+    wd.push()
     return {"step": start}
   if jax.process_index() == 0:
     if ckpt and ckpt.config_changes and os.path.exists(os.path.join(workdir, "config.json")):

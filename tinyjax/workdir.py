@@ -10,7 +10,10 @@ Needs `pip install 'tinyjax[gcs]'` for gs://.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
+import time
 
 import jax
 
@@ -71,3 +74,71 @@ class Workdir:
         self.fs.put(src + "/", f"{self.root}/{name}/", recursive=True)
       elif os.path.exists(src):
         self.fs.put(src, f"{self.root}/{name}")
+
+
+LOCK = ".tinyjax.lock"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class Lock:
+  """workdir/.tinyjax.lock: host, pid and start time of the trainer using the workdir (process 0 of a run).
+
+  A second trainer is refused with one line. A lock left by a killed trainer (kill -9: its pid is gone on this
+  host) is stale and taken over; a lock from another host cannot be checked from here, so the message says how to
+  remove it when that host's run is known to be gone.
+  """
+
+  def __init__(self, local_dir: str, shown: str):
+    self.path, self.shown, self.held = os.path.join(local_dir, LOCK), shown, False
+
+  def acquire(self) -> None:
+    if jax.process_index() != 0:
+      return
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        other = self._read()
+        if other.get("host") == mine["host"] and isinstance(other.get("pid"), int) and _alive(other["pid"]) \
+            and other["pid"] != mine["pid"]:
+          raise ConfigError(f"--workdir={self.shown} is in use by another tinyjax run (pid {other['pid']} on "
+                            f"{other['host']} since {other.get('since')}); wait for it, stop it, or use another "
+                            "workdir") from None
+        if other.get("host") not in (None, mine["host"]):
+          raise ConfigError(f"--workdir={self.shown} is locked by a tinyjax run on host {other['host']} (pid "
+                            f"{other.get('pid')} since {other.get('since')}); if that run is gone, delete "
+                            f"{self.path}") from None
+        print(f"warning: taking over the stale lock {self.path} ({other or 'unreadable'}: that process is gone)",
+              flush=True)
+        os.remove(self.path)
+        continue
+      with os.fdopen(fd, "w") as f:
+        json.dump(mine, f)
+      self.held = True
+      return
+
+  def _read(self) -> dict:
+    try:
+      with open(self.path) as f:
+        value = json.load(f)
+      return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+      return {}
+
+  def release(self) -> None:
+    if self.held:
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+      self.held = False
