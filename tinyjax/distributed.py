@@ -54,7 +54,8 @@ def initialize(d) -> dict:
     except (RuntimeError, ValueError) as e:
       raise ConfigError(f"jax.distributed.initialize failed ({str(e).strip().splitlines()[0]}); check "
                         "config.distributed.* or the cluster environment (SLURM_*, mpirun, TPU VM)") from e
-  return {"initialized": bool(start), "process_count": jax.process_count(), "process_index": jax.process_index(),
+  # No jax.process_count() here: it would start the backend, which env.start_backend does next (and checks).
+  return {"initialized": bool(start), "detected_processes": detected,
           "coordinator_address": explicit.get("coordinator_address"), "mode": d.mode}
 
 

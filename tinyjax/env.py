@@ -28,7 +28,7 @@ ALLOWED = {
     "gc_policy": ("default", "freeze", "disable"),
     "jax_default_matmul_precision": ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32"),
 }
-JAX_OPTIONS = ("jax_threefry_partitionable", "jax_softmax_custom_jvp", "jax_default_matmul_precision",
+JAX_OPTIONS = ("jax_platforms", "jax_threefry_partitionable", "jax_softmax_custom_jvp", "jax_default_matmul_precision",
                "jax_enable_x64", "jax_compilation_cache_dir")
 MEM_FRACTION = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
 
@@ -90,6 +90,8 @@ def apply(e) -> dict:
     os.environ["XLA_FLAGS"] = _merge_flags(os.environ.get("XLA_FLAGS", ""), flags)
   if e.libtpu_init_args:
     os.environ["LIBTPU_INIT_ARGS"] = _merge_flags(os.environ.get("LIBTPU_INIT_ARGS", ""), list(e.libtpu_init_args))
+  if e.platform is not None:  # JAX_PLATFORMS is read when jax is imported, which has happened: set the option too
+    jax.config.update("jax_platforms", e.platform)
   jax.config.update("jax_threefry_partitionable", e.jax_threefry_partitionable)
   jax.config.update("jax_softmax_custom_jvp", e.jax_softmax_custom_jvp)
   jax.config.update("jax_enable_x64", e.jax_enable_x64)
@@ -115,3 +117,17 @@ def summary(record_: dict) -> str:
   if record_.get("gc_policy", "default") != "default":
     parts.append(f"gc_policy={record_['gc_policy']}")
   return "env: " + (", ".join(parts) if parts else "defaults (no XLA/JAX/TPU/CUDA variables set)")
+
+
+def start_backend(e) -> str:
+  """Starts the backend config.env asked for; a requested platform that is absent is a ConfigError (a TPU request
+  must never become a CPU run). Returns the backend in force."""
+  try:
+    backend = jax.default_backend()
+  except Exception as err:  # noqa: BLE001 - jax raises RuntimeError / JaxRuntimeError / AssertionError by plugin
+    why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    raise ConfigError(f"config.env.platform={e.platform!r}: that backend cannot start here ({why})") from err
+  if e.platform is not None and backend not in {p.strip() for p in e.platform.split(",")} | (
+      {"gpu"} if {"cuda", "rocm"} & {p.strip() for p in e.platform.split(",")} else set()):
+    raise ConfigError(f"config.env.platform={e.platform!r} but the backend in force is {backend!r}")
+  return backend

@@ -25,6 +25,7 @@ def main(argv: list[str]) -> None:
     env_record = env.apply(cfg.env)
     from tinyjax import distributed  # after the env (XLA reads it at backend start), before any device use
     env_record["distributed"] = distributed.initialize(cfg.distributed)
+    env_record["backend"] = env.start_backend(cfg.env)  # what is in force, recorded in run_info.json
     import jax
     config.validate(cfg, num_devices=jax.device_count())
     from tinyjax import plan, sharding, train
