@@ -39,6 +39,23 @@ def _unknown_keys(argv: list[str]) -> list[str]:
   return bad
 
 
+def _load_config_file(path: str) -> None:
+  """Runs the config file's get_config() once so a broken file is one line (absl would print a traceback)."""
+  try:
+    spec = importlib.util.spec_from_file_location("_tinyjax_config_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  except Exception as e:  # noqa: BLE001 - any error in the user's file (SyntaxError, ImportError, ...) is theirs
+    first = (str(e).strip().splitlines() or [""])[0]
+    fail(f"--config={path}: the file cannot be loaded ({type(e).__name__}: {first})")
+  if not callable(getattr(module, "get_config", None)):
+    fail(f"--config={path}: the file defines no get_config() (see configs/tiny.py)")
+  try:
+    module.get_config()
+  except Exception as e:  # noqa: BLE001
+    fail(f"--config={path}: get_config() raised {type(e).__name__}: {str(e).strip()[:200]}")
+
+
 def parse_config_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser` for programs with an ml_collections --config flag: one-line errors, exit code 2."""
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -46,6 +63,7 @@ def parse_config_flags(argv: list[str]) -> list[str]:
     fail("--config=configs/NAME.py is required")
   if not os.path.isfile(path):
     fail(f"--config={path}: no such config file (see configs/)")
+  _load_config_file(path)
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError):

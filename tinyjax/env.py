@@ -66,6 +66,20 @@ def _validate(e) -> None:
     raise ConfigError(f"config.env.gpu_autotune_level={e.gpu_autotune_level} is invalid: allowed: -1 (leave), 0..4")
 
 
+def _check_xla_flags(xla_flags: str) -> None:
+  """An unknown XLA flag aborts the process at backend start with an F-log line (exit 1); probing the flags in a
+  child CPU process first (~2 s, only when config.env.xla_flags is set) turns that into a one-line error."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  child_env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu"}
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=child_env, capture_output=True,
+                         text=True, check=False)
+  bad = [line.split("Unknown flag in XLA_FLAGS:", 1)[1].strip() for line in probe.stderr.splitlines()
+         if "Unknown flag in XLA_FLAGS:" in line]
+  if bad:
+    raise ConfigError(f"config.env.xla_flags: unknown XLA flag {bad[0]} (XLA would abort; see its flag list)")
+
+
 def apply(e) -> dict:
   """Sets environment variables, XLA_FLAGS, LIBTPU_INIT_ARGS and jax.config options from config.env."""
   _validate(e)
@@ -86,6 +100,8 @@ def apply(e) -> dict:
   if e.gpu_autotune_level >= 0:
     flags.append(f"--xla_gpu_autotune_level={e.gpu_autotune_level}")
   flags += list(e.xla_flags)
+  if e.xla_flags:
+    _check_xla_flags(_merge_flags(os.environ.get("XLA_FLAGS", ""), flags))
   if flags:
     os.environ["XLA_FLAGS"] = _merge_flags(os.environ.get("XLA_FLAGS", ""), flags)
   if e.libtpu_init_args:

@@ -19,8 +19,13 @@ def _lines(path: str):
   """(line, row) for every whole line of a metrics file; a line torn by a kill mid-write is skipped."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    for line in f:
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:  # not a torn write (those are cut, not garbled): someone edited the file
+        from tinyjax.config import ConfigError  # noqa: PLC0415
+        raise ConfigError(f"{path} line {number} is not UTF-8 ({e.reason}): repair or remove that line") from e
       try:
         yield line, json.loads(line)
       except json.JSONDecodeError:

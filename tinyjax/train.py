@@ -182,12 +182,32 @@ def _check_writable(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise config.ConfigError(f"--workdir={workdir} is not writable ({e.strerror}); choose another directory") from e
+  ckpts = os.path.join(workdir, "checkpoints")  # else the first save fails, after training has started
+  if os.path.lexists(ckpts) and not os.path.isdir(ckpts):
+    raise config.ConfigError(f"{ckpts} is not a directory: move it away (checkpoints are written there)")
+
+
+def _check_cache_dir(cache_dir: str) -> None:
+  """data.cache_dir must be a writable directory before any build starts (else a traceback mid-build)."""
+  path = os.path.expanduser(cache_dir)
+  if "://" in path:
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".tinyjax-write-test-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise config.ConfigError(f"config.data.cache_dir={cache_dir!r} is not a writable directory ({e.strerror}); "
+                             "choose another directory") from e
 
 
 def run(cfg, workdir: str, env_record: dict) -> dict:
   """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row."""
   wd = workdirs.Workdir(workdir, cfg.data.cache_dir)  # gs://...: checkpoints in place, small files mirrored
   _check_writable(wd.local)
+  _check_cache_dir(cfg.data.cache_dir)
   lock = workdirs.Lock(wd.local, wd.path)  # one trainer per workdir (a multi-host run shares process 0's lock)
   lock.acquire()
   try:

@@ -1,0 +1,217 @@
+"""Catalogue of user mistakes and damaged workdirs: each is one line on stderr with its exit code, nothing harmed."""
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tinyjax import cli, config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+# The shrunk tiny run of the damaged-workdir fixture (4 steps, 1 layer, checkpoints at 2 and 4).
+SMALL = ["--config.train.num_train_steps=4", "--config.model.num_layers=1", "--config.train.train_batch_size=8",
+         "--config.checkpoint.save_interval_steps=2", "--config.train.log_every=1", "--config.train.steps_per_eval=4",
+         "--config.train.max_eval_batches=1", "--config.train.sample_prompts=()"]
+
+# (group.key, value, expected substring of the one line): config.validate's refusals (in-process: no jax start).
+VALIDATE = [
+    ("model.hidden_dim", 0, "config.model.hidden_dim=0 is invalid"),
+    ("model.num_layers", -1, "config.model.num_layers=-1"),
+    ("model.num_heads", 3, "must divide model.hidden_dim=128"),
+    ("model.num_kv_heads", 3, "must divide model.num_heads"),
+    ("model.seq_len", 1, "must be >= 2"),
+    ("model.vocab_size", 0, "config.model.vocab_size"),
+    ("model.layer_norm_epsilon", 0.0, "config.model.layer_norm_epsilon"),
+    ("model.param_dtype", "float8", "config.model.param_dtype"),
+    ("model.compute_dtype", "fp16", "config.model.compute_dtype"),
+    ("model.remat", "sometimes", "config.model.remat"),
+    ("model.attention", "magic", "config.model.attention"),
+    ("model.attention_block", 0, "config.model.attention_block"),
+    ("model.loss_block_size", -1, "config.model.loss_block_size"),
+    ("optimizer.name", "sgd", "config.optimizer.name='sgd' is invalid"),
+    ("optimizer.lr_schedule", "step", "config.optimizer.lr_schedule"),
+    ("optimizer.coefficient_type", "septic", "config.optimizer.coefficient_type"),
+    ("optimizer.learning_rate", 0.0, "config.optimizer.learning_rate"),
+    ("optimizer.adam_lr", -1.0, "config.optimizer.adam_lr"),
+    ("optimizer.beta1", 1.0, "must be in [0, 1)"),
+    ("optimizer.beta2", -0.1, "config.optimizer.beta2"),
+    ("optimizer.momentum", 1.5, "config.optimizer.momentum"),
+    ("optimizer.epsilon", -1e-8, "config.optimizer.epsilon"),
+    ("optimizer.max_grad_norm", -1.0, "config.optimizer.max_grad_norm"),
+    ("optimizer.weight_decay", -0.1, "config.optimizer.weight_decay"),
+    ("optimizer.backend_steps", 0, "config.optimizer.backend_steps"),
+    ("optimizer.warmup", 1.5, "a fraction <= 1 or a whole number of steps"),
+    ("optimizer.warmup", 600.0, "config.optimizer.warmup=600.0 is invalid: must fit in the 500 training steps"),
+    ("optimizer.decay", -0.5, "config.optimizer.decay"),
+    ("train.train_batch_size", 0, "config.train.train_batch_size"),
+    ("train.num_train_steps", -5, "config.train.num_train_steps"),
+    ("train.grad_accum_steps", -1, "config.train.grad_accum_steps"),
+    ("train.steps_per_eval", 0, "config.train.steps_per_eval"),
+    ("train.log_every", 0, "config.train.log_every"),
+    ("train.dynamics_rows", 0, "config.train.dynamics_rows"),
+    ("train.z_loss_weight", -1.0, "config.train.z_loss_weight"),
+    ("train.loss_spike_window", 0, "config.train.loss_spike_window=0 is invalid"),
+    ("train.loss_spike_window", -3, "config.train.loss_spike_window"),
+    ("train.loss_spike_ratio", -1.0, "config.train.loss_spike_ratio"),
+    ("data.train_urls", (), "config.data.train_urls"),
+    ("data.num_workers", -1, "config.data.num_workers"),
+    ("data.max_bad_fraction", 2.0, "config.data.max_bad_fraction"),
+    ("mesh.data", 0, "config.mesh.data"),
+    ("mesh.data", 3, "must divide the 8 available devices"),
+    ("train.train_batch_size", 12, "must be divisible by the data-parallel size 8"),
+    ("train.grad_accum_steps", 3, "config.train.grad_accum_steps=3 is invalid: must divide the per-device batch"),
+    ("checkpoint.max_to_keep", 0, "0 would delete every checkpoint"),
+    ("checkpoint.save_interval_steps", -1, "config.checkpoint.save_interval_steps=-1"),
+    ("checkpoint.save_interval_minutes", -10.0, "config.checkpoint.save_interval_minutes"),
+    ("checkpoint.keep_period", -2, "config.checkpoint.keep_period"),
+    ("distributed.mode", "maybe", "config.distributed.mode"),
+    ("distributed.num_processes", -1, "config.distributed.num_processes"),
+    ("distributed.process_id", -2, "config.distributed.process_id"),
+    ("env.host_device_count", -1, "config.env.host_device_count"),
+]
+
+
+@pytest.mark.parametrize("key,value,expected", VALIDATE, ids=[f"{k}={v!r}" for k, v, _ in VALIDATE])
+def test_validate_refuses_with_one_line_exit_2(key, value, expected, capsys):
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location("_catalogue_tiny", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  group, name = key.split(".")
+  cfg[group][name] = value
+  with pytest.raises(SystemExit) as exit_:
+    try:
+      config.validate(cfg, num_devices=8)
+    except config.ConfigError as e:  # what main does with it
+      cli.fail(str(e))
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("tinyjax: error: ") and expected in err
+
+
+def _write(tmp, name, text):
+  path = tmp / name
+  path.write_text(text)
+  return str(path)
+
+
+def _main(args, cwd=ROOT, timeout=300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "tinyjax.main", *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=timeout, check=False)
+
+
+def _one_line(proc, code, expected):
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == code, proc.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("tinyjax: error: ") and expected in lines[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stdout + proc.stderr
+
+
+# Mistakes caught by the flag parser or before any training (one short subprocess each).
+PARSER = [
+    ([], "--config=configs/NAME.py is required"),
+    (["--config=configs/nope.py"], "no such config file"),
+    (["--config={syntax}"], "SyntaxError"),
+    (["--config={noget}"], "defines no get_config()"),
+    (["--config={raising}"], "get_config() raised RuntimeError: boom"),
+    (["--config={tiny}", "--config.train.no_such_key=1"], "unknown config key config.train.no_such_key"),
+    (["--config={tiny}", "--config.model.hidden_dim=abc"], "hidden_dim"),
+    (["--config={tiny}", "stray"], "unexpected argument 'stray'"),
+    (["--config={tiny}", "--config.env.platform=tpu"], "config.env.platform='tpu'"),
+    (["--config={tiny}", "--config.env.xla_flags=('--xla_bogus_flag=1',)"], "unknown XLA flag --xla_bogus_flag=1"),
+    (["--config={tiny}", "--config.env.matmul_precision=x"], "unknown config key"),
+    (["--config={tiny}", "--config.optimizer.warmup=600"], "config.optimizer.warmup=600"),
+]
+
+
+@pytest.mark.parametrize("args,expected", PARSER, ids=[p[1][:40] for p in PARSER])
+def test_parser_and_startup_mistakes(args, expected, tmp_path):
+  files = {"syntax": _write(tmp_path, "syntax.py", "def get_config(:\n"), "noget": _write(tmp_path, "noget.py", "X=1\n"),
+           "raising": _write(tmp_path, "raising.py", "def get_config():\n  raise RuntimeError('boom')\n"),
+           "tiny": TINY}
+  args = [a.format(**files) for a in args] + [f"--workdir={tmp_path / 'w'}"]
+  _one_line(_main(args), 2, expected)
+  assert not (tmp_path / "w" / "checkpoints").exists()  # nothing was started
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """One small finished run (checkpoints 2 and 4) that the damage cases copy."""
+  workdir = tmp_path_factory.mktemp("catalogue") / "w"
+  proc = _main([f"--config={TINY}", *SMALL, f"--workdir={workdir}"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _digest(workdir):
+  """Content hash of every file under the workdir except the lock and tensorboard (what a refusal must not touch)."""
+  out = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      if ".tinyjax.lock" in name or "tensorboard" in path or not os.path.isfile(path):
+        continue
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _hold_lock(w):
+  with open(w / ".tinyjax.lock", "w") as f:  # a live trainer on this host: this test process
+    json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": "now"}, f)
+
+
+def _checkpoints_file(w):
+  shutil.rmtree(w / "checkpoints")
+  (w / "checkpoints").write_text("not a folder")
+
+
+def _garbled_metrics(w):
+  with open(w / "metrics.jsonl", "ab") as f:
+    f.write(b"\xff\xfe{}\n")
+
+
+# (damage, extra args, exit code, expected substring): each on a fresh copy of the fixture.
+DAMAGE = [
+    (_hold_lock, [], 2, "is in use by another tinyjax run"),
+    (_checkpoints_file, [], 2, "is not a directory"),
+    (None, ["--config.data.cache_dir={tmp}/file"], 2, "config.data.cache_dir="),
+    (None, ["--config.data.cache_dir=/proc/tinyjax"], 2, "is not a writable directory"),
+    (None, ["--config.checkpoint.max_to_keep=0"], 2, "0 would delete every checkpoint"),
+    (None, ["--config.train.loss_spike_window=0"], 2, "config.train.loss_spike_window"),
+]
+SLOW_DAMAGE = [  # these restore a checkpoint first (~10 s each on 2 cores)
+    (_garbled_metrics, [], 2, "is not UTF-8 (invalid start byte)"),
+    (None, ["--config.optimizer.learning_rate=0.01"], 2, "optimizer.learning_rate"),
+    (None, ["--config.train.train_batch_size=16"], 2, "train.train_batch_size"),
+    (None, ["--config.optimizer.name=adamw"], 2, "checkpoint"),
+]
+
+
+def _damage_case(trained, tmp_path, damage, extra, code, expected):
+  w = tmp_path / "w"
+  shutil.copytree(trained, w)
+  (tmp_path / "file").write_text("x")
+  if damage:
+    damage(w)
+  before = _digest(w)
+  proc = _main([f"--config={TINY}", *SMALL, *[a.format(tmp=tmp_path) for a in extra], f"--workdir={w}"])
+  _one_line(proc, code, expected)
+  assert _digest(w) == before  # checkpoints, metrics, config and records untouched
+
+
+@pytest.mark.parametrize("damage,extra,code,expected", DAMAGE, ids=[d[3][:40] for d in DAMAGE])
+def test_damaged_workdir_is_refused_and_left_intact(trained, tmp_path, damage, extra, code, expected):
+  _damage_case(trained, tmp_path, damage, extra, code, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage,extra,code,expected", SLOW_DAMAGE, ids=[d[3][:40] for d in SLOW_DAMAGE])
+def test_damaged_workdir_after_restore(trained, tmp_path, damage, extra, code, expected):
+  _damage_case(trained, tmp_path, damage, extra, code, expected)
