@@ -31,7 +31,19 @@ BUILDING = ".building"
 _WORKER: dict = {}
 
 
+def _die_with_parent() -> None:
+  """Linux: the kernel SIGKILLs this worker when its parent dies (a kill -9'd trainer's workers kept writing shards
+  for ~5 s, and an immediate rerun then met their half-written `shards/NNNNN.tmp`)."""
+  try:
+    import ctypes  # noqa: PLC0415
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, 9)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
+  except OSError:  # not glibc Linux: workers are still terminated by the pool on an ordinary exit
+    pass
+
+
 def _init_worker(tok, progress_queue, threads: int) -> None:
+  _die_with_parent()
   if threads:
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # tokenizers' pool: cores / workers, not cores each
   _WORKER.update(tok=tok, report=progress_queue.put)

@@ -22,6 +22,20 @@ class Diverged(Exception):
   pass
 
 
+class StoppedInSetup(Preempted):
+  """Preempted before the loop: main leaves with os._exit (an exception raised into JAX's setup can crash the
+  interpreter's teardown: exit 139 measured after a SIGTERM 4 s in)."""
+
+
+def stop_during_setup() -> None:
+  """Until the training loop installs Signals: a SIGTERM/SIGINT raises Preempted (exit 75, nothing to checkpoint
+  yet; the lock is released by its `finally`), instead of Python's default (SIGTERM kills silently with 143)."""
+  def handle(signum, frame):
+    raise StoppedInSetup(f"stopped by {signal.Signals(signum).name} during setup, before any step; rerun to start")
+  for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, handle)
+
+
 class Signals:
   """First SIGTERM/SIGINT: ask the loop to checkpoint at the next step boundary. Second: exit at once.
 

@@ -20,6 +20,7 @@ def main(argv: list[str]) -> None:
     cli.fail(f"unexpected argument {argv[1]!r}: flags are --config=..., --config.KEY=VALUE, --workdir=..., --dry_run")
   logging.set_verbosity(logging.WARNING)  # absl's INFO lines (e.g. "Unable to initialize backend 'tpu'") are noise
   cfg = _CONFIG.value
+  faults.stop_during_setup()  # a SIGTERM/SIGINT before the training loop exits 75 with a line, not 143 silently
   from tinyjax import env  # imports jax; applying the env must precede any backend use
   try:
     env_record = env.apply(cfg.env)
@@ -45,6 +46,10 @@ def main(argv: list[str]) -> None:
     cli.fail(str(e))
   except faults.Preempted as e:
     print(f"tinyjax: {e}", file=sys.stderr)
+    if isinstance(e, faults.StoppedInSetup):
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(faults.EXIT_PREEMPTED)
     sys.exit(faults.EXIT_PREEMPTED)
   except faults.Diverged as e:
     print(f"tinyjax: diverged: {e}", file=sys.stderr)

@@ -147,6 +147,8 @@ def _from_hub(spec: str, root: str) -> str:
     return path
   from huggingface_hub import hf_hub_download  # noqa: PLC0415
   from huggingface_hub.errors import EntryNotFoundError  # noqa: PLC0415
+  from huggingface_hub.utils import logging as hf_logging  # noqa: PLC0415
+  hf_logging.set_verbosity_error()  # offline, its retry warnings were 22 lines before our one-line error
   os.makedirs(folder, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=folder, prefix=".download-")
   try:
