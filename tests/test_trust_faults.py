@@ -159,3 +159,22 @@ def test_a_second_trainer_is_refused_and_a_stale_lock_is_taken_over(cache, tmp_p
   assert lock.held
   lock.release()
   assert not (tmp_path / workdirs.LOCK).exists()
+
+
+def test_a_requested_platform_that_is_absent_is_one_line_not_a_cpu_run():
+  import os  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  r = subprocess.run([sys.executable, "-m", "tinyjax.main", "--config=configs/tiny.py", "--config.env.platform=tpu",
+                      "--dry_run"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith("tinyjax: error: config.env.platform='tpu'")
+  assert "Traceback" not in r.stderr
+  ok = subprocess.run([sys.executable, "-m", "tinyjax.main", "--config=configs/tiny.py", "--config.env.platform=cpu",
+                       "--dry_run"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  import json  # noqa: PLC0415
+  plan = json.loads(ok.stdout)
+  assert plan["env"]["backend"] == "cpu" and plan["env"]["jax_config"]["jax_platforms"] == "cpu"

@@ -39,7 +39,7 @@ def main(argv: list[str]) -> None:
     stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     workdir = _WORKDIR.value or os.path.join("workdir", stem)
     train.run(cfg, workdir, env_record)
-    if cfg.train.sample_prompts:  # show what the model learned (the tiny default does)
+    if cfg.train.sample_prompts and jax.process_count() == 1:  # show what the model learned (the tiny default)
       from tinyjax import sample  # noqa: PLC0415
       sample.samples_after_training(workdir, prompts=tuple(cfg.train.sample_prompts))
   except config.ConfigError as e:
