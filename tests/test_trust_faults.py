@@ -178,3 +178,22 @@ def test_a_requested_platform_that_is_absent_is_one_line_not_a_cpu_run():
   import json  # noqa: PLC0415
   plan = json.loads(ok.stdout)
   assert plan["env"]["backend"] == "cpu" and plan["env"]["jax_config"]["jax_platforms"] == "cpu"
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_reruns_keep_working(cache, tmp_path):
+  """Item 1: a damaged newest checkpoint -> resume from the previous one, the damaged one kept as
+  <step>.corrupt-<time>; the run ends where an uninterrupted one ends, and a further rerun still works.
+  Item 2: a stray numbered folder gets the same fallback instead of a KeyError."""
+  import os  # noqa: PLC0415
+  full, w = tmp_path / "full", tmp_path / "w"
+  run(small_cfg(cache), full)
+  run(small_cfg(cache), w)
+  os.remove(w / "checkpoints" / "8" / "state" / "manifest.ocdbt")
+  run(small_cfg(cache), w)
+  names = sorted(os.listdir(w / "checkpoints"))
+  assert "8" in names and any(n.startswith("8.corrupt-") for n in names), names
+  sha = lambda d: [r["param_sha256"] for r in metrics.read(str(d)) if "param_sha256" in r][-1]
+  assert sha(w) == sha(full)
+  (w / "checkpoints" / "99").mkdir()
+  assert run(small_cfg(cache), w) == {"step": 8}, "the stray folder is skipped; step 8 is complete"
+  assert any(n.startswith("99.corrupt-") for n in os.listdir(w / "checkpoints"))
