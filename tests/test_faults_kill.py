@@ -57,3 +57,69 @@ def test_sigkill_five_times_then_identical(tmp_path):
   ref_losses, ref_sha = final(tmp_path / "ref")
   assert losses == ref_losses, f"loss curve differs after kills at {kills}"
   assert sha == ref_sha and len(sha) == 1, f"final params differ after kills at {kills}"
+
+
+# Fields that measure time, name the run's process/dir, or the source tree's git state (others commit while it runs)
+# differ between any two runs; everything else must match.
+TIMED = ("time", "second", "argv", "workdir", "mfu", "per_s", "eta", "hour", "date", "duration", "host", "pid", "git")
+
+
+def _stable(x):
+  if isinstance(x, dict):
+    return {k: _stable(v) for k, v in x.items() if not any(t in k.lower() for t in TIMED)}
+  if isinstance(x, list):
+    return [_stable(v) for v in x]
+  return x
+
+
+def _flat(x, prefix=""):
+  if isinstance(x, dict):
+    return {k: v for key, val in x.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+  if isinstance(x, list):
+    return {k: v for i, val in enumerate(x) for k, v in _flat(val, f"{prefix}{i}.").items()}
+  return {prefix: x}
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [_stable(json.loads(line)) for line in f]
+  with open(os.path.join(workdir, "speedrun_results.json")) as f:
+    return rows, _stable(json.load(f))
+
+
+def _kill_when(cmd, env, ready):
+  """Runs cmd and SIGKILLs it the moment ready() holds (polled every ms); returns what ready() saw."""
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  while proc.poll() is None:
+    seen = ready()
+    if seen:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      return seen
+    time.sleep(0.001)
+  raise AssertionError(f"the run ended (exit {proc.returncode}) before the kill moment")
+
+
+@pytest.mark.slow
+def test_sigkill_in_a_save_tmp_folder_and_after_the_final_checkpoint(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cache_dir = str(tmp_path / "cache")
+  subprocess.run(command(tmp_path / "ref", cache_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+  workdir = tmp_path / "killed"
+  ckpts = workdir / "checkpoints"
+
+  def in_tmp():  # a save's folder before its rename: orbax writes <step>.orbax-checkpoint-tmp-* first
+    names = os.listdir(ckpts) if ckpts.is_dir() else []
+    return [n for n in names if "tmp" in n]
+
+  def final_committed():
+    return (ckpts / str(STEPS) / "commit_success.txt").exists() and [str(STEPS)]
+
+  assert _kill_when(command(workdir, cache_dir), env, in_tmp)
+  assert _kill_when(command(workdir, cache_dir), env, final_committed)
+  subprocess.run(command(workdir, cache_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+  rows, results = _records(workdir)
+  ref_rows, ref_results = _records(tmp_path / "ref")
+  assert [r for r in rows if "param_sha256" in r] == [r for r in ref_rows if "param_sha256" in r]
+  assert rows == ref_rows
+  assert _flat(results) == _flat(ref_results)
