@@ -1,10 +1,10 @@
 """The built-in default: a llama_30m-shaped body (d 128, 4 layers) on the offline Python-docs corpus, on a CPU.
 
 COMMAND:  python -m tinyjax.main --config=configs/tiny.py --workdir=workdir/tiny
-HARDWARE: a 2-core CPU (no GPU, no network): 3m35s on the project machine, including the one-off corpus, tokenizer
-          and cache build (median 5.4k tokens/s).
+HARDWARE: a 2-core CPU (no GPU, no network): about 4-5 minutes on the project machine, including the one-off corpus,
+          tokenizer and cache build and the two samples printed at the end (5m54s with the pip install, cold).
 EXPECTED: train loss 8.79 at step 1 (ln 4096 + ~0.5 from Levanter's init) falling to ~3.6-4.0 by step 500;
-          eval/python_docs/bpb 2.331 at step 100 and 1.868 at step 500 (see BUILD_NOTES.md). Same model, optimizer
+          eval/python_docs/bpb ~2.33 at step 100 and ~1.86 at step 500 (see BUILD_NOTES.md). Same model, optimizer
           and metric code as the c4_*.py configs.
 """
 from tinyjax import config
