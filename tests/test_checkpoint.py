@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from small_runs import small_cfg
 from tinyjax import config, data, env, faults, metrics, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,20 +22,11 @@ def cache_dir(tmp_path_factory):
 
 
 def make_cfg(cache_dir, **overrides):
-  c = config.base()
-  m = c.model
-  m.hidden_dim, m.intermediate_dim, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 2, 2, 2
-  m.seq_len, m.vocab_size = 32, 512
-  t = c.train
-  t.train_batch_size, t.num_train_steps, t.log_every, t.steps_per_eval, t.max_eval_batches = 8, STEPS, 1, 6, 2
-  o = c.optimizer
-  o.learning_rate, o.adam_lr, o.warmup, o.decay, o.lr_schedule, o.muon_epsilon = 0.02, 0.004, 0.0, 0.8, "linear", 1e-5
-  c.checkpoint.save_interval_steps, c.checkpoint.max_to_keep = 4, 3
-  c.data.cache_dir, c.mesh.data = cache_dir, 1
-  for key, value in overrides.items():
-    group, name = key.split(".")
-    c[group][name] = value
-  return c
+  """small_runs.small_cfg with 12 steps, evals every 6 and a Muon LR schedule that moves (decay over 80%)."""
+  return small_cfg(cache_dir, **{
+      "train.num_train_steps": STEPS, "train.steps_per_eval": 6, "train.max_eval_batches": 2,
+      "optimizer.learning_rate": 0.02, "optimizer.adam_lr": 0.004, "optimizer.warmup": 0.0, "optimizer.decay": 0.8,
+      "optimizer.lr_schedule": "linear", "optimizer.muon_epsilon": 1e-5, **overrides})
 
 
 def read_metrics(workdir):
