@@ -73,8 +73,7 @@ def memory_plan(cfg, mesh) -> dict:
   shapes = jax.eval_shape(lambda: train.init_state(model, tx, cfg.seed))
   state_sh = sharding.state_shardings(shapes, mesh, cfg.mesh.fsdp)
   batch_sh = sharding.batch_sharding(mesh)
-  abstract = (jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh),
-              memory.abstract_batch(batch, model_cfg.seq_len, batch_sh))
+  abstract = train.step_inputs(cfg, shapes, state_sh, batch_sh, batch)
   make = lambda a: train.make_train_step(model, tx, cfg, total, state_sh, batch_sh, accum=a)
   planner = memory.StepPlanner(cfg, make, abstract, cfg.train.train_batch_size // data_size)
   device = mesh.devices.flat[0]

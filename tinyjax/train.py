@@ -112,6 +112,12 @@ def make_train_step(model, tx, cfg, total_steps: int, state_shardings, batch_sha
                  donate_argnums=0)
 
 
+def step_inputs(cfg, shapes, state_sh, batch_sh, batch: int | None = None):
+  """(state, tokens) ShapeDtypeStructs carrying their shardings: what the step is lowered and compiled for."""
+  return (checkpoint.abstract(shapes, state_sh),
+          memory.abstract_batch(batch or cfg.train.train_batch_size, cfg.model.seq_len, batch_sh))
+
+
 def compile_step(cfg, model, tx, total: int, shapes, state_sh, batch_sh):
   """(train step, memory plan). With train.memory_check (or grad_accum_steps=0, auto) the step is compiled ahead
   for these shapes and XLA's figures are checked against the device; a step that cannot fit is a ConfigError."""
@@ -120,8 +126,7 @@ def compile_step(cfg, model, tx, total: int, shapes, state_sh, batch_sh):
     return make_train_step(model, tx, cfg, total, state_sh, batch_sh), {"checked": False}
   device = mesh.devices.flat[0]
   per_device = cfg.train.train_batch_size // mesh.shape[sharding.DATA]
-  abstract = (checkpoint.abstract(shapes, state_sh),
-              memory.abstract_batch(cfg.train.train_batch_size, cfg.model.seq_len, batch_sh))
+  abstract = step_inputs(cfg, shapes, state_sh, batch_sh)
   planner = memory.StepPlanner(
       cfg, lambda a: make_train_step(model, tx, cfg, total, state_sh, batch_sh, accum=a), abstract, per_device)
   accum, info, fit = planner.choose(device.device_kind, device.platform)
@@ -143,7 +148,10 @@ def finish_records(workdir: str, cfg, info: dict, state: TrainState, total: int)
       f.write(json.dumps({"step": total, "param_sha256": params_sha256(state.params)}, sort_keys=True) + "\n")
     print(f"wrote the missing final param_sha256 to {metrics.FILE}", flush=True)
   path = os.path.join(workdir, "run_info.json")
-  saved = json.load(open(path)) if os.path.exists(path) else None
+  saved = None
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
   if not saved or saved.get("status") != "completed":
     record.finish(workdir, saved or record.start(workdir, cfg, info), "completed")
     print("marked run_info.json completed", flush=True)
@@ -173,13 +181,19 @@ def gc_policy(policy: str) -> None:
     gc.disable()
 
 
+def _probe_write(directory: str) -> None:
+  """Creates `directory` and writes and removes a file in it (OSError if it cannot); per-pid name, so the processes
+  of one run never race on the same probe."""
+  os.makedirs(directory, exist_ok=True)
+  probe = os.path.join(directory, f".tinyjax-write-test-{os.getpid()}")
+  with open(probe, "w") as f:
+    f.write("ok")
+  os.remove(probe)
+
+
 def _check_writable(workdir: str) -> None:
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".tinyjax-write-test")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    _probe_write(workdir)
   except OSError as e:
     raise config.ConfigError(f"--workdir={workdir} is not writable ({e.strerror}); choose another directory") from e
   ckpts = os.path.join(workdir, "checkpoints")  # else the first save fails, after training has started
@@ -193,11 +207,7 @@ def _check_cache_dir(cache_dir: str) -> None:
   if "://" in path:
     return
   try:
-    os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, f".tinyjax-write-test-{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    _probe_write(path)
   except OSError as e:
     raise config.ConfigError(f"config.data.cache_dir={cache_dir!r} is not a writable directory ({e.strerror}); "
                              "choose another directory") from e
@@ -279,8 +289,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
     dyn = make_train_step(model, tx, cfg, total, state_sh, batch_sh, info["memory"].get("grad_accum_steps"),
                           with_dynamics=True)
     with jax.set_mesh(mesh):
-      dyn_step = dyn.lower(checkpoint.abstract(shapes, state_sh), memory.abstract_batch(
-          cfg.train.train_batch_size, cfg.model.seq_len, batch_sh)).compile()
+      dyn_step = dyn.lower(*step_inputs(cfg, shapes, state_sh, batch_sh)).compile()
   batches = data.train_batches(ds, cfg, start, jax.process_index(), jax.process_count())
   signals, status = faults.Signals(distributed.is_multiprocess()), "failed"
   watchdog = distributed.Watchdog(cfg.distributed.step_timeout_s)  # a lost host must not hang the others forever

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from tinyjax import checkpoint, memory, optim, sharding, train
+from tinyjax import optim, sharding, train
 from tinyjax.benchmarks.checkpoint_stall import _tiny
 from tinyjax.model import ModelConfig, Transformer
 
@@ -31,8 +31,7 @@ def _steps(cfg):
   mesh = sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1))
   shapes = jax.eval_shape(init)
   state_sh, batch_sh = sharding.state_shardings(shapes, mesh, False), sharding.batch_sharding(mesh)
-  abstract = (checkpoint.abstract(shapes, state_sh),
-              memory.abstract_batch(cfg.train.train_batch_size, cfg.model.seq_len, batch_sh))
+  abstract = train.step_inputs(cfg, shapes, state_sh, batch_sh)
   total = cfg.train.num_train_steps
   plain, _ = train.compile_step(cfg, model, tx, total, shapes, state_sh, batch_sh)
   with jax.set_mesh(mesh):
