@@ -215,3 +215,85 @@ def test_damaged_workdir_is_refused_and_left_intact(trained, tmp_path, damage, e
 @pytest.mark.parametrize("damage,extra,code,expected", SLOW_DAMAGE, ids=[d[3][:40] for d in SLOW_DAMAGE])
 def test_damaged_workdir_after_restore(trained, tmp_path, damage, extra, code, expected):
   _damage_case(trained, tmp_path, damage, extra, code, expected)
+
+
+# A full disk (item 11): a small tmpfs holds the workdir. Needs root to mount (skipped otherwise).
+@pytest.fixture
+def small_disk(tmp_path):
+  """mount(size) mounts (or, again, resizes keeping the files) a tmpfs at the returned path."""
+  point = tmp_path / "disk"
+  point.mkdir()
+  mounted = []
+
+  def mount(size):
+    opts = f"remount,size={size}" if mounted else f"size={size}"
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode:
+      pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()[:100]}")
+    mounted.append(size)
+    return point
+  yield mount
+  if mounted:
+    subprocess.run(["umount", str(point)], check=False)
+
+
+def _stable_rows(workdir):
+  """metrics.jsonl without the fields that measure time."""
+  return [{k: v for k, v in row.items() if not any(t in k for t in ("time", "per_second", "eta"))}
+          for row in (json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines())]
+
+
+# As if the disk filled up while the save ran: the space check before the save sees room (Orbax's write then fails).
+_NO_SPACE_CHECK = ("import runpy, sys; from tinyjax import checkpoint; "
+                   "checkpoint.Checkpointer._free_bytes = lambda self: None; "
+                   "sys.argv = ['tinyjax.main'] + sys.argv[1:]; runpy.run_module('tinyjax.main', run_name='__main__')")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("during_save", [False, True], ids=["seen-before-the-save", "write-fails-during-the-save"])
+def test_disk_full_is_one_line_and_the_run_resumes_exactly(trained, small_disk, during_save):
+  # 15 MB: room for checkpoint 2 (~10 MB on disk) but not also checkpoint 4.
+  w = small_disk("15m") / "w"
+  args = [f"--config={TINY}", *SMALL, f"--workdir={w}"]
+  if during_save:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _NO_SPACE_CHECK, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    _one_line(proc, 2, "disk full: checkpoint step 4 could not be written to")
+    assert "(No space left on device)" in proc.stderr
+  else:
+    proc = _main(args)
+    _one_line(proc, 2, "disk full: checkpoint step 4 needs about")
+  assert "the last complete checkpoint, step 2, is intact" in proc.stderr
+  assert sorted(os.listdir(w / "checkpoints")) == ["2"]  # no half-written step 4 left behind
+  assert json.loads((w / "run_info.json").read_text())["status"] == "disk_full"
+  small_disk("40m")  # space freed: the same command resumes from step 2 and ends as the uninterrupted run did
+  assert _main(args).returncode == 0
+  assert _stable_rows(w) == _stable_rows(trained)
+
+
+def test_no_room_for_one_checkpoint_is_refused_before_training(small_disk):
+  w = small_disk("6m") / "w"  # a checkpoint of this state needs ~14 MB
+  _one_line(_main([f"--config={TINY}", *SMALL, f"--workdir={w}"]), 2, "free but a checkpoint of this run needs about")
+  assert not (w / "metrics.jsonl").exists() and os.listdir(w / "checkpoints") == []
+
+
+def test_full_disk_while_writing_metrics_is_one_line(small_disk):
+  w = small_disk("20k") / "w"  # checkpoints off: the small files themselves fill it
+  proc = _main([f"--config={TINY}", *SMALL, "--config.checkpoint.enabled=False", f"--workdir={w}"])
+  _one_line(proc, 2, "disk full (No space left on device) writing")
+  assert not [n for n in os.listdir(w) if n.endswith(".tmp")]  # no partial run_info.json.tmp
+
+
+@pytest.mark.slow
+def test_offline_hub_tokenizer_is_one_line_without_retry_warnings(tmp_path):
+  """No network (a closed local port as the hub): huggingface_hub retries ~25 s, and its warnings stay quiet."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+  proc = subprocess.run([sys.executable, "-m", "tinyjax.main", f"--config={TINY}", *SMALL,
+                         "--config.data.tokenizer=marin-community/marin-tokenizer",
+                         f"--config.data.cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'w'}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  _one_line(proc, 2, "config.data.tokenizer='marin-community/marin-tokenizer': not 'builtin', not an existing path, "
+                     "and downloading it from the HF hub failed")
+  assert not os.listdir(tmp_path / "cache" / "tokenizers" / "hub" / "marin-community--marin-tokenizer")  # no debris

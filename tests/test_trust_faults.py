@@ -1,6 +1,9 @@
 """Faults the audit found (issue 10): an overflowing update never reaches the state or a checkpoint, and a
 preempted-then-resumed run logs exactly the rows of an uninterrupted run."""
+import errno
+import logging
 import math
+import sys
 
 import pytest
 
@@ -197,3 +200,50 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_reruns_keep_working(cache,
   (w / "checkpoints" / "99").mkdir()
   assert run(small_cfg(cache), w) == {"step": 8}, "the stray folder is skipped; step 8 is complete"
   assert any(n.startswith("99.corrupt-") for n in os.listdir(w / "checkpoints"))
+
+
+def _chained(inner, outer):
+  try:
+    try:
+      raise inner
+    except Exception as e:  # noqa: BLE001
+      raise outer from e
+  except Exception as e:  # noqa: BLE001
+    return e
+
+
+def test_a_full_disk_is_recognised_in_the_forms_python_tensorstore_and_orbax_raise():
+  assert faults.disk_full_reason(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
+  assert faults.disk_full_reason(OSError(errno.EDQUOT, "quota")) == "Disk quota exceeded"
+  tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "bad_steps/0" in OCDBT database: Failed to write 17174 '
+                           "bytes to file 4: No space left on device [os_error_code='28']")
+  assert faults.disk_full_reason(_chained(tensorstore, RuntimeError("Save Finalize thread failed"))) == \
+      "No space left on device"
+  assert faults.disk_full_reason(_chained(OSError(errno.EACCES, "Permission denied"), RuntimeError("x"))) is None
+  assert faults.disk_full_reason(ValueError("NOT_FOUND: manifest.ocdbt")) is None
+  assert faults.disk_full_reason(None) is None
+
+
+class _LateCallback:
+  def __init__(self, error):
+    self.error = error
+
+  def __del__(self):
+    raise self.error
+
+
+def test_background_noise_filter_drops_only_what_main_reports_itself(monkeypatch, caplog):
+  forwarded = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda args: forwarded.append(str(args.exc_value)))
+  undo = faults.quiet_background_noise()
+  try:
+    _LateCallback(RuntimeError("Event loop is closed"))  # dropped at once: tensorstore's callback after Orbax's loop
+    _LateCallback(RuntimeError("something else"))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    logging.getLogger("absl").error("save failed", exc_info=(OSError, full, None))
+    logging.getLogger("orbax").error("a different failure")
+  finally:
+    undo()
+  assert forwarded == ["something else"]
+  assert [r.getMessage() for r in caplog.records] == ["a different failure"]
+  assert sys.unraisablehook is not None and not logging.getLogger("absl").filters  # undone

@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 import tensorstore as ts
 
-from tinyjax import corpus
+from tinyjax import corpus, files
 from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
 
@@ -68,10 +68,7 @@ def preprocessor_metadata(tok: tokenizers.Loaded) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  files.atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _remote(path: str) -> bool:

@@ -8,13 +8,18 @@ checkpoint that `all_steps()` would return.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import shutil
+import threading
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
+from tinyjax import faults
 from tinyjax.config import EXECUTION_ONLY_MODEL_KEYS, ConfigError
 
 
@@ -46,6 +51,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.last_save_time = time.monotonic()
     self.last_step = self.manager.latest_step()
+    self.committed = self.last_step  # the newest checkpoint known complete on disk (async saves commit later)
+    self.pending: int | None = None  # the step an async save is still writing
     self.config_changes: list[str] = []  # training keys changed on resume (with checkpoint.allow_config_change)
 
   def due(self, step: int, total: int) -> bool:
@@ -55,10 +62,84 @@ class Checkpointer:
     return step == total or by_steps or by_time
 
   def save(self, step: int, state, meta: dict) -> None:
+    """Saves `step` (asynchronously unless checkpoint.async_save=False); a full disk is faults.DiskFull."""
+    self.wait()
+    self._check_space(step, state)
     meta = {"step": step, "config": json.loads(self.cfg.to_json_best_effort()), **meta}
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                      force=True)
-    self.last_save_time, self.last_step = time.monotonic(), step
+    with self._disk_full_is_one_line(step):
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    self.pending, self.last_save_time, self.last_step = step, time.monotonic(), step
+
+  # A full disk: the save is refused before it starts when the space is visibly missing (the newest checkpoint's
+  # size, or the state's bytes before the first, against the free space), else Orbax's error is turned into one
+  # line. Either way the unfinished `<step>.orbax-checkpoint-tmp` is removed and older checkpoints are untouched.
+  def space_needed(self, state) -> int:
+    """Bytes a next checkpoint needs: 10% above the newest one on disk, or the state's raw bytes before the first."""
+    newest = os.path.join(self.directory, str(self.committed)) if self.committed is not None else None
+    if newest and os.path.isdir(newest):
+      on_disk = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(newest) for n in names)
+      return int(on_disk * 1.1) + (1 << 20)
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)) + (1 << 20)
+
+  def _free_bytes(self) -> int | None:
+    if "://" in self.directory or jax.process_count() > 1:  # remote, or several writers: Orbax's errors only
+      return None
+    os.makedirs(self.directory, exist_ok=True)
+    return shutil.disk_usage(self.directory).free
+
+  def check_space(self, state) -> None:
+    """Before training: a workdir without room for one checkpoint of this state is a ConfigError."""
+    free, needed = self._free_bytes(), self.space_needed(state)
+    if free is not None and free < needed:
+      raise ConfigError(f"{self.directory} has {_mb(free)} free but a checkpoint of this run needs about "
+                        f"{_mb(needed)}: free space or choose another --workdir")
+
+  def _check_space(self, step: int, state) -> None:
+    free, needed = self._free_bytes(), self.space_needed(state)
+    if free is not None and free < needed:
+      raise faults.DiskFull(f"disk full: checkpoint step {step} needs about {_mb(needed)} and "
+                            f"{self.directory} has {_mb(free)} free; {self._after_disk_full()}")
+
+  def _discard_unfinished(self, step: int) -> None:
+    """Removes a failed save's tmp folder. Orbax's writer threads (and the pool threads they use) outlive the failure
+    they report and were measured to refill a folder removed at once: join Orbax's threads, then remove until the
+    folder has stayed away for 0.5 s (10 s cap)."""
+    deadline = time.monotonic() + 10
+    for t in threading.enumerate():
+      if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
+        t.join(max(0.0, deadline - time.monotonic()))
+    if jax.process_index() != 0 or "://" in self.directory:
+      return
+    path, gone_since = os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp"), None
+    while time.monotonic() < deadline:
+      if os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        gone_since = None
+      elif gone_since is None:
+        gone_since = time.monotonic()
+      elif time.monotonic() - gone_since >= 0.5:
+        return
+      time.sleep(0.05)
+
+  def _after_disk_full(self) -> str:
+    if self.committed is None:
+      return "no checkpoint had been written yet: free space and rerun to start again"
+    return (f"the last complete checkpoint, step {self.committed}, is intact: free space (or lower "
+            "checkpoint.max_to_keep) and rerun to resume from it")
+
+  @contextlib.contextmanager
+  def _disk_full_is_one_line(self, step: int | None):
+    try:
+      yield
+    except Exception as e:  # noqa: BLE001 - Orbax/tensorstore wrap ENOSPC in several types
+      reason = faults.disk_full_reason(e)
+      if reason is None or step is None:
+        raise
+      self._discard_unfinished(step)
+      self.pending = None
+      raise faults.DiskFull(f"disk full: checkpoint step {step} could not be written to {self.directory} ({reason}); "
+                            f"{self._after_disk_full()}") from e
 
   def _check_config(self, saved: dict, step: int) -> None:
     """A checkpoint of a different model is a user mistake: name every differing model field."""
@@ -104,7 +185,7 @@ class Checkpointer:
               flush=True)
         continue
       self._move_aside([s for s, _ in failed])
-      self.last_step = step
+      self.last_step = self.committed = step
       return restored.state, meta
     if failed and not self.cfg.checkpoint.start_over:
       step, why = failed[0]
@@ -112,6 +193,7 @@ class Checkpointer:
                         f"(newest, step {step}: {why}); fix the config to match them, or set "
                         "config.checkpoint.start_over=True to move them aside and start from step 0")
     self._move_aside([s for s, _ in failed])
+    self.last_step = self.committed = None
     return None
 
   def _candidate_steps(self) -> list[int]:
@@ -133,11 +215,19 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the pending save is committed (a full disk raises faults.DiskFull)."""
+    with self._disk_full_is_one_line(self.pending):
+      self.manager.wait_until_finished()
+    if self.pending is not None:
+      self.committed, self.pending = self.pending, None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+
+def _mb(n: int) -> str:
+  return f"{n / 1e6:,.1f} MB"
 
 
 def abstract(state_shapes, shardings):

@@ -14,6 +14,37 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def _leave(message: str, code: int) -> None:
+  """Prints and exits at once: pending background work (Orbax's failed writes, JAX's setup after a signal) would
+  only add tracebacks at interpreter exit (exit 139 measured after a SIGTERM during setup)."""
+  print(message, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
+
+
+def stop(e: Exception, where: str) -> None:
+  """Exits for the ways a training run stops on purpose: a user mistake or a full disk (one line, exit 2), a
+  preemption (75) or a divergence (3). Returns for anything else (a bug: the caller re-raises it)."""
+  from tinyjax import config, faults  # noqa: PLC0415 - only the trainer's entry point needs them
+  if isinstance(e, config.ConfigError):
+    fail(str(e))
+  if isinstance(e, faults.DiskFull):
+    _leave(f"tinyjax: error: {e}", 2)
+  if isinstance(e, faults.StoppedInSetup):
+    _leave(f"tinyjax: {e}", faults.EXIT_PREEMPTED)
+  if isinstance(e, faults.Preempted):
+    print(f"tinyjax: {e}", file=sys.stderr)
+    sys.exit(faults.EXIT_PREEMPTED)
+  if isinstance(e, faults.Diverged):
+    print(f"tinyjax: diverged: {e}", file=sys.stderr)
+    sys.exit(faults.EXIT_DIVERGED)
+  reason = faults.disk_full_reason(e)  # a full disk anywhere else: metrics, records, caches
+  if reason:
+    _leave(f"tinyjax: error: disk full ({reason}) writing {getattr(e, 'filename', None) or where}: free space and "
+           "rerun (it resumes from the last checkpoint)", 2)
+
+
 class ArgParser(argparse.ArgumentParser):
   """argparse whose usage errors are tinyjax's one-line errors."""
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,9 +18,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     cli.fail(f"unexpected argument {argv[1]!r}: flags are --config=..., --config.KEY=VALUE, --workdir=..., --dry_run")
   logging.set_verbosity(logging.WARNING)  # absl's INFO lines (e.g. "Unable to initialize backend 'tpu'") are noise
+  faults.quiet_background_noise()  # a failed background checkpoint write is main's one line, not Orbax's tracebacks
   cfg = _CONFIG.value
   faults.stop_during_setup()  # a SIGTERM/SIGINT before the training loop exits 75 with a line, not 143 silently
   from tinyjax import env  # imports jax; applying the env must precede any backend use
+  workdir = _WORKDIR.value
   try:
     env_record = env.apply(cfg.env)
     from tinyjax import distributed  # after the env (XLA reads it at backend start), before any device use
@@ -42,18 +43,9 @@ def main(argv: list[str]) -> None:
     if cfg.train.sample_prompts and jax.process_count() == 1:  # show what the model learned (the tiny default)
       from tinyjax import sample  # noqa: PLC0415
       sample.samples_after_training(workdir, prompts=tuple(cfg.train.sample_prompts))
-  except config.ConfigError as e:
-    cli.fail(str(e))
-  except faults.Preempted as e:
-    print(f"tinyjax: {e}", file=sys.stderr)
-    if isinstance(e, faults.StoppedInSetup):
-      sys.stdout.flush()
-      sys.stderr.flush()
-      os._exit(faults.EXIT_PREEMPTED)
-    sys.exit(faults.EXIT_PREEMPTED)
-  except faults.Diverged as e:
-    print(f"tinyjax: diverged: {e}", file=sys.stderr)
-    sys.exit(faults.EXIT_DIVERGED)
+  except Exception as e:  # noqa: BLE001 - the ways a run stops on purpose are one line and an exit code
+    cli.stop(e, f"under --workdir={workdir} or config.data.cache_dir={cfg.data.cache_dir}")
+    raise  # anything else is a bug: its traceback
 
 
 if __name__ == "__main__":

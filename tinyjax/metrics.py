@@ -11,6 +11,7 @@ import time
 
 import jax
 
+from tinyjax import files
 
 FILE = "metrics.jsonl"
 
@@ -42,9 +43,7 @@ def _truncate(path: str, last_step: int) -> None:
   if not os.path.exists(path):
     return
   rows = [line for line, row in _lines(path) if row.get("step", last_step + 1) <= last_step]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(rows)
-  os.replace(path + ".tmp", path)
+  files.atomic_write(path, "".join(rows))
 
 
 truncate = _truncate  # dynamics.jsonl is cut back on resume exactly as metrics.jsonl

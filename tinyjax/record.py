@@ -14,6 +14,8 @@ import sys
 
 import jax
 
+from tinyjax import files
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "tokenizers", "numpy",
             "ml_collections", "absl-py", "libtpu", "libtpu-nightly", "jax-cuda12-plugin", "jax-cuda13-plugin",
             "jax-cuda12-pjrt", "jax-cuda13-pjrt", "nvidia-cudnn-cu12", "nvidia-cudnn-cu13")
@@ -73,7 +75,4 @@ def finish(workdir: str, info: dict, status: str) -> None:
 
 def _write(workdir: str, info: dict) -> None:
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "run_info.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(info, f, indent=2, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
+    files.atomic_write(os.path.join(workdir, "run_info.json"), json.dumps(info, indent=2, sort_keys=True, default=str))

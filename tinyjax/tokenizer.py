@@ -29,7 +29,7 @@ import tempfile
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyjax import corpus
+from tinyjax import corpus, files
 from tinyjax.config import ConfigError
 
 BOS = "<|begin_of_text|>"
@@ -100,10 +100,7 @@ class Loaded:
 
 def _atomic_write(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  files.atomic_write(path, text)
 
 
 def train_bpe(train_urls, vocab_size: int) -> Tokenizer:

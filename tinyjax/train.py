@@ -266,6 +266,8 @@ def _train(cfg, wd, env_record: dict) -> dict:
     finish_records(workdir, cfg, info, state, total)  # a stop after the final checkpoint left some unwritten
     wd.push()
     return {"step": start}
+  if ckpt:
+    ckpt.check_space(shapes)  # room for the next checkpoint, before any step (else a refusal mid-run)
   if jax.process_index() == 0:
     if ckpt and ckpt.config_changes and os.path.exists(os.path.join(workdir, "config.json")):
       os.replace(os.path.join(workdir, "config.json"), os.path.join(workdir, f"config.before-step{start}.json"))
@@ -309,15 +311,19 @@ def _train(cfg, wd, env_record: dict) -> dict:
       if ckpt and (ckpt.due(step, total) or stop):
         guard.save(step, state)
       if stop:
+        if ckpt:
+          ckpt.wait()  # committed before the message says so
         guard.check(log.flush())  # the preempted step's own row, as an uninterrupted run would log it
         why = signals.received or "SIGTERM (a preemption notice to one of the run's processes)"
         log.event(step, "preempted", f"{why}: checkpoint at step {step} written")
         raise faults.Preempted(f"stopped by {why} at step {step}; checkpoint written, rerun to resume")
       watchdog.beat()
     guard.check(log.flush())
+    if ckpt:
+      ckpt.wait()  # the final checkpoint is committed before the run is recorded as completed
     status = "completed"
-  except (faults.Preempted, faults.Diverged) as e:
-    status = type(e).__name__.lower()
+  except (faults.Preempted, faults.Diverged, faults.DiskFull) as e:
+    status = {"DiskFull": "disk_full"}.get(type(e).__name__, type(e).__name__.lower())
     raise
   finally:
     watchdog.stop()
@@ -325,10 +331,12 @@ def _train(cfg, wd, env_record: dict) -> dict:
     tracker.close()
     signals.restore()
     gc_policy("default")
-    if ckpt:
-      ckpt.close()
-    record.finish(workdir, info, status)
-    wd.push()
+    try:
+      if ckpt:
+        ckpt.close()
+    finally:
+      record.finish(workdir, info, status)
+      wd.push()
   log.write(total, {"param_sha256": params_sha256(state.params)})
   if jax.process_index() == 0:
     results.write_results(workdir)  # Marin-schema speedrun_results.json
