@@ -76,6 +76,7 @@ def preallocate_report(tmp_path_factory):
   return report, out
 
 
+@pytest.mark.slow  # two fresh training processes (~40 s on 2 cores)
 def test_envdiff_cpu_irrelevant_flag_is_bitwise_identical(preallocate_report):
   """Also the determinism check: two fresh CPU processes of the same training are bitwise identical."""
   report, out = preallocate_report
@@ -84,6 +85,7 @@ def test_envdiff_cpu_irrelevant_flag_is_bitwise_identical(preallocate_report):
   assert json.load(open(out / "envdiff.json"))["bitwise_identical"] is True
 
 
+@pytest.mark.slow  # shares the envdiff run above
 def test_run_info_records_the_run(preallocate_report):
   _, out = preallocate_report
   info = json.load(open(out / "a" / "run_info.json"))
@@ -98,6 +100,7 @@ def test_run_info_records_the_run(preallocate_report):
   assert info["start_time"] <= info["end_time"]
 
 
+@pytest.mark.slow  # two fresh training processes (~35 s on 2 cores)
 def test_envdiff_reports_a_real_difference(tmp_path):
   report = envdiff.main(["--config=configs/tiny.py", "--a", "seed=0", "--b", "seed=1", "--steps=2",
                          f"--out={tmp_path}", "--", *SMALL])

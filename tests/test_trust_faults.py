@@ -44,7 +44,7 @@ def test_skipped_overflowing_updates_keep_the_state_finite(cache, tmp_path):
   assert events and "parameters or optimizer state" in events[0]["message"]
 
 
-@pytest.mark.parametrize("log_every", [1, 5])
+@pytest.mark.parametrize("log_every", [1, pytest.param(5, marks=pytest.mark.slow)])
 def test_preempted_run_resumes_to_the_uninterrupted_rows(cache, tmp_path, log_every):
   full, cut = tmp_path / "full", tmp_path / "cut"
   run(small_cfg(cache, **{"train.log_every": log_every}), full)
@@ -183,6 +183,7 @@ def test_a_requested_platform_that_is_absent_is_one_line_not_a_cpu_run():
   assert plan["env"]["backend"] == "cpu" and plan["env"]["jax_config"]["jax_platforms"] == "cpu"
 
 
+@pytest.mark.slow  # three runs (~30 s on 2 cores)
 def test_damaged_newest_checkpoint_is_moved_aside_and_reruns_keep_working(cache, tmp_path):
   """Item 1: a damaged newest checkpoint -> resume from the previous one, the damaged one kept as
   <step>.corrupt-<time>; the run ends where an uninterrupted one ends, and a further rerun still works.
