@@ -100,9 +100,9 @@ def _write(tmp, name, text):
   return str(path)
 
 
-def _main(args, cwd=ROOT, timeout=300):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", "tinyjax.main", *args], cwd=cwd, env=env, capture_output=True,
+def _main(args, cwd=ROOT, timeout=300, launcher=("-m", "tinyjax.main"), **env):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+  return subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False)
 
 
@@ -257,9 +257,7 @@ def test_disk_full_is_one_line_and_the_run_resumes_exactly(trained, small_disk, 
   w = small_disk("15m") / "w"
   args = [f"--config={TINY}", *SMALL, f"--workdir={w}"]
   if during_save:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", _NO_SPACE_CHECK, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    proc = _main(args, launcher=("-c", _NO_SPACE_CHECK))
     _one_line(proc, 2, "disk full: checkpoint step 4 could not be written to")
     assert "(No space left on device)" in proc.stderr
   else:
@@ -289,11 +287,9 @@ def test_full_disk_while_writing_metrics_is_one_line(small_disk):
 @pytest.mark.slow
 def test_offline_hub_tokenizer_is_one_line_without_retry_warnings(tmp_path):
   """No network (a closed local port as the hub): huggingface_hub retries ~25 s, and its warnings stay quiet."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
-  proc = subprocess.run([sys.executable, "-m", "tinyjax.main", f"--config={TINY}", *SMALL,
-                         "--config.data.tokenizer=marin-community/marin-tokenizer",
-                         f"--config.data.cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'w'}"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  proc = _main([f"--config={TINY}", *SMALL, "--config.data.tokenizer=marin-community/marin-tokenizer",
+                f"--config.data.cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'w'}"],
+               HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
   _one_line(proc, 2, "config.data.tokenizer='marin-community/marin-tokenizer': not 'builtin', not an existing path, "
                      "and downloading it from the HF hub failed")
   assert not os.listdir(tmp_path / "cache" / "tokenizers" / "hub" / "marin-community--marin-tokenizer")  # no debris

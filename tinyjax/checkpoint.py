@@ -88,18 +88,21 @@ class Checkpointer:
     os.makedirs(self.directory, exist_ok=True)
     return shutil.disk_usage(self.directory).free
 
+  def _shortfall(self, state) -> tuple[str, str] | None:
+    """(needed, free) as text when the next checkpoint visibly does not fit, else None."""
+    free, needed = self._free_bytes(), self.space_needed(state)
+    return (_mb(needed), _mb(free)) if free is not None and free < needed else None
+
   def check_space(self, state) -> None:
     """Before training: a workdir without room for one checkpoint of this state is a ConfigError."""
-    free, needed = self._free_bytes(), self.space_needed(state)
-    if free is not None and free < needed:
-      raise ConfigError(f"{self.directory} has {_mb(free)} free but a checkpoint of this run needs about "
-                        f"{_mb(needed)}: free space or choose another --workdir")
+    if short := self._shortfall(state):
+      raise ConfigError(f"{self.directory} has {short[1]} free but a checkpoint of this run needs about "
+                        f"{short[0]}: free space or choose another --workdir")
 
   def _check_space(self, step: int, state) -> None:
-    free, needed = self._free_bytes(), self.space_needed(state)
-    if free is not None and free < needed:
-      raise faults.DiskFull(f"disk full: checkpoint step {step} needs about {_mb(needed)} and "
-                            f"{self.directory} has {_mb(free)} free; {self._after_disk_full()}")
+    if short := self._shortfall(state):
+      raise faults.DiskFull(f"disk full: checkpoint step {step} needs about {short[0]} and {self.directory} has "
+                            f"{short[1]} free; {self._after_disk_full()}")
 
   def _discard_unfinished(self, step: int) -> None:
     """Removes a failed save's tmp folder. Orbax's writer threads (and the pool threads they use) outlive the failure

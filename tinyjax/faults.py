@@ -29,8 +29,14 @@ class DiskFull(Exception):
   """A write failed (or would fail) for lack of space: one line and exit 2; the last complete checkpoint is intact."""
 
 
-# How ENOSPC/EDQUOT read in the errors of Python (OSError), tensorstore and Orbax (a message with the OS error).
-_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "os_error_code='28'", "os_error_code='122'")
+# How ENOSPC/EDQUOT read in the messages of tensorstore and Orbax (the OS error's text or number).
+_FULL, _QUOTA = os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)
+_DISK_FULL_TEXT = {"No space left on device": _FULL, "os_error_code='28'": _FULL,
+                   "Disk quota exceeded": _QUOTA, "os_error_code='122'": _QUOTA}
+
+
+def _reason_in_text(text: str) -> str | None:
+  return next((reason for marker, reason in _DISK_FULL_TEXT.items() if marker in text), None)
 
 
 def disk_full_reason(exc: BaseException | None) -> str | None:
@@ -40,10 +46,8 @@ def disk_full_reason(exc: BaseException | None) -> str | None:
     seen.add(id(exc))
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
       return os.strerror(exc.errno)
-    text = str(exc)
-    for marker in _DISK_FULL_TEXT:
-      if marker in text:
-        return "Disk quota exceeded" if ("122" in marker or "quota" in marker) else "No space left on device"
+    if reason := _reason_in_text(str(exc)):
+      return reason
     exc = exc.__cause__ or exc.__context__
   return None
 
@@ -68,7 +72,7 @@ def quiet_background_noise():
 
   def keep(record: logging.LogRecord) -> bool:
     return not (disk_full_reason(record.exc_info[1] if record.exc_info else None)
-                or disk_full_reason(Exception(record.getMessage())))
+                or _reason_in_text(record.getMessage()))
   filtered = [*logging.getLogger().handlers, logging.getLogger("absl")]  # Orbax logs through absl.logging
   for f in filtered:
     f.addFilter(keep)

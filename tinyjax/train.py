@@ -323,7 +323,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
       ckpt.wait()  # the final checkpoint is committed before the run is recorded as completed
     status = "completed"
   except (faults.Preempted, faults.Diverged, faults.DiskFull) as e:
-    status = {"DiskFull": "disk_full"}.get(type(e).__name__, type(e).__name__.lower())
+    status = "disk_full" if isinstance(e, faults.DiskFull) else type(e).__name__.lower()
     raise
   finally:
     watchdog.stop()
