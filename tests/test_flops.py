@@ -59,6 +59,7 @@ def test_peak_table():
   assert flops.peak_flops("NVIDIA H100 80GB HBM3") == 989.5e12
   assert flops.peak_flops("NVIDIA H100 PCIe") == 756.5e12
   assert flops.peak_flops("TPU v5 lite") == 197e12
+  assert flops.peak_flops("TPU v5") == 459e12, "a v5p chip calls itself TPU v5 (libtpu compile-only devices)"
   assert flops.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
   assert flops.peak_flops("cpu") is None, "CPU peak is unknown: never invent one"
   assert flops.mfu(1e6, 100, "cpu", 1) is None

@@ -28,9 +28,12 @@ def test_device_table_and_usable_fraction(monkeypatch):
   assert memory.usable_fraction("gpu") == 0.75 and memory.usable_fraction("tpu") == 1.0
   monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", "0.9")
   assert memory.usable_fraction("gpu") == 0.9
-  assert memory.fits(60 * GIB, "NVIDIA H100 80GB HBM3", "gpu")["fits"] is True
-  assert memory.fits(70 * GIB, "NVIDIA H100 80GB HBM3", "gpu")["fits"] is False  # 70 > 0.9 x 74.5 GiB
-  assert memory.fits(1.0, "Mystery accelerator", "gpu")["fits"] is None
+  h100 = memory.device_memory("NVIDIA H100 80GB HBM3")
+  assert memory.fits(60 * GIB, h100, "gpu")["fits"] is True
+  assert memory.fits(70 * GIB, h100, "gpu")["fits"] is False  # 70 > 0.9 x 74.5 GiB
+  assert memory.fits(1.0, None, "gpu")["fits"] is None
+  assert memory.device_memory("TPU v5") == 95 * GIB, "JAX's name for a v5p chip (libtpu's compile-only devices)"
+  assert memory.device_memory("TPU v5 lite") == 16 * GIB
 
 
 def _planner(grad_accum_steps, device_memory_gb=0.0):
@@ -56,9 +59,9 @@ def test_auto_accumulation_is_the_smallest_that_fits():
   peaks = {a: probe.info(a)["peak"] for a in (1, 2, 4)}
   assert peaks[1] > peaks[2] > peaks[4], "microbatches shrink the unblocked [b, L, V] loss buffers"
   between_gb = (peaks[1] + peaks[2]) / 2 / 1e9  # device memory that holds accum 2 but not accum 1
-  accum, info, fit = _planner(0, between_gb).choose("cpu", "cpu")
+  accum, info, fit = _planner(0, between_gb).choose(between_gb * 1e9, "cpu")
   assert accum == 2 and fit["fits"] is True and info["peak"] == peaks[2]
-  accum, _, fit = _planner(1, between_gb).choose("cpu", "cpu")
+  accum, _, fit = _planner(1, between_gb).choose(between_gb * 1e9, "cpu")
   assert accum == 1 and fit["fits"] is False, "an explicit accumulation is reported, not changed"
 
 

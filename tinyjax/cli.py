@@ -39,6 +39,9 @@ def stop(e: Exception, where: str) -> None:
   if isinstance(e, faults.Diverged):
     print(f"tinyjax: diverged: {e}", file=sys.stderr)
     sys.exit(faults.EXIT_DIVERGED)
+  from tinyjax import aot  # noqa: PLC0415
+  if isinstance(e, aot.CompileFailed):  # the child's traceback is the story; the parent's would only hide it
+    _leave(f"tinyjax: error: {e}", 1)
   reason = faults.disk_full_reason(e)  # a full disk anywhere else: metrics, records, caches
   if reason:
     _leave(f"tinyjax: error: disk full ({reason}) writing {getattr(e, 'filename', None) or where}: free space and "
@@ -87,7 +90,17 @@ def _load_config_file(path: str) -> None:
     fail(f"--config={path}: get_config() raised {type(e).__name__}: {str(e).strip()[:200]}")
 
 
-def parse_config_flags(argv: list[str]) -> list[str]:
+def load_config(main_args: list[str]):
+  """The config `python -m tinyjax.main MAIN_ARGS` would run (its file and --config.* overrides), loaded the same
+  way, with the same one-line errors; for the launchers' preflight."""
+  from ml_collections import config_flags  # noqa: PLC0415
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=values, lock_config=True)
+  parse_config_flags(["tinyjax.main", *(a for a in main_args if a.startswith("--config"))], values)
+  return values.config
+
+
+def parse_config_flags(argv: list[str], values: flags.FlagValues | None = None) -> list[str]:
   """absl `flags_parser` for programs with an ml_collections --config flag: one-line errors, exit code 2."""
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if path is None:
@@ -96,7 +109,7 @@ def parse_config_flags(argv: list[str]) -> list[str]:
     fail(f"--config={path}: no such config file (see configs/)")
   _load_config_file(path)
   try:
-    return flags.FLAGS(argv)
+    return (values or flags.FLAGS)(argv)
   except (AttributeError, KeyError):
     fail(f"unknown config key {', '.join(_unknown_keys(argv)) or '?'} (every key is declared in tinyjax/config.py)")
   except (flags.Error, TypeError, ValueError) as e:

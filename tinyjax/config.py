@@ -248,6 +248,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(m.compute_dtype in DTYPES, "model.compute_dtype", f"allowed: {', '.join(DTYPES)}", m.compute_dtype)
   _require(m.remat in REMAT, "model.remat", f"allowed: {', '.join(REMAT)}", m.remat)
   _require(m.attention in ATTENTION, "model.attention", f"allowed: {', '.join(ATTENTION)}", m.attention)
+  _require(m.attention != "splash" or m.seq_len % 128 == 0, "model.attention",
+           f"splash needs model.seq_len to be a multiple of 128 (the TPU's lane width; it is {m.seq_len})", m.attention)
   _require(m.attention_block > 0, "model.attention_block", "must be a positive integer", m.attention_block)
   _require(m.loss_block_size >= 0, "model.loss_block_size", "must be >= 0 (0 = unblocked)", m.loss_block_size)
 

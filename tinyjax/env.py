@@ -31,6 +31,13 @@ ALLOWED = {
 JAX_OPTIONS = ("jax_platforms", "jax_threefry_partitionable", "jax_softmax_custom_jvp", "jax_default_matmul_precision",
                "jax_enable_x64", "jax_compilation_cache_dir")
 MEM_FRACTION = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+# Settings read by the runtime's device-memory allocator only (jaxlib xla_client.generate_pjrt_gpu_plugin_options and
+# the TF_GPU_ALLOCATOR switch): how much memory is reserved and how, never what XLA compiles. By variable and by
+# config.env field.
+ALLOCATOR_ONLY = ("XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                  "XLA_PYTHON_CLIENT_ALLOCATOR", "XLA_PYTHON_CLIENT_COLLECTIVE_MEM_SIZE_MB", "TF_GPU_ALLOCATOR",
+                  "xla_python_client_preallocate", "xla_client_mem_fraction", "xla_python_client_mem_fraction",
+                  "xla_python_client_allocator", "tf_gpu_allocator")
 
 
 def backend_initialized() -> bool:
@@ -108,6 +115,32 @@ def apply(e) -> dict:
     os.environ["LIBTPU_INIT_ARGS"] = _merge_flags(os.environ.get("LIBTPU_INIT_ARGS", ""), list(e.libtpu_init_args))
   if e.platform is not None:  # JAX_PLATFORMS is read when jax is imported, which has happened: set the option too
     jax.config.update("jax_platforms", e.platform)
+  skipped = _skip_absent_accelerator_plugins()
+  apply_jax_options(e)
+  return {**record(), "gc_policy": e.gc_policy, **({"skipped_plugins": skipped} if skipped else {})}
+
+
+def _skip_absent_accelerator_plugins() -> list[str]:
+  """A machine with the compile-only extras (tinyjax[tpu-compile], [cuda-compile]) but no TPU or GPU: JAX would load
+  libtpu and the CUDA plugin when it starts (seconds, a dozen warning lines and a CUDA traceback), only to run on
+  the CPU. When only the CPU was asked for, or nothing was and jax's own hardware probes (TPU chips on PCI,
+  /dev/nvidia*) see neither, this is a CPU run: say so and skip plugin discovery. An accelerator asked for or
+  visible leaves JAX's choice be."""
+  from jax._src import hardware_utils, xla_bridge  # private, checked on jax 0.10.2 (the probes JAX itself uses)
+  from tinyjax import targets  # noqa: PLC0415
+  installed = [p for p in ("tpu", "cuda") if targets.compiler_installed(p)]
+  asked = {p.strip() for p in (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "").split(",")} - {""}
+  if not installed or (asked and asked != {"cpu"}):
+    return []
+  if not asked and (hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_tpu_chips_and_device_id()[0]):
+    return []
+  jax.config.update("jax_platforms", "cpu")
+  xla_bridge._plugins_registered = True  # noqa: SLF001 - their discovery would import them anyway
+  return installed
+
+
+def apply_jax_options(e) -> None:
+  """The jax.config options of config.env (a child process inherits the environment variables, not these)."""
   jax.config.update("jax_threefry_partitionable", e.jax_threefry_partitionable)
   jax.config.update("jax_softmax_custom_jvp", e.jax_softmax_custom_jvp)
   jax.config.update("jax_enable_x64", e.jax_enable_x64)
@@ -115,7 +148,6 @@ def apply(e) -> dict:
     jax.config.update("jax_default_matmul_precision", e.jax_default_matmul_precision)
   if e.compilation_cache_dir is not None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(e.compilation_cache_dir))
-  return {**record(), "gc_policy": e.gc_policy}
 
 
 def record() -> dict:

@@ -2,6 +2,13 @@
 
 python -m tinyjax.envdiff --config=configs/tiny.py --a env.xla_python_client_preallocate=true \
     --b env.xla_python_client_preallocate=false [--steps 20] [--out DIR] [-- extra --config.k=v ...]
+python -m tinyjax.envdiff --config=configs/tiny.py --target=h100 --a XLA_FLAGS=--xla_gpu_enable_triton_gemm=false
+
+With --target=NAME (tinyjax/targets.py) nothing is trained: each side compiles the train step for that GPU or TPU
+with the target's own compiler (tinyjax/aot.py), and the report says whether the optimized programs differ (their
+fingerprints, and which fusions, kernels and op counts changed) and what each side's memory plan is. Settings that
+only steer the runtime's allocator (preallocation, memory fraction, allocator kind) cannot change the program; they
+are named as such, and the compile shows it.
 
 A KEY=VALUE whose KEY is UPPER_CASE is an environment variable of that side's process (e.g. XLA_FLAGS=...);
 otherwise it is a config override (--config.KEY=VALUE). Both sides log every step (loss and parameter norm) and
@@ -19,7 +26,7 @@ import tempfile
 
 import numpy as np
 
-from tinyjax import cli, metrics
+from tinyjax import cli, env, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +89,50 @@ def table(report: dict, a: list[str], b: list[str]) -> str:
   return "\n".join(lines)
 
 
+def target_side(config: str, settings: list[str], target: str, extra: list[str]) -> dict:
+  """One fresh `--dry_run --target` process under this side's settings; returns its plan for the target."""
+  env_vars, overrides = _side(settings)
+  cmd = [sys.executable, "-m", "tinyjax.main", f"--config={config}", "--dry_run", f"--target={target}", *extra,
+         *overrides]
+  proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env_vars}, capture_output=True, text=True)
+  if proc.returncode != 0:
+    cli.fail(f"compiling for {target} with {' '.join(settings) or 'no settings'} failed (exit {proc.returncode}): "
+             f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+  return json.loads(proc.stdout)["memory"]["targets"][target]
+
+
+def allocator_only(settings: list[str]) -> bool:
+  """Whether every setting only steers the runtime's allocator (env.ALLOCATOR_ONLY): it cannot enter the program."""
+  return all(item.split("=", 1)[0].removeprefix("env.") in env.ALLOCATOR_ONLY for item in settings)
+
+
+def compare_programs(a: dict, b: dict) -> dict:
+  """What differs between two compiles of one step: fingerprint, per-kind counts, memory."""
+  changed = {}
+  for part in ("ops", "fusions", "kernels"):
+    pa, pb = a["program"][part], b["program"][part]
+    diff = {k: [pa.get(k, 0), pb.get(k, 0)] for k in sorted(set(pa) | set(pb)) if pa.get(k, 0) != pb.get(k, 0)}
+    if diff:
+      changed[part] = diff
+  memory = {k: [a[k], b[k]] for k in ("temp_gib", "peak_gib", "usable_gib", "fits")}
+  return {"program_identical": a["hlo_fingerprint"] == b["hlo_fingerprint"],
+          "fingerprints": [a["hlo_fingerprint"], b["hlo_fingerprint"]], "changed": changed, "memory": memory}
+
+
+def target_table(report: dict) -> str:
+  lines = [f"A: {' '.join(report['a']) or '(as is)'}", f"B: {' '.join(report['b']) or '(as is)'}",
+           f"target {report['target']} ({report['compiler']})"]
+  if report["allocator_only"]:
+    lines.append("the settings that differ are allocator-only: they decide how device memory is reserved, not what is "
+                 "compiled")
+  fa, fb = report["fingerprints"]
+  lines.append(f"optimized program identical: {report['program_identical']} (fingerprints {fa} / {fb})")
+  for part, diff in report["changed"].items():
+    lines.append(f"  {part}: " + ", ".join(f"{k} {x} -> {y}" for k, (x, y) in diff.items()))
+  lines += [f"  {k:<11} A {x!s:>8}  B {y!s:>8}" for k, (x, y) in report["memory"].items()]
+  return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
   parser = cli.ArgParser(prog="python -m tinyjax.envdiff", description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True)
@@ -89,20 +140,34 @@ def main(argv=None) -> dict:
   parser.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--out", default=None, help="directory for the two workdirs and envdiff.json")
+  parser.add_argument("--target", default="", help="compile for this GPU/TPU (h100, v5p-8, ...) instead of training")
   parser.add_argument("extra", nargs="*", help="config overrides for both sides, after --")
   args = parser.parse_args(argv)
   if not os.path.isfile(os.path.join(REPO, args.config)) and not os.path.isfile(args.config):
     cli.fail(f"--config={args.config}: no such config file")
   if args.steps < 1:
     cli.fail(f"--steps={args.steps}: must be >= 1")
+  if args.target:
+    from tinyjax import config, targets  # noqa: PLC0415
+    try:
+      targets.parse(args.target)
+    except config.ConfigError as e:
+      cli.fail(str(e))
   out = args.out or tempfile.mkdtemp(prefix="envdiff-")
-  runs = [run_side(args.config, side, args.steps, os.path.join(out, name), args.extra)
-          for name, side in (("a", args.a), ("b", args.b))]
-  report = {"config": args.config, "a": args.a, "b": args.b, **compare(*runs)}
+  if args.target:
+    plans = [target_side(args.config, side, args.target, args.extra) for side in (args.a, args.b)]
+    differing = sorted(set(args.a) ^ set(args.b))
+    report = {"config": args.config, "a": args.a, "b": args.b, "target": args.target,
+              "compiler": plans[0]["compiler"], "allocator_only": bool(differing) and allocator_only(differing),
+              **compare_programs(*plans)}
+  else:
+    runs = [run_side(args.config, side, args.steps, os.path.join(out, name), args.extra)
+            for name, side in (("a", args.a), ("b", args.b))]
+    report = {"config": args.config, "a": args.a, "b": args.b, **compare(*runs)}
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "envdiff.json"), "w") as f:
     json.dump(report, f, indent=2)
-  print(table(report, args.a, args.b))
+  print(target_table(report) if args.target else table(report, args.a, args.b))
   print(f"report: {os.path.join(out, 'envdiff.json')}")
   return report
 

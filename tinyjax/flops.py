@@ -48,9 +48,10 @@ PEAK_FLOPS = (
     ("L4", 242e12),
     ("A10", 125e12),
     ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5 lite", 197e12),
+    ("TPU v5 lite", 197e12),  # v5e's device_kind; before "TPU v5", which is how JAX names a v5p chip
     ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
     ("TPU v4", 275e12),
     ("TPU v3", 61.5e12),  # 123e12 per chip / 2 cores, per device
 )

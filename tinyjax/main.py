@@ -12,6 +12,8 @@ from tinyjax import cli, config, faults
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdir/<config name>).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the planned run as JSON and exit; allocates nothing.")
+_TARGET = flags.DEFINE_string("target", "", "With --dry_run: compile for these targets with their own compilers "
+                              "(h100, h200, a100-40gb, a100-80gb, 8xh100, v4-8, v5p-32, v5e-8, v6e-8, ...).")
 
 
 def main(argv: list[str]) -> None:
@@ -31,9 +33,9 @@ def main(argv: list[str]) -> None:
     import jax
     config.validate(cfg, num_devices=jax.device_count())
     from tinyjax import plan, sharding, train
-    if _DRY_RUN.value:
-      mesh = sharding.make_mesh(cfg.mesh)  # the memory plan compiles the step (never runs it)
-      print(json.dumps({**plan.describe(cfg, mesh, env_record), "memory": plan.memory_plan(cfg, mesh)}, indent=2))
+    if _DRY_RUN.value or _TARGET.value:
+      print(json.dumps(plan.dry_run(cfg, sharding.make_mesh(cfg.mesh), env_record, _DRY_RUN.value, _TARGET.value),
+                       indent=2))
       return
     if jax.process_index() == 0:
       print(env.summary(env_record), flush=True)

@@ -20,10 +20,12 @@ GIB = 2 ** 30
 # Memory of one JAX device in bytes, matched as a substring of jax.Device.device_kind (most specific first).
 # GPUs: NVIDIA data sheets (H100 SXM/PCIe 80 GB HBM3, H200 141 GB HBM3e, A100 40/80 GB). TPUs: Cloud TPU system
 # architecture pages (HBM per chip: v4 32 GiB, v5p 95 GiB, v5e 16 GiB, v6e 32 GiB; v3 32 GiB per chip = 16 per core).
+# JAX names a v5p chip "TPU v5" and a v5e chip "TPU v5 lite" (seen in libtpu's compile-only devices), so "TPU v5 lite"
+# must come before "TPU v5".
 DEVICE_MEMORY = (
     ("H100", 80e9), ("H200", 141e9), ("A100-SXM4-40GB", 40e9), ("A100-PCIE-40GB", 40e9), ("A100", 80e9),
-    ("TPU v6", 32 * GIB), ("TPU v5p", 95 * GIB), ("TPU v5 lite", 16 * GIB), ("TPU v5e", 16 * GIB),
-    ("TPU v4", 32 * GIB), ("TPU v3", 16 * GIB),
+    ("TPU v6", 32 * GIB), ("TPU v5 lite", 16 * GIB), ("TPU v5e", 16 * GIB), ("TPU v5p", 95 * GIB),
+    ("TPU v5", 95 * GIB), ("TPU v4", 32 * GIB), ("TPU v3", 16 * GIB),
 )
 # The devices --dry_run reports (Marin's hardware and common alternatives): name -> (device_kind, platform).
 PLAN_DEVICES = {"H100 80GB": ("NVIDIA H100 80GB HBM3", "gpu"), "H200": ("NVIDIA H200", "gpu"),
@@ -89,8 +91,8 @@ def analysis(executable) -> dict:
   return out
 
 
-def fits(peak: float, device_kind: str, platform: str, override_gb: float = 0.0) -> dict:
-  total = device_memory(device_kind, override_gb)
+def fits(peak: float, total: float | None, platform: str) -> dict:
+  """Whether `peak` bytes fit a device of `total` bytes (None: unknown) as XLA lets a program use it."""
   usable = None if total is None else total * usable_fraction(platform)
   return {"device_memory_gib": None if total is None else round(total / GIB, 2),
           "usable_gib": None if usable is None else round(usable / GIB, 2),
@@ -136,13 +138,31 @@ class StepPlanner:
       self.infos[accum] = analysis(self.executables[accum])
     return self.infos[accum]
 
-  def choose(self, device_kind: str, platform: str) -> tuple[int, dict, dict]:
-    """(accum, compiled info, fit): the configured accumulation, or with 0 the smallest that fits."""
-    t = self.cfg.train
-    candidates = [t.grad_accum_steps] if t.grad_accum_steps else accum_candidates(self.per_device_batch)
+  def choose(self, total: float | None, platform: str) -> tuple[int, dict, dict]:
+    """(accum, compiled info, fit) on a device of `total` bytes: the configured accumulation, or with 0 the
+    smallest that fits."""
+    configured = self.cfg.train.grad_accum_steps
+    if configured:
+      info = self.info(configured)
+      return configured, info, fits(info["peak"], total, platform)
+    return self.smallest_fitting(total, platform)
+
+  def plan_for(self, total: float | None, platform: str, search: bool = True) -> tuple[int, int | None, dict, dict]:
+    """(accum, auto, info, fit): the configured accumulation's figures on a device of `total` bytes, and the one
+    grad_accum_steps=0 would pick (None without `search` where that takes more compiles; a smaller accumulation
+    cannot fit where a larger one does not, so the search starts above a configured one that does not fit)."""
+    accum, info, fit = self.choose(total, platform)
+    auto = accum if not self.cfg.train.grad_accum_steps or (fit["fits"] and accum == 1) else None
+    if auto is None and search:
+      auto = self.smallest_fitting(total, platform, 1 if fit["fits"] else accum + 1)[0]
+    return accum, auto, info, fit
+
+  def smallest_fitting(self, total: float | None, platform: str, start: int = 1) -> tuple[int, dict, dict]:
+    """What grad_accum_steps=0 picks among the accumulations >= start: the smallest that fits (else the largest)."""
+    candidates = accum_candidates(self.per_device_batch, start) or [self.per_device_batch]
     for accum in candidates:
       info = self.info(accum)
-      fit = fits(info["peak"], device_kind, platform, t.device_memory_gb)
+      fit = fits(info["peak"], total, platform)
       if fit["fits"] is not False or accum == candidates[-1]:
         return accum, info, fit
     raise AssertionError("unreachable")
@@ -151,13 +171,13 @@ class StepPlanner:
 def report(planner: StepPlanner, model_cfg, data_size: int, local_kind: str, local_platform: str) -> dict:
   """The --dry_run memory plan: analytic parts, XLA's compiled figures, and fits per device (GiB)."""
   cfg = planner.cfg
-  accum, info, fit = planner.choose(local_kind, local_platform)
+  accum, info, fit = planner.choose(device_memory(local_kind, cfg.train.device_memory_gb), local_platform)
   out = {"per_device_batch": planner.per_device_batch, "grad_accum_steps": accum,
          "grad_accum_auto": cfg.train.grad_accum_steps == 0, "attention": model_cfg.attention_impl(local_platform),
          "analytic_gib": gib(analytic(cfg, model_cfg, planner.per_device_batch, accum, data_size, local_platform)),
          "compiled_gib": {**gib(info), "backend": jax.default_backend()},
          "devices": {f"local ({local_kind})": {**fit, "grad_accum_steps": accum}}}
-  for name, (kind, platform) in PLAN_DEVICES.items():
-    a, i, f = planner.choose(kind, platform)
-    out["devices"][name] = {**f, "grad_accum_steps": a, "peak_gib": round(i["peak"] / GIB, 3)}
+  for name, (kind, platform) in PLAN_DEVICES.items():  # the local compile's figures against each device
+    a, i, f = planner.choose(device_memory(kind), platform)
+    out["devices"][name] = {**f, "grad_accum_steps": a, "peak_gib": round(i["peak"] / GIB, 3), "compiler": "cpu-proxy"}
   return out

@@ -49,6 +49,11 @@ class ModelConfig:
     """The concrete attention implementation on `platform` (default: JAX's default backend)."""
     return attention.resolve(self.attention, platform or jax.default_backend(), self.seq_len)
 
+  def for_platform(self, platform: str) -> "ModelConfig":
+    """This model with `auto` attention resolved for `platform`: a step compiled for a TPU or GPU target from a CPU
+    process must trace the target's kernel, not the CPU's."""
+    return dataclasses.replace(self, attention=self.attention_impl(platform))
+
 
 def _truncated_normal(scale: float):
   """Haliax init: truncated_normal(-3, 3) * scale, NOT re-normalised to unit std (unlike flax's initializer)."""

@@ -129,7 +129,8 @@ def compile_step(cfg, model, tx, total: int, shapes, state_sh, batch_sh):
   abstract = step_inputs(cfg, shapes, state_sh, batch_sh)
   planner = memory.StepPlanner(
       cfg, lambda a: make_train_step(model, tx, cfg, total, state_sh, batch_sh, accum=a), abstract, per_device)
-  accum, info, fit = planner.choose(device.device_kind, device.platform)
+  accum, info, fit = planner.choose(memory.device_memory(device.device_kind, cfg.train.device_memory_gb),
+                                    device.platform)
   if cfg.train.memory_check and fit["fits"] is False:
     memory.refuse(cfg, info["peak"], fit, device.device_kind, accum)
   plan_info = {"checked": cfg.train.memory_check, "grad_accum_steps": accum, "compiled_gib": memory.gib(info),

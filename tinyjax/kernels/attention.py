@@ -11,7 +11,8 @@ attends to m iff m <= l and seg[l] == seg[m]. Scores are scaled by 1/sqrt(K) and
   splash      TPU: Pallas splash attention (CausalMask + SegmentIds; GQA as one MQA kernel per kv head)
   pallas_gpu  GPU: Pallas/Triton flash attention with segment ids (jax.experimental.pallas.ops.gpu.attention);
               that kernel wants as many k/v heads as q heads, so k/v are repeated per group
-  auto        splash on TPU, pallas_gpu on GPU, on CPU blockwise above AUTO_REFERENCE_MAX_LEN tokens else reference
+  auto        splash on TPU (seq_len a multiple of 128), pallas_gpu on GPU; elsewhere blockwise above
+              AUTO_REFERENCE_MAX_LEN tokens, else reference
 cuDNN (jax.nn.dot_product_attention(implementation="cudnn")) is not offered: it takes sequence lengths, not segment
 ids, so it cannot express Levanter's document mask.
 """
@@ -26,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 IMPLEMENTATIONS = ("auto", "reference", "blockwise", "splash", "pallas_gpu")
 AUTO_REFERENCE_MAX_LEN = 512  # at <= 512 tokens the [L, L] scores are small and the einsum is fastest on CPU
+SPLASH_LANES = 128  # splash's key blocks are multiples of the TPU's 128 lanes: shorter windows use the pure-JAX kernels
 DATA_AXIS = "data"  # the mesh axis the batch is split over (sharding.DATA)
 
 
@@ -35,7 +37,7 @@ def resolve(impl: str, platform: str, seq_len: int) -> str:
     raise ValueError(f"unknown attention implementation {impl!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
   if impl != "auto":
     return impl
-  if platform == "tpu":
+  if platform == "tpu" and seq_len % SPLASH_LANES == 0:
     return "splash"
   if platform in ("gpu", "cuda", "rocm"):
     return "pallas_gpu"

@@ -1,0 +1,184 @@
+"""The train step compiled for a target this machine does not have, by the target's own compiler (deviceless AOT).
+
+libtpu compiles for any TPU slice from a topology description, and the CUDA PJRT plugin for a GPU described by a
+target config (tinyjax/targets.py); neither needs the device. Their buffer assignment (`memory_analysis()`) and the
+kernels in the compiled module are the hardware's own figures short of running it.
+
+Each target compiles in a child process (`python -m tinyjax.aot REQUEST`), so that the process asking, a dry run or a
+launcher, never loads libtpu or the CUDA plugin, and one plugin's state cannot leak into another target's compile.
+The child starts only JAX's CPU backend; the plugin serves the topology and the compiler.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.metadata
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+from tinyjax import targets
+from tinyjax.config import ConfigError
+
+# A compile-only child: CPU is the only backend it starts; no GCE metadata queries (libtpu would ask the metadata
+# server which TPU this VM is); no /tmp/libtpu_lockfile (it admits one libtpu process per machine, but compiles may
+# run side by side); no check of the CUDA libraries a GPU run needs (jax[cuda12-local] has none).
+CHILD_ENV = {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+             "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+             "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+class CompileFailed(RuntimeError):
+  """The target's compiler rejected the step (a bug to fix: every shipped config must compile)."""
+
+
+def plan(cfg, target: targets.Target, search: bool = True) -> dict:
+  """The target's memory plan from its own compiler, computed in a child process (see compile_for)."""
+  with tempfile.TemporaryDirectory(prefix="tinyjax-aot-") as tmp:
+    request = os.path.join(tmp, "request.pkl")
+    with open(request, "wb") as f:
+      pickle.dump({"cfg": cfg, "target": target, "search": search}, f)
+    proc = subprocess.run([sys.executable, "-m", "tinyjax.aot", request], capture_output=True, text=True,
+                          env={**os.environ, **CHILD_ENV}, check=False)
+  lines = proc.stdout.strip().splitlines()
+  result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+  if result is None:
+    tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
+    raise CompileFailed(f"compiling the train step for {target.name} failed (exit {proc.returncode}):\n{tail}")
+  if "error" in result:
+    raise ConfigError(result["error"])
+  return result
+
+
+def plans(cfg, names: list[targets.Target], proxy=None) -> dict:
+  """{name: plan} for each target: its own compiler's where installed, else `proxy(target)` (labelled)."""
+  out = {}
+  for target in names:
+    if targets.compiler_installed(target.platform):
+      out[target.name] = plan(cfg, target)
+    elif proxy is not None:
+      print(f"tinyjax: note: the {target.platform.upper()} compiler is not installed: {target.name} figures are CPU "
+            f"proxies ({targets.install_hint(target.platform)} for the real ones)", file=sys.stderr, flush=True)
+      out[target.name] = proxy(target)
+    else:
+      raise ConfigError(f"compiling for {target.name} needs the {target.platform.upper()} compiler: "
+                        f"{targets.install_hint(target.platform)}")
+  return out
+
+
+def preflight(main_args: list[str], target_name: str) -> str:
+  """Before a launcher spends money: compiles the run `python -m tinyjax.main MAIN_ARGS` would start for the
+  target and returns a one-line verdict; a run that cannot fit, or a missing compiler, is a ConfigError."""
+  from tinyjax import cli  # noqa: PLC0415
+  cfg = cli.load_config(main_args)
+  target = targets.parse(target_name)
+  skip = "or pass --skip-preflight to launch without this check"
+  if not targets.compiler_installed(target.platform):
+    raise ConfigError(f"the preflight compile for {target.name} needs the {target.platform.upper()} compiler: "
+                      f"{targets.install_hint(target.platform)}, {skip}")
+  p = plan(cfg, target, search=False)
+  t = cfg.train
+  if p["fits"] is False:
+    raise ConfigError(
+        f"{target.name} cannot hold this run: the train step needs {p['peak_gib']} GiB per chip and {p['usable_gib']}"
+        f" GiB are usable ({p['compiler']}; config.train.train_batch_size={t.train_batch_size} over {p['chips']} "
+        f"chips, grad_accum_steps={p['accum']}); set config.train.grad_accum_steps=0 (auto) or a larger value, "
+        f"use a larger slice, {skip}")
+  return (f"preflight {target.name}: fits ({p['peak_gib']} of {p['usable_gib']} GiB per chip, grad_accum_steps="
+          f"{p['accum']}; {p['compiler']})")
+
+
+# ---- reading a compiled module ---------------------------------------------------------------------------------
+
+def custom_calls(hlo_text: str) -> list[str]:
+  """The custom-call targets in an optimized HLO module: the kernels XLA did not generate itself (Pallas/Mosaic
+  `tpu_custom_call`, Triton `__gpu$xla.gpu.triton`, cuBLAS `__cublas$gemm`, ...)."""
+  return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
+
+
+_NOISE = (re.compile(r", metadata=\{[^}]*\}"), re.compile(r"^HloModule \S+", re.M))
+
+
+def fingerprint(hlo_text: str) -> str:
+  """SHA-256 of the optimized program with source metadata and the module name stripped: equal fingerprints mean
+  the compiler produced the same program."""
+  text = hlo_text
+  for pattern in _NOISE:
+    text = pattern.sub("", text)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def summary(hlo_text: str) -> dict:
+  """Counts that say what a program is made of: instructions by opcode, fusions by kind (and by backend kind,
+  e.g. __triton_gemm), kernels (custom-call targets)."""
+  ops = collections.Counter(re.findall(r"^\s*(?:ROOT )?%?\S+ = \S+ ([a-z][\w-]*)\(", hlo_text, re.M))
+  fusions = collections.Counter(re.findall(r"\bkind=(k\w+)", hlo_text))
+  fusions.update(f"backend:{k}" for k in re.findall(r'"kind":"(__\w+)"', hlo_text))
+  kernels = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
+  return {"ops": dict(sorted(ops.items())), "fusions": dict(sorted(fusions.items())),
+          "kernels": dict(sorted(kernels.items()))}
+
+
+def compiler_name(target: targets.Target, device) -> str:
+  version = importlib.metadata.version
+  if target.platform == "tpu":
+    return f"libtpu {version('libtpu')} ({device.device_kind}, topology {target.topology})"
+  return f"XLA GPU, jax-cuda12-pjrt {version('jax-cuda12-pjrt')} ({device.device_kind})"
+
+
+# ---- the child process -----------------------------------------------------------------------------------------
+
+def _topology(target: targets.Target):
+  from jax.experimental import topologies  # noqa: PLC0415
+  if target.platform == "tpu":
+    return topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
+                                        chip_config_name=target.chip_config, chips_per_host_bounds=target.chips_per_host)
+  with open(target.target_config) as f:
+    return topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology=target.topology)
+
+
+def compile_for(cfg, target: targets.Target, search: bool = True) -> dict:
+  """In the child: the step compiled for `target` at the configured accumulation (0 = auto), the accumulation
+  grad_accum_steps=0 would pick (with `search`; beyond a configured one that does not fit, each candidate is one
+  more compile), and the figures, kernels and fingerprint of the compiled module."""
+  import numpy as np  # noqa: PLC0415
+  from jax.sharding import AxisType, Mesh  # noqa: PLC0415
+
+  from tinyjax import config, plan as plans_  # noqa: PLC0415
+  devices = _topology(target).devices
+  data = len(devices) if cfg.mesh.data == -1 else cfg.mesh.data
+  config.validate(cfg, num_devices=len(devices))  # batch and accumulation must divide over the target's chips
+  mesh = Mesh(np.asarray(devices[:data]), ("data",), axis_types=(AxisType.Auto,))
+  planner, model_cfg = plans_.step_planner(cfg, mesh, target.platform, cfg.train.train_batch_size)
+  start = time.perf_counter()
+  figures = plans_.target_figures(cfg, planner, model_cfg, target, search)
+  text = planner.executables[figures["accum"]].as_text()
+  return {"compiler": compiler_name(target, devices[0]), **target.describe(), "device_kind": devices[0].device_kind,
+          "mesh": {"data": data, "fsdp": bool(cfg.mesh.fsdp)}, **figures, "kernels": custom_calls(text),
+          "compile_s": round(time.perf_counter() - start, 1), "hlo_fingerprint": fingerprint(text),
+          "program": summary(text)}
+
+
+def main(argv: list[str]) -> None:
+  with open(argv[0], "rb") as f:
+    request = pickle.load(f)
+  cfg = request["cfg"]
+  import jax  # noqa: PLC0415
+
+  from tinyjax import env  # noqa: PLC0415
+  env.apply_jax_options(cfg.env)  # the process environment (XLA_FLAGS, LIBTPU_INIT_ARGS, ...) came from the parent
+  jax.config.update("jax_platforms", "cpu")
+  try:
+    result = compile_for(cfg, request["target"], request["search"])
+  except ConfigError as e:
+    result = {"error": f"{request['target'].name}: {e}"}
+  print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,62 @@
+"""Every shipped config's train step on each target, by the target's own compiler and by the CPU proxy.
+
+python -m tinyjax.benchmarks.targets [--configs tiny,c4_50m] [--targets h100,v5p-8] [--out targets.json]
+
+For each config x target: the target's plan (tinyjax/aot.py: libtpu or the CUDA plugin, in a child process) and the
+CPU-proxy plan (this machine's compiler, one chip's share of the batch). Prints a markdown table (BUILD_NOTES.md's)
+and keeps every plan in --out, which a rerun reuses (a full table is dozens of compiles).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+
+from tinyjax import aot, cli, config, env, plan, sharding, targets
+
+CONFIGS = ("tiny", "stability_tiny", "c4_30m", "c4_50m", "c4_75m", "c4_130m")
+TARGETS = ("h100", "h200", "a100-40gb", "v4-8", "v5p-8", "v5e-8")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def row(name: str, target: str, real: dict, proxy: dict) -> str:
+  fits = lambda p: {True: "yes", False: "**no**", None: "?"}[p["fits"]]
+  kernels = ", ".join(k for k in real["kernels"] if k in ("tpu_custom_call", "__gpu$xla.gpu.triton")) or "-"
+  return (f"| {name} | {target} | {real['per_device_batch']} | {real['temp_gib']:.2f} | {real['peak_gib']:.2f} | "
+          f"{real['usable_gib']:.1f} | {fits(real)} | {real['grad_accum_steps']} | {kernels} | {real['compile_s']:.0f} | "
+          f"{proxy['temp_gib']:.2f} | {proxy['peak_gib']:.2f} | {fits(proxy)} | {proxy['grad_accum_steps']} |")
+
+
+HEADER = ("| config | target | batch/chip | temp GiB | peak GiB | usable GiB | fits | accum (auto) | kernel | compile s "
+          "| proxy temp | proxy peak | proxy fits | proxy accum |\n|" + "---|" * 14)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", default=",".join(CONFIGS))
+  parser.add_argument("--targets", default=",".join(TARGETS))
+  parser.add_argument("--out", default="targets.json")
+  args = parser.parse_args()
+  env.apply(config.base().env)  # a CPU process: libtpu and the CUDA plugin stay unloaded (the children load them)
+  done = json.load(open(args.out)) if os.path.exists(args.out) else {}
+  mesh = sharding.make_mesh(type("Mesh", (), {"data": 1})())
+  lines = [HEADER]
+  for name in args.configs.split(","):
+    cfg = cli.load_config([f"--config={REPO}/configs/{name}.py"])
+    for target in targets.parse_list(args.targets):
+      key = f"{name}/{target.name}"
+      if key not in done:
+        done[key] = {"real": aot.plan(cfg, target), "proxy": plan.proxy_plan(cfg, mesh, target)}
+        done[key]["real"].pop("program")
+        with open(args.out, "w") as f:
+          json.dump(done, f, indent=1)
+      lines.append(row(name, target.name, done[key]["real"], done[key]["proxy"]))
+      print(lines[-1], flush=True)
+  print(f"\n{jax.__version__=}; CPU proxy: {jax.default_backend()} compiler, blockwise/reference attention")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
