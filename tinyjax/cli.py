@@ -94,9 +94,10 @@ def load_config(main_args: list[str]):
   """The config `python -m tinyjax.main MAIN_ARGS` would run (its file and --config.* overrides), loaded the same
   way, with the same one-line errors; for the launchers' preflight."""
   from ml_collections import config_flags  # noqa: PLC0415
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=values, lock_config=True)
-  parse_config_flags(["tinyjax.main", *(a for a in main_args if a.startswith("--config"))], values)
+  argv = ["tinyjax.main", *(a for a in main_args if a.startswith("--config"))]
+  values = flags.FlagValues()  # overrides are read from sys_argv (default: the launcher's own sys.argv)
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=values, lock_config=True, sys_argv=argv)
+  parse_config_flags(argv, values)
   return values.config
 
 
