@@ -4,12 +4,18 @@ The fake gcloud plays a TPU VM: `describe` prints the next line of a states file
 ssh exits with the next code of a run-codes file; everything else exits 0. The sbatch script is run by bash with a
 fake srun that records its argv and SLURM environment and exits with a chosen code.
 """
+import glob
+import hashlib
 import json
 import os
+import platform
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
+import tarfile
 import time
 
 import pytest
@@ -113,7 +119,7 @@ def test_setup_and_run_use_every_worker(fake):
   script = setup[7].removeprefix("--command=")
   assert "git clone --quiet https://example.com/tinyjax.git ~/tinyjax" in script
   assert "git fetch --quiet origin v1" in script and "-e '.[tpu,gcs]'" in script
-  assert "if [ ! -d ~/tinyjax/.git ]" in script and "if [ ! -x .venv/bin/python ]" in script  # idempotent
+  assert "if [ ! -d ~/tinyjax/.git ]" in script and "uv venv --quiet --python 3.11 .venv" in script
   assert run[6] == "--worker=all"
   cmd = run[7].removeprefix("--command=")
   # the training arguments reach every worker unchanged (the workdir with a space stays one argument)
@@ -265,3 +271,98 @@ def test_babysit_dry_run_prints_one_round(fake, capsys):
   assert fake.calls() == []
   assert [shlex.split(line)[4] for line in lines] == ["describe", "ssh", "ssh"]  # VM READY: setup, then the run
   assert "--worker=all" in lines[2] and "tinyjax.main" in lines[2]
+
+
+def _python_download(tmp_path) -> str:
+  """A stand-in for uv's download of a standalone CPython: this interpreter's own installation (3.11, the project's
+  Python) packed in python-build-standalone's install_only layout, listed in a downloads file uv reads through
+  UV_PYTHON_DOWNLOADS_JSON_URL. Only the download source is replaced; uv unpacks, registers and uses it as on a VM."""
+  base, stdlib = sys.base_prefix, sysconfig.get_path("stdlib")
+  libpython = os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME") or "")
+  archive = tmp_path / "cpython.tar.gz"
+  skip = ("site-packages", "test", "__pycache__", "idlelib", "tkinter")
+  with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+    tar.add(os.path.realpath(sys.executable), f"python/bin/python{sys.version_info[0]}.{sys.version_info[1]}")
+    if os.path.isfile(libpython):
+      tar.add(libpython, f"python/lib/{os.path.basename(libpython)}")
+    tar.add(stdlib, f"python/{os.path.relpath(stdlib, base)}",
+            filter=lambda info: None if os.path.basename(info.name) in skip else info)
+  v = sys.version_info
+  entry = {"name": "cpython", "arch": {"family": "x86_64", "variant": None}, "os": "linux", "libc": "gnu",
+           "major": v.major, "minor": v.minor, "patch": v.micro, "prerelease": "", "url": archive.as_uri(),
+           "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(), "variant": None, "build": "standin"}
+  listing = tmp_path / "python-downloads.json"
+  listing.write_text(json.dumps({f"cpython-{v.major}.{v.minor}.{v.micro}-linux-x86_64-gnu": entry}))
+  return listing.as_uri()
+
+
+def _origin_repo(path) -> str:
+  """A git repository shaped like tinyjax (pyproject with requires-python >= 3.11, the tpu/gcs extras) whose jax is
+  a stand-in package, so that the install needs only setuptools from PyPI, not jax/libtpu's hundreds of MB."""
+  (path / "tinyjax").mkdir(parents=True)
+  (path / "jax").mkdir()
+  (path / "tinyjax" / "__init__.py").write_text("")
+  (path / "jax" / "__init__.py").write_text('__version__ = "0.10.2.standin"\n')
+  (path / "pyproject.toml").write_text(
+      '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+      '[project]\nname = "tinyjax"\nversion = "0.1.0"\nrequires-python = ">=3.11"\n'
+      '[project.optional-dependencies]\ntpu = []\ngcs = []\n'
+      '[tool.setuptools.packages.find]\ninclude = ["tinyjax*", "jax*"]\n')
+  git = ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+  for cmd in (["init", "--quiet", "--initial-branch=main"], ["add", "-A"], ["commit", "--quiet", "-m", "x"]):
+    subprocess.run(git + cmd, check=True)
+  return str(path)
+
+
+def _real_python_310() -> str:
+  """The executable of a Python 3.10 here: on PATH, or one of pyenv's (its shims need pyenv's own setup)."""
+  root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+  for found in [shutil.which("python3.10"), *sorted(glob.glob(f"{root}/versions/3.10*/bin/python3.10"))]:
+    r = subprocess.run([found, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True) \
+        if found else None
+    if r and r.returncode == 0:
+      return r.stdout.strip()
+  return ""
+
+
+PYTHON_310 = _real_python_310()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PYTHON_310, reason="needs a Python 3.10 for the TPU image stand-in")
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64", reason="a linux x86_64 CPython")
+def test_setup_script_provisions_python_311_on_a_python_310_image(tmp_path):
+  """The generated setup script, run by bash in a stand-in of the TPU image (python3 is 3.10, no other Python on
+  PATH, a fresh home): pip installs uv from PyPI, uv installs CPython 3.11, the venv is 3.11, tinyjax installs.
+  A venv an older setup left on 3.10 is replaced; a third run keeps the venv."""
+  home, image_bin = tmp_path / "home", tmp_path / "image-bin"
+  home.mkdir()
+  image_bin.mkdir()
+  os.symlink(PYTHON_310, image_bin / "python3")
+  for tool in ("bash", "sh", "git", "rm", "env"):
+    os.symlink(shutil.which(tool), image_bin / tool)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "UV_", "PIP_"))}
+  env.update(HOME=str(home), PATH=str(image_bin), UV_PYTHON_DOWNLOADS_JSON_URL=_python_download(tmp_path))
+  script = C.setup_script(_origin_repo(tmp_path / "origin"), "main")
+  image_python = subprocess.run(["python3", "--version"], env=env, capture_output=True, text=True).stdout
+  assert image_python.startswith("Python 3.10."), image_python
+  run = lambda: subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  venv_python = home / "tinyjax" / ".venv" / "bin" / "python"
+  version = lambda: subprocess.run([str(venv_python), "-c", "import sys; print(sys.version_info[:2])"],
+                                   capture_output=True, text=True).stdout.strip()
+  first = run()
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert f"python {platform.python_version()} jax 0.10.2.standin" in first.stdout
+  assert version() == "(3, 11)"
+  assert os.path.realpath(venv_python).startswith(str(home / ".local" / "share" / "uv" / "python")), \
+      "the venv's Python is the one uv installed, not the image's"
+  shutil.rmtree(venv_python.parent.parent)  # what the old setup left: a 3.10 venv
+  subprocess.run([PYTHON_310, "-m", "venv", "--without-pip", str(venv_python.parent.parent)], check=True)
+  assert version() == "(3, 10)"
+  second = run()
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert version() == "(3, 11)" and "python 3.11" in second.stdout
+  marker = venv_python.parent.parent / "kept"
+  marker.write_text("")
+  third = run()
+  assert third.returncode == 0 and marker.exists(), "an up-to-date venv is kept"
