@@ -1,7 +1,7 @@
 """Every command line the launchers run, as pure functions: gcloud argv lists, remote shell lines, the sbatch script.
 
 The gcloud flags are the documented ones of `gcloud compute tpus tpu-vm {create,describe,ssh,delete}` and
-`gcloud compute tpus queued-resources {create,delete}` (cloud.google.com/sdk/gcloud/reference/compute/tpus).
+`gcloud compute tpus queued-resources {create,describe,delete}` (cloud.google.com/sdk/gcloud/reference/compute/tpus).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ QUEUED = ("compute", "tpus", "queued-resources")
 REMOTE_DIR = "~/tinyjax"  # the checkout + venv on every worker
 LOG_DIR = "~/tinyjax_logs"  # one log file per worker: <log name>-<worker hostname>.log
 EXIT_PREEMPTED = 75  # tinyjax.faults.EXIT_PREEMPTED: checkpointed on SIGTERM, rerun to resume
+EXIT_LOST_HOST = 4  # tinyjax.distributed.EXIT_LOST_HOST: another worker's process is gone, rerun to resume
 PYTHON = "3.11"  # the workers' venv: the Python tinyjax is developed and tested on (pyproject: >= 3.11)
 UV = "uv==0.13.8"  # from PyPI; the version tests/test_launch.py runs the setup script with
 UV_HOME = "~/.tinyjax-uv"  # a venv of the image's python3 that holds uv
@@ -54,6 +55,12 @@ def create(t: Tpu) -> list[str]:
 def describe_state(t: Tpu) -> list[str]:
   """Prints the node's state (READY, CREATING, PREEMPTED, ...); exits non-zero when the node does not exist."""
   return [GCLOUD, *TPU_VM, "describe", t.name, *t.where(), "--format=value(state)"]
+
+
+def describe_queued_state(t: Tpu) -> list[str]:
+  """Prints the queued resource's state (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...: QueuedResourceState.State);
+  exits non-zero when there is no such queued resource."""
+  return [GCLOUD, *QUEUED, "describe", t.name, *t.where(), "--format=value(state.state)"]
 
 
 def delete(t: Tpu) -> list[str]:
