@@ -123,7 +123,7 @@ def ensure_ready(t: C.Tpu, runner: Runner, poll_s: float, timeout_s: float, slee
 
 def babysit(t: C.Tpu, runner: Runner, main_args: list[str], repo: str, ref: str, max_restarts: int,
             poll_s: float = 30.0, timeout_s: float = 3600.0, log_name: str = "run", sleep=time.sleep,
-            clock=time.monotonic) -> int:
+            clock=time.monotonic, extras: str = "tpu,gcs") -> int:
   """Runs main_args on the VM until it finishes, recreating the VM and rerunning after each preemption or lost
   host. Returns the run's exit code, or EXIT_NOT_READY (one line) when no READY VM came within timeout_s."""
   restarts, set_up = 0, False
@@ -135,7 +135,7 @@ def babysit(t: C.Tpu, runner: Runner, main_args: list[str], repo: str, ref: str,
       return EXIT_NOT_READY
     rc = 0
     if fresh or not set_up:  # a failed setup is decided on like a failed run (a dropped ssh: 255)
-      rc = runner.call(C.ssh(t, C.setup_script(repo, ref)))
+      rc = runner.call(C.ssh(t, C.setup_script(repo, ref, extras)))
       set_up = rc == 0
     if set_up:
       rc = runner.call(C.ssh(t, C.run_script(main_args, log_name)))
@@ -166,7 +166,7 @@ def _parser() -> cli.ArgParser:
   p.add_argument("--queued", action="store_true", help="create through a queued resource")
   p.add_argument("--repo", default="", help="setup/babysit: git URL of tinyjax to clone on every worker")
   p.add_argument("--ref", default="main", help="setup/babysit: branch, tag or commit to check out")
-  p.add_argument("--extras", default="tpu,gcs", help="setup: pip extras to install")
+  p.add_argument("--extras", default="tpu,gcs", help="setup/babysit: pip extras to install")
   p.add_argument("--log-name", default="run", help="run/logs: log file ~/tinyjax_logs/NAME-<host>.log")
   p.add_argument("--detach", action="store_true", help="run: start in the background and return")
   p.add_argument("--lines", type=int, default=50, help="logs: lines per worker")
@@ -194,7 +194,8 @@ def main(argv: list[str]) -> int:
     rc = r.call(C.describe_queued_state(t))  # its node's, once there is one
     return rc or r.call(C.describe_state(t))
   if a.verb == "babysit":
-    return babysit(t, r, main_args, a.repo, a.ref, a.max_restarts, a.poll_s, a.ready_timeout_s, a.log_name)
+    return babysit(t, r, main_args, a.repo, a.ref, a.max_restarts, a.poll_s, a.ready_timeout_s, a.log_name,
+                   extras=a.extras)
   argv_by_verb = {
       "create": lambda: C.create(t), "delete": lambda: C.delete(t), "status": lambda: C.describe_state(t),
       "setup": lambda: C.ssh(t, C.setup_script(a.repo, a.ref, a.extras)),
