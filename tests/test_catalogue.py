@@ -61,6 +61,10 @@ VALIDATE = [
     ("data.train_urls", (), "config.data.train_urls"),
     ("data.num_workers", -1, "config.data.num_workers"),
     ("data.max_bad_fraction", 2.0, "config.data.max_bad_fraction"),
+    ("data.cache_dir", "gs://bucket/dir", "config.data.cache_dir='gs://bucket/dir' is invalid: must be a local "
+     "directory (tokenizers, caches being built, the local mirror of a gs:// workdir); to train from token caches on "
+     "GCS, build them once (python -m tinyjax.data), copy each cache folder to the bucket and name it in "
+     "data.train_urls / data.validation_urls (read in place)"),
     ("mesh.data", 0, "config.mesh.data"),
     ("mesh.data", 3, "must divide the 8 available devices"),
     ("train.train_batch_size", 12, "must be divisible by the data-parallel size 8"),
@@ -138,6 +142,15 @@ def test_parser_and_startup_mistakes(args, expected, tmp_path):
   args = [a.format(**files) for a in args] + [f"--workdir={tmp_path / 'w'}"]
   _one_line(_main(args), 2, expected)
   assert not (tmp_path / "w" / "checkpoints").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("launcher", [("-m", "tinyjax.main"), ("-m", "tinyjax.data")])
+def test_gcs_cache_dir_is_refused_before_anything_is_created(launcher, tmp_path):
+  """data.cache_dir=gs://... once made a local folder named gs: and ended in a traceback."""
+  args = [f"--config={TINY}", "--config.data.cache_dir=gs://bucket/dir"]
+  args += ["--workdir=gs://bucket/run"] if launcher[1] == "tinyjax.main" else []
+  _one_line(_main(args, cwd=tmp_path, launcher=launcher), 2, "config.data.cache_dir='gs://bucket/dir' is invalid")
+  assert os.listdir(tmp_path) == []
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,9 @@ def test_every_format_loads():
   assert one == {"run_name": "llama_50m_muon_1x", "model_size": 50_874_048, "model_flops": 1.6698528441040896e17,
                  "bpb": 1.398867130279541, "training_hardware_flops": 1.1666472839337308e18,
                  "training_time": 1179.0270681492984, "total_tokens": 999_948_288, "num_chips": 1,
-                 "hardware": "1x H200"}
+                 "hardware": "1x H200", "device_flops": 989.5e12, "train_batch_size": 128, "seq_len": 1024,
+                 "num_train_steps": 7629, "flags": []}
+  assert not any(r["flags"] for r in table + enriched), "the shipped tables are consistent"
 
 
 def test_directory_of_per_run_files(tmp_path):
@@ -160,3 +162,58 @@ def test_missing_sources_and_cli_error_line(tmp_path, run_50m, capsys):
     compare.main([run_50m, "--leaderboard", str(tmp_path / "bad.json")])
   assert e.value.code == 2
   assert capsys.readouterr().err == f"tinyjax: error: {tmp_path / 'bad.json'}: runs[0]: missing field 'run_name'\n"
+
+
+def _snapshot_row(name: str) -> dict:
+  with open(LEADERBOARD) as f:
+    return dict(next(r for r in json.load(f)["runs"] if r["run_name"] == name))
+
+
+def _contradictory_board(tmp_path) -> str:
+  """Rows as Marin's history had them, next to one left as shipped."""
+  # Issue #1767: a training time summed from sampled W&B history, and hardware FLOPs computed from it.
+  gpu = {**_snapshot_row("llama_50m_gpu"), "training_time_s": 72.0, "training_hardware_flops": 72.0 * 4 * 312e12}
+  v5p = {**_snapshot_row("adamw_llama_scaling/130m"), "num_chips": 32}  # before PR #1756
+  v5p_flops = {**_snapshot_row("muon_llama_scaling/130m"), "num_chips": None}
+  v5p_flops["training_hardware_flops"] = v5p_flops["training_time_s"] * 32 * 459e12  # counted as 32 chips
+  tokens = {**_snapshot_row("llama_50m_h200"), "num_train_steps": 7000}
+  below = {k: v for k, v in _snapshot_row("olmo_50m_h200").items() if k not in ("training_time_s", "hardware")}
+  below["training_hardware_flops"] = below["model_flops"] / 2
+  path = tmp_path / "board.json"
+  path.write_text(json.dumps({"runs": [gpu, v5p, v5p_flops, tokens, below, _snapshot_row("llama_50m_muon_1x")]}))
+  return str(path)
+
+
+def test_contradictory_rows_are_flagged(tmp_path):
+  rows = {r["run_name"]: r["flags"] for r in compare.load_leaderboard([_contradictory_board(tmp_path)])}
+  # 1.66350525825024e17 / (72 s x 4 chips x 312e12) = 1.851
+  assert rows["llama_50m_gpu"] == ["implied MFU 185% > 100%: model FLOPs 1.66e+17 in 72 s on 4 chips of 312 TFLOP/s"]
+  assert rows["adamw_llama_scaling/130m"] == [
+      "num_chips 32, but TPU v5p-32 is 16 chips",
+      "training_hardware_flops = training_time x 16 chips x peak, not 32 chips"]
+  assert rows["muon_llama_scaling/130m"] == [
+      "training_hardware_flops = training_time x 32 chips x peak, not 16 chips"]
+  assert rows["llama_50m_h200"] == ["total_tokens 996,147,200 != train_batch_size x seq_len x num_train_steps = "
+                                    "128 x 1024 x 7000 = 917,504,000"]
+  assert rows["olmo_50m_h200"] == ["training_hardware_flops 8.32e+16 < model_flops 1.66e+17"]
+  assert rows["llama_50m_muon_1x"] == []
+  assert [compare.named_chips(h) for h in ("TPU v5p-32", "v4-128", "TPU v5litepod-64 (v5e)", "v6e-8", "8x H200",
+                                           "1x GPU (variant 'auto' -> H100 flops table)", "CPU", None)] == [
+      16, 64, 64, 8, 8, 1, None, None]
+
+
+def test_flags_in_the_table_and_json(tmp_path, run_50m, capsys):
+  board = _contradictory_board(tmp_path)
+  compare.main([run_50m, "--leaderboard", board, "--near", "2"])
+  out = capsys.readouterr().out.splitlines()
+  names = [line.split()[0] for line in out[2:6]]
+  assert names == ["c4_50m", "llama_50m_muon_1x", "llama_50m_gpu!", "llama_50m_h200!"]
+  assert "! llama_50m_gpu: implied MFU 185% > 100%: model FLOPs 1.66e+17 in 72 s on 4 chips of 312 TFLOP/s" in out
+  assert ("! 5 of 6 leaderboard rows have figures that contradict each other (--json lists them): llama_50m_gpu, "
+          "adamw_llama_scaling/130m, muon_llama_scaling/130m, llama_50m_h200, olmo_50m_h200") in out
+  compare.main([run_50m, "--leaderboard", board, "--near", "2", "--json"])
+  doc = json.loads(capsys.readouterr().out)
+  assert [r["run_name"] for r in doc["flagged_rows"]] == ["llama_50m_gpu", "adamw_llama_scaling/130m",
+                                                          "muon_llama_scaling/130m", "llama_50m_h200", "olmo_50m_h200"]
+  gpu = next(r for r in doc["comparisons"][0]["neighbours"] if r["run_name"] == "llama_50m_gpu")
+  assert gpu["flags"][0].startswith("implied MFU 185%") and gpu["delta_bpb"] is not None  # flagged, still listed

@@ -3,14 +3,16 @@ declares them, export -> import is the bitwise identity, logits equal transforme
 installed), config.model.init_from, and the CLI's one-line errors."""
 import dataclasses
 import json
+import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinyjax import checkpoint, config, export, optim, train
+from tinyjax import checkpoint, cli, config, export, optim, train
 from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
 from tinyjax.model import ModelConfig, Transformer
@@ -58,12 +60,12 @@ def make_run(tok, c=GQA, seed=0) -> export.Run:
   return export.Run("", 0, {}, c, strong_params(c, seed), tok)
 
 
-def make_workdir(path, tok, c=GQA, step=5) -> dict:
+def make_workdir(path, tok, c=GQA, step=5, tokenizer=None, cache_dir=None) -> dict:
   """A real run directory: an Orbax checkpoint of a full TrainState written by checkpoint.Checkpointer."""
   cfg = config.base()
   for f in dataclasses.fields(ModelConfig):
     cfg.model[f.name] = getattr(c, f.name)
-  cfg.data.tokenizer, cfg.data.cache_dir = tok.path, str(path / "cache")
+  cfg.data.tokenizer, cfg.data.cache_dir = tokenizer or tok.path, cache_dir or str(path / "cache")
   cfg.train.num_train_steps = 10
   model = Transformer(c, eos_id=tok.eos_id)
   state = train.init_state(model, optim.make(cfg, 10), 0)
@@ -247,3 +249,106 @@ def test_cli_errors_are_one_line(tmp_path, tok, capsys):
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("tinyjax: error: ")
     assert re.search(message, err), err
   assert not (tmp_path / "hf").exists(), "a refused export must write nothing"
+
+
+@pytest.fixture(scope="module")
+def run_a(tok):
+  return make_run(tok)  # strong_params dominates these tests' time: made once
+
+
+def _files(folder) -> set[str]:
+  return {p.name for p in folder.iterdir()}
+
+
+def test_export_replaces_a_previous_export_whole(tmp_path, run_a):
+  """Run A as one file, then run B as shards into the same --out: only B's files remain (a stale model.safetensors
+  is what transformers would load), and a bf16 export left behind does not survive a float32 one."""
+  pytest.importorskip("safetensors")
+  out = tmp_path / "hf"
+  run_b = dataclasses.replace(run_a, params=jax.tree.map(lambda x: np.asarray(x) + 1.0, run_a.params))
+  export.export(run_a, str(out))
+  assert "model.safetensors" in _files(out)
+  written = export.export(run_b, str(out), max_shard_bytes=60_000)
+  assert _files(out) == set(written) and "model.safetensors" not in written
+  for a, b in zip(jax.tree.leaves(export.load_hf(str(out)).params), jax.tree.leaves(run_b.params)):
+    assert np.array_equal(a, np.asarray(b))
+  export.export(run_a, str(out), max_shard_bytes=60_000, dtype="bfloat16")
+  written = export.export(run_a, str(out))  # float32, one file: the bf16 shards and their index go
+  assert _files(out) == set(written) and not any(n.startswith("model-") for n in _files(out))
+  imported = export.load_hf(str(out))
+  assert {a.dtype for a in jax.tree.leaves(imported.params)} == {np.dtype("float32")}
+  assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+  (out / f"{export.STAGING}left-by-a-kill").mkdir()  # a killed export's staging folder is ours: cleaned up
+  export.export(run_b, str(out))
+  assert _files(out) == set(written)
+
+
+def test_export_refuses_a_folder_with_other_files(tmp_path, tok, capsys):
+  """Nothing of the user's is deleted: an --out holding other files is one line, exit 2, and stays as it was."""
+  pytest.importorskip("safetensors")
+  make_workdir(tmp_path / "run", tok)
+  out = tmp_path / "hf"
+  export.main([str(tmp_path / "run"), "--out", str(out)])
+  (out / "notes.txt").write_text("mine")
+  (out / "data").mkdir()
+  before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+  with pytest.raises(SystemExit) as e:
+    export.main([str(tmp_path / "run"), "--out", str(out), "--dtype", "bfloat16"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1
+  assert f"--out={out} holds files that are not a HF export (data, notes.txt); nothing was written" in err
+  assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(SystemExit):
+    export.main([str(tmp_path / "run"), "--out", str(tmp_path / "file")])
+  assert "is a file, not a directory" in capsys.readouterr().err
+
+
+def test_mixed_single_and_sharded_weights_are_refused(tmp_path, run_a):
+  pytest.importorskip("safetensors")
+  export.export(run_a, str(tmp_path / "a"), max_shard_bytes=60_000)
+  export.export(run_a, str(tmp_path / "b"))
+  shutil.copy(tmp_path / "b" / "model.safetensors", tmp_path / "a")  # what older tinyjax left behind
+  with pytest.raises(ConfigError, match="holds both model.safetensors and model.safetensors.index.json"):
+    export.load_hf(str(tmp_path / "a"))
+
+
+def test_a_run_with_a_relative_cache_dir_exports_from_anywhere(tmp_path, tok, monkeypatch, capsys):
+  """New runs save data.cache_dir resolved; a run saved with a relative one (older tinyjax) is found with
+  --cache_dir, and without it the one line says so."""
+  from tinyjax import sample, train  # noqa: PLC0415
+  monkeypatch.chdir(tmp_path)
+  assert train.resolve_cache_dir("cache") == str(tmp_path / "cache")
+  assert train.resolve_cache_dir("~/.cache/tinyjax") == "~/.cache/tinyjax"  # per user, not per directory
+  cfg = config.base()
+  vocab = GQA.vocab_size
+  builtin = tokenizers._builtin_path("cache", list(cfg.data.train_urls), vocab)  # noqa: SLF001
+  os.makedirs(os.path.dirname(builtin))
+  shutil.copy(tok.path, builtin)
+  make_workdir(tmp_path / "run", tok, tokenizer="builtin", cache_dir="cache")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  with pytest.raises(SystemExit) as e:
+    sample.main([str(tmp_path / "run"), "--max_new_tokens", "2"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1
+  assert "(the run saved data.cache_dir='cache' relative to the directory it started in); pass --cache_dir=DIR" in err
+  export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--cache_dir", str(tmp_path / "cache")])
+  assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == vocab
+  assert capsys.readouterr().out.startswith("exported step 5 of ")
+  sample.main([str(tmp_path / "run"), "--max_new_tokens", "2", "--cache_dir", str(tmp_path / "cache"), "--json"])
+  assert [s["prompt"] for s in json.loads(capsys.readouterr().out)] == list(sample.SAMPLE_PROMPTS)
+
+
+@pytest.mark.parametrize("module", ["export", "sample", "compare", "plot", "sweep", "envdiff", "stability",
+                                    "launch.tpu", "launch.slurm"])
+def test_help_text_is_whole_sentences(module, capsys):
+  """--help's description is the module docstring's first paragraph, whole (it was cut at the first line)."""
+  import importlib  # noqa: PLC0415
+  m = importlib.import_module(f"tinyjax.{module}")
+  with pytest.raises(SystemExit) as e:
+    m.main(["--help"])
+  out = capsys.readouterr().out
+  description = " ".join(out.split("\n\n")[1].split())
+  assert e.value.code == 0 and description.endswith(".") and description == cli.summary(m.__doc__)

@@ -4,16 +4,23 @@ The fake gcloud plays a TPU VM: `describe` prints the next line of a states file
 ssh exits with the next code of a run-codes file; everything else exits 0. The sbatch script is run by bash with a
 fake srun that records its argv and SLURM environment and exits with a chosen code.
 """
+import glob
+import hashlib
 import json
 import os
+import platform
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
+import sysconfig
+import tarfile
 import time
 
 import pytest
 
+from tinyjax import distributed, faults
 from tinyjax.launch import commands as C
 from tinyjax.launch import slurm, tpu
 
@@ -29,11 +36,18 @@ def pop(path, default):
 with open(os.environ["FAKE_LOG"], "a") as f:
   f.write(json.dumps(sys.argv[1:]) + "\n")
 args = sys.argv[1:]
+queued, exists = "queued-resources" in args, os.environ["FAKE_QUEUED_EXISTS"]
 if "describe" in args:
-  state = pop(os.environ["FAKE_STATES"], "READY")
+  state = pop(os.environ["FAKE_QUEUED_STATES" if queued else "FAKE_STATES"], "ACTIVE" if queued else "READY")
   if state == "NOTFOUND":
     sys.exit(1)
   print(state)
+elif queued and "create" in args:  # as the API: one queued resource per name
+  if os.path.exists(exists):
+    sys.exit("ERROR: (gcloud.compute.tpus.queued-resources.create) ALREADY_EXISTS: the resource already exists")
+  open(exists, "w").close()
+elif queued and "delete" in args and os.path.exists(exists):
+  os.remove(exists)
 elif "ssh" in args and any("tinyjax.main" in a for a in args):
   sys.exit(int(pop(os.environ["FAKE_RUN_RCS"], "0")))
 '''
@@ -68,10 +82,13 @@ def fake(tmp_path, monkeypatch):
   for name in ("sbatch", "srun", "scontrol", "python-on-node"):
     _install(bin_dir, name, FAKE_RECORDER)
   log, states, rcs = tmp_path / "calls.jsonl", tmp_path / "states", tmp_path / "rcs"
+  queued_states, queued_exists = tmp_path / "queued_states", tmp_path / "queued_exists"
   monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
   monkeypatch.setenv("FAKE_LOG", str(log))
   monkeypatch.setenv("FAKE_STATES", str(states))
   monkeypatch.setenv("FAKE_RUN_RCS", str(rcs))
+  monkeypatch.setenv("FAKE_QUEUED_STATES", str(queued_states))
+  monkeypatch.setenv("FAKE_QUEUED_EXISTS", str(queued_exists))
 
   class Fake:
     dir = bin_dir
@@ -79,9 +96,14 @@ def fake(tmp_path, monkeypatch):
     def calls(self):
       return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
-    def set(self, states_=(), rcs_=()):
+    def set(self, states_=(), rcs_=(), queued_=(), queued_exists_=False):
       states.write_text("\n".join(states_))
       rcs.write_text("\n".join(str(r) for r in rcs_))
+      queued_states.write_text("\n".join(queued_))
+      if queued_exists_:
+        queued_exists.write_text("")
+      elif queued_exists.exists():
+        queued_exists.unlink()
   return Fake()
 
 
@@ -113,7 +135,7 @@ def test_setup_and_run_use_every_worker(fake):
   script = setup[7].removeprefix("--command=")
   assert "git clone --quiet https://example.com/tinyjax.git ~/tinyjax" in script
   assert "git fetch --quiet origin v1" in script and "-e '.[tpu,gcs]'" in script
-  assert "if [ ! -d ~/tinyjax/.git ]" in script and "if [ ! -x .venv/bin/python ]" in script  # idempotent
+  assert "if [ ! -d ~/tinyjax/.git ]" in script and "uv venv --quiet --python 3.11 .venv" in script
   assert run[6] == "--worker=all"
   cmd = run[7].removeprefix("--command=")
   # the training arguments reach every worker unchanged (the workdir with a space stays one argument)
@@ -168,6 +190,95 @@ def test_babysitter_reruns_exit_75_and_stops_on_a_real_failure(fake):
   assert tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=5, sleep=lambda s: None) == 1
   fake.set(["READY"], [75, 75, 75])
   assert tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=1, sleep=lambda s: None) == 75
+
+
+def _steps(calls):
+  """Each gcloud call as (group, verb), ssh split into setup and run."""
+  return [("ssh", "run" if "tinyjax.main" in c[-1] else "setup") if c[3] == "ssh" else (c[2], c[3]) for c in calls]
+
+
+def test_babysit_queued_recovers_a_spot_preemption(fake, capsys):
+  """ACTIVE + READY: setup, run -> the Spot node is reclaimed (ssh 255) and deleted, the queued resource SUSPENDED:
+  delete it, queue it again (once: no create while it waits for capacity), WAITING_FOR_RESOURCES, PROVISIONING,
+  ACTIVE + READY: setup on the new VM, the same run again, which resumes and finishes."""
+  fake.set(states_=["READY", "READY"], rcs_=[255, 0], queued_exists_=True,
+           queued_=["ACTIVE", "SUSPENDED", "SUSPENDED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+  sleeps = []
+  t = C.Tpu("tj", "us-central2-b", "v4-16", spot=True, queued=True)
+  rc = tpu.babysit(t, tpu.Runner(False), MAIN, "https://example.com/tinyjax.git", "main", max_restarts=3, poll_s=7,
+                   sleep=sleeps.append)
+  assert rc == 0
+  assert _steps(fake.calls()) == [
+      ("queued-resources", "describe"), ("tpu-vm", "describe"), ("ssh", "setup"), ("ssh", "run"),
+      ("queued-resources", "describe"),  # SUSPENDED: the run's exit was a preemption
+      ("queued-resources", "describe"), ("queued-resources", "delete"), ("queued-resources", "create"),
+      ("queued-resources", "describe"), ("queued-resources", "describe"),  # waiting for capacity: no create
+      ("queued-resources", "describe"), ("tpu-vm", "describe"), ("ssh", "setup"), ("ssh", "run")]
+  calls = fake.calls()
+  assert calls[6] == ["compute", "tpus", "queued-resources", "delete", "tj", "--zone=us-central2-b", "--force",
+                      "--quiet"]
+  assert calls[7][:6] == ["compute", "tpus", "queued-resources", "create", "tj", "--node-id=tj"] and "--spot" in calls[7]
+  assert calls[0][-1] == "--format=value(state.state)"
+  runs = [c for c in calls if c[3] == "ssh" and "tinyjax.main" in c[-1]]
+  assert runs[0] == runs[1], "the same command is rerun; the workdir's checkpoint resumes it"
+  assert sleeps == [7, 7, 7]
+  err = capsys.readouterr().err
+  assert "tj: queued resource SUSPENDED: deleting it to create it again" in err
+  assert "tj: queued resource WAITING_FOR_RESOURCES (waiting for capacity)\n" in err
+  assert "restart 1/3: run exit code 255, VM queued resource SUSPENDED" in err
+
+
+def test_babysit_queued_waits_for_capacity_then_times_out_in_one_line(fake, capsys):
+  """A request waiting for capacity is never re-created; no READY VM by --ready-timeout-s: one line, exit 69."""
+  fake.set(queued_=["NOTFOUND", "WAITING_FOR_RESOURCES"])
+  now = [0.0]
+  sleep = lambda s: now.__setitem__(0, now[0] + s)
+  t = C.Tpu("tj", "z", queued=True)
+  rc = tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=3, poll_s=60, timeout_s=600, sleep=sleep,
+                   clock=lambda: now[0])
+  assert rc == tpu.EXIT_NOT_READY == 69
+  steps = _steps(fake.calls())
+  assert steps.count(("queued-resources", "create")) == 1 and steps[:2] == [("queued-resources", "describe"),
+                                                                            ("queued-resources", "create")]
+  assert steps[2:] == [("queued-resources", "describe")] * 10 and now[0] == 600
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == ("tinyjax.launch: error: tj is not READY after --ready-timeout-s=600 (last seen: queued resource "
+                     "WAITING_FOR_RESOURCES (waiting for capacity)); rerun babysit to keep waiting (a run resumes from "
+                     "its checkpoint)")
+  assert not any("Traceback" in line for line in err)
+  assert err.count("tinyjax.launch: tj: queued resource WAITING_FOR_RESOURCES (waiting for capacity)") == 1, \
+      "one line per state change, not one per poll"
+
+
+def test_babysit_cli_ready_timeout_is_one_line_exit_69(fake, capfd):
+  fake.set(["NOTFOUND"])
+  rc = tpu.main(["babysit", *BASE, "--repo=r", "--ready-timeout-s=0", "--poll-s=0", "--", *MAIN])
+  err = capfd.readouterr().err
+  assert rc == 69 and err.strip().splitlines()[-1].startswith("tinyjax.launch: error: tj is not READY after")
+  assert "Traceback" not in err
+  fake.set(["READY"], queued_=["ACTIVE"])
+  assert tpu.main(["status", *BASE, "--queued"]) == 0
+  assert capfd.readouterr().out == "ACTIVE\nREADY\n"
+  assert _steps(fake.calls()[-2:]) == [("queued-resources", "describe"), ("tpu-vm", "describe")]
+
+
+def test_babysit_reruns_a_lost_host_on_a_ready_vm(fake):
+  """Exit 4 (another worker's process is gone) on a VM that is READY again: rerun, which resumes."""
+  fake.set(["READY"], [4, 0])
+  t = C.Tpu("tj", "z")
+  assert tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=2, sleep=lambda s: None) == 0
+  assert _steps(fake.calls()).count(("ssh", "run")) == 2 and _steps(fake.calls()).count(("ssh", "setup")) == 1
+  assert C.EXIT_LOST_HOST == distributed.EXIT_LOST_HOST and C.EXIT_PREEMPTED == faults.EXIT_PREEMPTED
+
+
+def test_babysit_setup_failure_on_a_ready_vm_is_not_retried(fake, capsys):
+  fake.set(["READY"])
+  bad = fake.dir / "gcloud"
+  bad.write_text(bad.read_text() + "if 'ssh' in args and 'git clone' in args[-1]:\n  sys.exit(1)\n")
+  assert tpu.babysit(C.Tpu("tj", "z"), tpu.Runner(False), MAIN, "r", "main", max_restarts=2,
+                     sleep=lambda s: None) == 1
+  assert _steps(fake.calls()).count(("ssh", "run")) == 0
+  assert "setup failed with exit code 1 on a READY VM: not retrying" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module, argv, message", [
@@ -265,3 +376,98 @@ def test_babysit_dry_run_prints_one_round(fake, capsys):
   assert fake.calls() == []
   assert [shlex.split(line)[4] for line in lines] == ["describe", "ssh", "ssh"]  # VM READY: setup, then the run
   assert "--worker=all" in lines[2] and "tinyjax.main" in lines[2]
+
+
+def _python_download(tmp_path) -> str:
+  """A stand-in for uv's download of a standalone CPython: this interpreter's own installation (3.11, the project's
+  Python) packed in python-build-standalone's install_only layout, listed in a downloads file uv reads through
+  UV_PYTHON_DOWNLOADS_JSON_URL. Only the download source is replaced; uv unpacks, registers and uses it as on a VM."""
+  base, stdlib = sys.base_prefix, sysconfig.get_path("stdlib")
+  libpython = os.path.join(sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME") or "")
+  archive = tmp_path / "cpython.tar.gz"
+  skip = ("site-packages", "test", "__pycache__", "idlelib", "tkinter")
+  with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+    tar.add(os.path.realpath(sys.executable), f"python/bin/python{sys.version_info[0]}.{sys.version_info[1]}")
+    if os.path.isfile(libpython):
+      tar.add(libpython, f"python/lib/{os.path.basename(libpython)}")
+    tar.add(stdlib, f"python/{os.path.relpath(stdlib, base)}",
+            filter=lambda info: None if os.path.basename(info.name) in skip else info)
+  v = sys.version_info
+  entry = {"name": "cpython", "arch": {"family": "x86_64", "variant": None}, "os": "linux", "libc": "gnu",
+           "major": v.major, "minor": v.minor, "patch": v.micro, "prerelease": "", "url": archive.as_uri(),
+           "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(), "variant": None, "build": "standin"}
+  listing = tmp_path / "python-downloads.json"
+  listing.write_text(json.dumps({f"cpython-{v.major}.{v.minor}.{v.micro}-linux-x86_64-gnu": entry}))
+  return listing.as_uri()
+
+
+def _origin_repo(path) -> str:
+  """A git repository shaped like tinyjax (pyproject with requires-python >= 3.11, the tpu/gcs extras) whose jax is
+  a stand-in package, so that the install needs only setuptools from PyPI, not jax/libtpu's hundreds of MB."""
+  (path / "tinyjax").mkdir(parents=True)
+  (path / "jax").mkdir()
+  (path / "tinyjax" / "__init__.py").write_text("")
+  (path / "jax" / "__init__.py").write_text('__version__ = "0.10.2.standin"\n')
+  (path / "pyproject.toml").write_text(
+      '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n'
+      '[project]\nname = "tinyjax"\nversion = "0.1.0"\nrequires-python = ">=3.11"\n'
+      '[project.optional-dependencies]\ntpu = []\ngcs = []\n'
+      '[tool.setuptools.packages.find]\ninclude = ["tinyjax*", "jax*"]\n')
+  git = ["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+  for cmd in (["init", "--quiet", "--initial-branch=main"], ["add", "-A"], ["commit", "--quiet", "-m", "x"]):
+    subprocess.run(git + cmd, check=True)
+  return str(path)
+
+
+def _real_python_310() -> str:
+  """The executable of a Python 3.10 here: on PATH, or one of pyenv's (its shims need pyenv's own setup)."""
+  root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+  for found in [shutil.which("python3.10"), *sorted(glob.glob(f"{root}/versions/3.10*/bin/python3.10"))]:
+    r = subprocess.run([found, "-c", "import sys; print(sys.executable)"], capture_output=True, text=True) \
+        if found else None
+    if r and r.returncode == 0:
+      return r.stdout.strip()
+  return ""
+
+
+PYTHON_310 = _real_python_310()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PYTHON_310, reason="needs a Python 3.10 for the TPU image stand-in")
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64", reason="a linux x86_64 CPython")
+def test_setup_script_provisions_python_311_on_a_python_310_image(tmp_path):
+  """The generated setup script, run by bash in a stand-in of the TPU image (python3 is 3.10, no other Python on
+  PATH, a fresh home): pip installs uv from PyPI, uv installs CPython 3.11, the venv is 3.11, tinyjax installs.
+  A venv an older setup left on 3.10 is replaced; a third run keeps the venv."""
+  home, image_bin = tmp_path / "home", tmp_path / "image-bin"
+  home.mkdir()
+  image_bin.mkdir()
+  os.symlink(PYTHON_310, image_bin / "python3")
+  for tool in ("bash", "sh", "git", "rm", "env"):
+    os.symlink(shutil.which(tool), image_bin / tool)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "UV_", "PIP_"))}
+  env.update(HOME=str(home), PATH=str(image_bin), UV_PYTHON_DOWNLOADS_JSON_URL=_python_download(tmp_path))
+  script = C.setup_script(_origin_repo(tmp_path / "origin"), "main")
+  image_python = subprocess.run(["python3", "--version"], env=env, capture_output=True, text=True).stdout
+  assert image_python.startswith("Python 3.10."), image_python
+  run = lambda: subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  venv_python = home / "tinyjax" / ".venv" / "bin" / "python"
+  version = lambda: subprocess.run([str(venv_python), "-c", "import sys; print(sys.version_info[:2])"],
+                                   capture_output=True, text=True).stdout.strip()
+  first = run()
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert f"python {platform.python_version()} jax 0.10.2.standin" in first.stdout
+  assert version() == "(3, 11)"
+  assert os.path.realpath(venv_python).startswith(str(home / ".local" / "share" / "uv" / "python")), \
+      "the venv's Python is the one uv installed, not the image's"
+  shutil.rmtree(venv_python.parent.parent)  # what the old setup left: a 3.10 venv
+  subprocess.run([PYTHON_310, "-m", "venv", "--without-pip", str(venv_python.parent.parent)], check=True)
+  assert version() == "(3, 10)"
+  second = run()
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert version() == "(3, 11)" and "python 3.11" in second.stdout
+  marker = venv_python.parent.parent / "kept"
+  marker.write_text("")
+  third = run()
+  assert third.returncode == 0 and marker.exists(), "an up-to-date venv is kept"

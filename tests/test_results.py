@@ -12,7 +12,8 @@ import pytest
 from tinyjax import plan, results, sharding
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+# shared/ beside the checkout (CI, /work/main); SHARED_DIR names it from a checkout elsewhere (a worktree)
+SHARED = os.environ.get("SHARED_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 MARIN_50M = os.path.join(SHARED, "marin", "llama_50m_muon_1x.speedrun_results.json")
 
 

@@ -3,6 +3,7 @@ one real 2-point tiny sweep end to end (slow)."""
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -100,7 +101,7 @@ def test_launch_print_marks_finished_points(tmp_path, capsys):
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 6 and lines[1].startswith("# done: python -m tinyjax.main --config=configs/tiny.py")
   assert lines[0] == ("python -m tinyjax.main --config=configs/tiny.py --config.train.log_every=10 "
-                      "--config.train.eval_batch_size=16 --config.train.max_eval_batches=4 "
+                      "--config.train.steps_per_eval=10 --config.train.eval_batch_size=16 --config.train.max_eval_batches=4 "
                       "'--config.train.sample_prompts=()' "
                       "--config.train.train_batch_size=4 --config.train.num_train_steps=80 "
                       f"--config.optimizer.lr_scaling_base_batch=0 --workdir={tmp_path}/{points[0].name}")
@@ -118,6 +119,44 @@ def test_launch_local_skips_finished_and_stops_on_preemption(tmp_path, monkeypat
   assert calls[0][:4] == [sys.executable, "-m", "tinyjax.main", f"--config={ROOT}/configs/tiny.py"]
 
 
+def test_arguments_after_double_dash_reach_every_point(tmp_path, monkeypatch, capsys):
+  """`-- --config.data.cache_dir=DIR` goes to every point's tinyjax.main (local, print; tpu/slurm after a second --);
+  overriding a key the sweep sets, or anything but --config.KEY=VALUE, is one line and exit 2."""
+  f, calls = os.path.join(SWEEPS, "tiny.py"), []
+  monkeypatch.setattr(sweep.subprocess, "call", lambda argv: calls.append(argv) or 0)
+  extra = [f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.train.seed=3"]
+  assert sweep.main([f, "--launch", "local", "--root", str(tmp_path), "--", *extra]) == 0
+  assert len(calls) == 6 and all(c[-3:-1] == extra for c in calls)
+  assert [c[-1] for c in calls] == [f"--workdir={tmp_path}/{p.name}" for p in _points("tiny")]
+  assert sweep.main([f, "--launch", "print", "--root", str(tmp_path), "--", *extra]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert all(shlex.split(line)[-3:-1] == extra for line in printed[-6:])
+  assert sweep.main([f, "--launch", "tpu", "--dry-run", "--root", "gs://b/t", "--", "--name=tj", "--zone=z",
+                     "--repo=https://example.com/t.git", "--", extra[0]]) == 0
+  runs = [line for line in capsys.readouterr().out.splitlines() if "tinyjax.main" in line]
+  assert len(runs) == 6 and all(extra[0] in line for line in runs)
+  for bad, message in ((["--config.train.train_batch_size=2"], "config.train.train_batch_size is set by the sweep"),
+                       (["--workdir=/x"], "only --config.KEY=VALUE overrides"),
+                       (["--config=configs/c4_50m.py"], "only --config.KEY=VALUE overrides")):
+    with pytest.raises(SystemExit) as e:
+      sweep.main([f, "--launch", "local", "--root", str(tmp_path), "--", *bad])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+  with pytest.raises(SystemExit):
+    sweep.main([f, "--report", "--root", str(tmp_path), "--", extra[0]])
+  assert "--report alone launches nothing" in capsys.readouterr().err
+  assert len(calls) == 6, "a refused sweep starts nothing"
+
+
+def test_no_ready_tpu_vm_stops_the_sweep(tmp_path, monkeypatch):
+  from tinyjax.launch import tpu  # noqa: PLC0415
+  launched = []
+  monkeypatch.setattr(tpu, "main", lambda argv: launched.append(argv) or tpu.EXIT_NOT_READY)
+  rc = sweep.main([os.path.join(SWEEPS, "tiny.py"), "--launch", "tpu", "--root", "gs://b/t", "--", "--name=tj",
+                   "--zone=z", "--repo=r"])
+  assert rc == 69 and len(launched) == 1, "later points would wait for the same capacity"
+
+
 def test_launch_tpu_and_slurm_dry_run(tmp_path, capsys):
   f = os.path.join(SWEEPS, "tiny.py")
   assert sweep.main([f, "--launch", "tpu", "--dry-run", "--root", "gs://b/t", "--", "--name=tj", "--zone=z",
@@ -132,18 +171,52 @@ def test_launch_tpu_and_slurm_dry_run(tmp_path, capsys):
   assert "#SBATCH --job-name=tiny-train_batch_size-8_num_train_steps-40_lr_scaling_base_batch-16" in out
 
 
+def _eval_steps(overrides: dict) -> list[int]:
+  """The steps a point evaluates at, as train.py decides: every steps_per_eval steps and at the end."""
+  steps, every = overrides["train.num_train_steps"], overrides.get("train.steps_per_eval", 1000)
+  return [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+
+
 def _fake_sweep(tmp_path):
-  """The tiny grid's six points as finished workdirs with made-up BPBs."""
+  """The tiny grid's six points as finished workdirs with made-up BPBs, evaluated at the steps the sweep's own
+  config makes the trainer evaluate at (make_workdir spaces evals evenly: the same steps here)."""
   points = _points("tiny")
   bpb = {(4, 0): 2.50, (4, 16): 2.45, (8, 0): 2.30, (8, 16): 2.40, (16, 0): 2.25, (16, 16): 2.25}
   for p in points:
     b, base = p.axis_values["train.train_batch_size"], p.axis_values["optimizer.lr_scaling_base_batch"]
+    n = len(_eval_steps(p.overrides))
 
     def edit(cfg, b=b, base=base):
       cfg.train.train_batch_size, cfg.optimizer.lr_scaling_base_batch, cfg.train.num_train_steps = b, base, 320 // b
-    make_workdir(tmp_path / p.name, "tiny", edit=edit, evals={"python_docs": [bpb[b, base] + 0.5, bpb[b, base]]},
+    make_workdir(tmp_path / p.name, "tiny", edit=edit,
+                 evals={"python_docs": [bpb[b, base] + 0.1 * (n - 1 - i) for i in range(n)]},
                  extra_info={"status": "completed"})
   return points
+
+
+def test_tiny_sweep_curves_figure_draws_curves_clear_of_the_legend(tmp_path):
+  """curves.png of configs/sweeps/tiny.py: every run's BPB is a curve over several token counts (the points train
+  equal tokens, so final evals alone would stack at one x), and no drawn point lies under the legend."""
+  from tinyjax import plot  # noqa: PLC0415
+  points = _fake_sweep(tmp_path)
+  assert [len(_eval_steps(p.overrides)) for p in points] == [8, 8, 4, 4, 2, 2]
+  spec = next(f for f in sweep.load(os.path.join(SWEEPS, "tiny.py"))["figures"] if f["kind"] == "curves")
+  fig = plot.figure([plot.Run(str(tmp_path / p.name)) for p in points], "curves", axis=spec["x"])
+  fig.canvas.draw()
+  ax_loss, ax_bpb = fig.axes
+  bpb_x = {line.get_label(): sorted(set(line.get_xdata())) for line in ax_bpb.get_lines()}
+  per_point = {4: [5120 * k for k in range(1, 9)], 8: [10240 * k for k in range(1, 5)], 16: [20480, 40960]}
+  assert bpb_x == {f"{p.name} (python_docs)": per_point[p.axis_values["train.train_batch_size"]] for p in points}
+  assert {max(line.get_xdata()) for line in ax_loss.get_lines()} == {40960}  # equal tokens: every run ends here
+  [legend] = fig.legends
+  box = legend.get_window_extent()
+  assert [t.get_text() for t in legend.get_texts()] == [p.name for p in points]
+  for ax in (ax_loss, ax_bpb):
+    assert not box.overlaps(ax.get_window_extent()), "the legend sits outside both panels"
+    for line in ax.get_lines():
+      xy = ax.transData.transform(line.get_xydata())
+      assert not any(box.contains(x, y) for x, y in xy), f"{line.get_label()}: a point under the legend"
+  plot.plt.close(fig)
 
 
 def test_report_table_and_figures(tmp_path, capsys):

@@ -9,6 +9,12 @@ import sys
 from absl import flags
 
 
+def summary(doc: str) -> str:
+  """A module docstring's first paragraph as one line: a program's --help description (its first line alone can
+  stop mid-sentence)."""
+  return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def fail(message: str) -> None:
   print(f"tinyjax: error: {message}", file=sys.stderr)
   sys.exit(2)

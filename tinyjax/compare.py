@@ -11,16 +11,22 @@ Leaderboard formats (../shared/reference/marin-speedrun.md §1, §6), all normal
     (searched recursively, as Marin's create_leaderboard.py globs experiments/speedrun/**/speedrun_results.json).
 Only Paloma c4_en BPB is the leaderboard's metric: our runs evaluated on another set are listed as not comparable,
 with their neighbours but no BPB difference.
+Leaderboard rows whose figures contradict each other are flagged (`flags`; `!` in the table), not dropped: an implied
+MFU above 100% (model FLOPs / (training_time x chips x peak)) or hardware FLOPs below model FLOPs (Marin issue #1767:
+a 72 s training time from sampled W&B history), hardware FLOPs that imply another chip count, a chip count that does
+not match the hardware name (before Marin PR #1756 a v5p-32 counted as 32 chips; it has 16), and total_tokens that
+differ from train_batch_size x seq_len x num_train_steps.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 import urllib.request
 
-from tinyjax import cli, results
+from tinyjax import cli, flops, results
 
 DEFAULT_URL = "https://raw.githubusercontent.com/marin-community/speedrun/main/data/runs.json"
 NUMBER, INTEGER, TEXT = (int, float), (int,), (str,)
@@ -35,7 +41,16 @@ TABLE_FIELDS = {
     "total_tokens": (("total_tokens",), INTEGER, False),
     "num_chips": (("num_chips",), INTEGER, False),
     "hardware": (("hardware",), TEXT, False),
+    "device_flops": (("device_flops_per_chip", "device_flops"), NUMBER, False),  # peak FLOP/s per chip
+    "train_batch_size": (("train_batch_size",), INTEGER, False),
+    "seq_len": (("seq_len",), INTEGER, False),
+    "num_train_steps": (("num_train_steps",), INTEGER, False),
 }
+# TPU names count TensorCores (v2, v3, v4, v5p: 2 per chip; a v5p-32 is 16 chips) or chips (v5e, v6e), per the Cloud
+# TPU docs' accelerator types; peaks per chip from tinyjax.flops.PEAK_FLOPS (v2/v3: per core there, so none here).
+_TPU_NAME = re.compile(r"\bv(\d)([a-z]*)-(\d+)\b")
+_GPU_COUNT = re.compile(r"^\s*(\d+)\s*x\s")
+_TPU_PEAK_KIND = {"4": "TPU v4", "5p": "TPU v5p", "5litepod": "TPU v5e", "5e": "TPU v5e", "6e": "TPU v6"}
 
 
 class LeaderboardError(ValueError):
@@ -70,9 +85,54 @@ def normalise(row, where: str, run_name: str | None = None) -> dict:
   """One leaderboard row (table row or per-run run_info) -> {run_name, model_size, model_flops, bpb, ...}."""
   if not isinstance(row, dict):
     raise LeaderboardError(f"{where}: expected an object, got {type(row).__name__}")
-  if run_name is not None:  # a per-run run_info: the name comes from its path
-    row = {**row, "run_name": run_name, "hardware": _hardware(row)}
-  return {name: _field(row, name, where, run_name is not None) for name in TABLE_FIELDS}
+  if run_name is not None:  # a per-run run_info: the name comes from its path; batch/steps/seq_len are nested
+    train, model = row.get("train_config") or {}, row.get("model_config") or {}
+    row = {**row, "run_name": run_name, "hardware": _hardware(row), "seq_len": model.get("seq_len"),
+           **{k: train.get(k) for k in ("train_batch_size", "num_train_steps")}}
+  out = {name: _field(row, name, where, run_name is not None) for name in TABLE_FIELDS}
+  return {**out, "flags": contradictions(out)}
+
+
+def named_chips(hardware: str | None) -> int | None:
+  """Chips a hardware name stands for: 'TPU v5p-32' 16, 'v4-128' 64, 'TPU v5litepod-64 (v5e)' 64, '8x H200' 8."""
+  tpu = _TPU_NAME.search(hardware or "")
+  if tpu:
+    cores_per_chip = 1 if tpu.group(2) in ("e", "litepod") else 2
+    return int(tpu.group(3)) // cores_per_chip
+  gpus = _GPU_COUNT.match(hardware or "")
+  return int(gpus.group(1)) if gpus else None
+
+
+def _peak(row: dict) -> float | None:
+  if row["device_flops"]:
+    return row["device_flops"]
+  tpu = _TPU_NAME.search(row["hardware"] or "")
+  if tpu:
+    kind = _TPU_PEAK_KIND.get(tpu.group(1) + tpu.group(2))
+    return flops.peak_flops(kind) if kind else None
+  return flops.peak_flops(row["hardware"]) if row["hardware"] else None
+
+
+def contradictions(r: dict) -> list[str]:
+  """What a row's own figures say against each other (empty when they agree, or cannot be checked)."""
+  named, peak = named_chips(r["hardware"]), _peak(r)
+  time_s, hw, out = r["training_time"], r["training_hardware_flops"], []
+  if r["num_chips"] and named and r["num_chips"] != named:
+    out.append(f"num_chips {r['num_chips']}, but {r['hardware']} is {named} chips")
+  chips = r["num_chips"] or named
+  mfu = r["model_flops"] / (time_s * chips * peak) if time_s and chips and peak else None
+  if mfu is not None and mfu > 1:
+    out.append(f"implied MFU {mfu:.0%} > 100%: model FLOPs {r['model_flops']:.3g} in {time_s:.0f} s on {chips} chips "
+               f"of {peak / 1e12:g} TFLOP/s")
+  elif hw is not None and hw < r["model_flops"]:
+    out.append(f"training_hardware_flops {hw:.3g} < model_flops {r['model_flops']:.3g}")
+  if hw and time_s and peak and chips and abs(hw / (time_s * peak) - chips) > 0.01 * chips:
+    out.append(f"training_hardware_flops = training_time x {hw / (time_s * peak):.3g} chips x peak, not {chips} chips")
+  steps = [r[k] for k in ("train_batch_size", "seq_len", "num_train_steps")]
+  if r["total_tokens"] and all(steps) and r["total_tokens"] != math.prod(steps):
+    out.append(f"total_tokens {r['total_tokens']:,} != train_batch_size x seq_len x num_train_steps = "
+               f"{' x '.join(map(str, steps))} = {math.prod(steps):,}")
+  return out
 
 
 def _per_run_name(path: str, root: str | None) -> str:
@@ -211,9 +271,10 @@ HEADER = ["run", "match", "params", "c4_en BPB", "ΔBPB", "model FLOPs", "FLOPs 
           "time", "hardware"]
 
 
-def table(comparisons: list[dict]) -> str:
-  """One text table: each of our runs, then its Marin neighbours (ΔBPB = ours - theirs; < 0: ours is better)."""
-  lines, notes = [HEADER], []
+def table(comparisons: list[dict], board: list[dict] = ()) -> str:
+  """One text table: each of our runs, then its Marin neighbours (ΔBPB = ours - theirs; < 0: ours is better); rows
+  whose figures contradict each other end in `!` with the reasons below (and how many of the board's rows do)."""
+  lines, notes, seen = [HEADER], [], set()
   for c in comparisons:
     ours = c["run"]
     lines.append(_cells(ours, "ours"))
@@ -221,11 +282,19 @@ def table(comparisons: list[dict]) -> str:
       lines[-1][3] += "*"
       notes.append(f"* {ours['run_name']}: BPB is on {ours['eval_set'] or 'no eval set'}, not "
                    f"{results.PALOMA_C4_EN}: not comparable with the leaderboard (no ΔBPB)")
-    lines += [_cells({**r, "run_name": "  " + r["run_name"]}, r["match"]) for r in c["neighbours"]]
+    for r in c["neighbours"]:
+      lines.append(_cells({**r, "run_name": "  " + r["run_name"] + ("!" if r["flags"] else "")}, r["match"]))
+      if r["flags"] and r["run_name"] not in seen:
+        seen.add(r["run_name"])
+        notes.append(f"! {r['run_name']}: " + "; ".join(r["flags"]))
     lines.append([""] * len(HEADER))
   widths = [max(len(row[i]) for row in lines) for i in range(len(HEADER))]
   text = ["  ".join(cell.ljust(w) if i < 2 or i == len(HEADER) - 1 else cell.rjust(w)
                     for i, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in lines]
+  flagged = [r["run_name"] for r in board if r["flags"]]
+  if flagged:
+    notes.append(f"! {len(flagged)} of {len(board)} leaderboard rows have figures that contradict each other "
+                 f"(--json lists them): {', '.join(flagged[:5])}{' ...' if len(flagged) > 5 else ''}")
   legend = ("ΔBPB = ours - row (< 0: ours is lower); FLOPs ratio = our model FLOPs / row's; match: size = same "
             "model_size, flops = among the nearest in model FLOPs")
   return "\n".join(text[:1] + ["-" * len(text[0])] + text[1:-1] + notes + [legend])
@@ -247,10 +316,11 @@ def main(argv: list[str]) -> None:
   except (LeaderboardError, OSError, ValueError) as e:
     cli.fail(str(e))
   if args.json:
+    flagged = [{"run_name": r["run_name"], "flags": r["flags"]} for r in board if r["flags"]]
     print(json.dumps({"leaderboard": args.leaderboard or [DEFAULT_URL], "leaderboard_runs": len(board),
-                      "comparisons": comparisons}, indent=2, allow_nan=False, default=str))
+                      "flagged_rows": flagged, "comparisons": comparisons}, indent=2, allow_nan=False, default=str))
   else:
-    print(table(comparisons))
+    print(table(comparisons, board))
 
 
 if __name__ == "__main__":

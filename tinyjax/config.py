@@ -288,6 +288,12 @@ def validate(cfg, num_devices: int | None = None) -> None:
            f"must be in [1, train.train_batch_size={t.train_batch_size}]", t.dynamics_rows)
   _require(t.z_loss_weight >= 0, "train.z_loss_weight", "must be >= 0", t.z_loss_weight)
   _require(len(d.train_urls) > 0, "data.train_urls", "must name at least one source", list(d.train_urls))
+  # Refused, not supported: the cache dir holds what must be local (tokenizers being trained, caches being built
+  # with file locks and renames, a gs:// workdir's local mirror); caches on GCS are read in place as sources.
+  _require("://" not in d.cache_dir, "data.cache_dir",
+           "must be a local directory (tokenizers, caches being built, the local mirror of a gs:// workdir); to "
+           "train from token caches on GCS, build them once (python -m tinyjax.data), copy each cache folder to the "
+           "bucket and name it in data.train_urls / data.validation_urls (read in place)", d.cache_dir)
   _require(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
   _require(d.num_proc >= 0, "data.num_proc", "must be >= 0 (0 = one per CPU core)", d.num_proc)
   _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]", d.max_bad_fraction)

@@ -1,7 +1,11 @@
 """Hugging Face Llama in and out: a run's checkpoint -> a LlamaForCausalLM directory (config, safetensors,
 generation config, tokenizer files), and a HF Llama directory -> tinyjax params (`load_hf`, config.model.init_from).
 
-  python -m tinyjax.export WORKDIR [--step N] --out DIR [--max_shard_size 5GB]
+  python -m tinyjax.export WORKDIR [--step N] --out DIR [--max_shard_size 5GB] [--dtype D] [--cache_dir DIR]
+
+An --out that already holds an export (files named as transformers' save_pretrained names them) is replaced whole:
+the new files are written aside in --out, then the old export's files are removed and the new ones moved in, so no
+stale weights of another run or dtype stay behind. An --out holding anything else is refused, and nothing is written.
 
 Layout facts (transformers models/llama/modeling_llama.py): torch Linear stores (out, in), Flax Dense (in, out), so
 every projection kernel and the lm_head are transposed; embeddings and norm scales are copied. Query heads are
@@ -16,6 +20,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 
 from absl import logging
 import jax
@@ -31,6 +36,13 @@ DEFAULT_MAX_SHARD = 5_000_000_000  # transformers 4.x save_pretrained default ("
 SHAPE_FIELDS = ("hidden_dim", "intermediate_dim", "num_layers", "num_heads", "num_kv_heads", "vocab_size",
                 "tie_word_embeddings", "use_qk_norm", "layer_norm_epsilon", "rope_theta")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]B)?\s*$", re.IGNORECASE)
+STAGING = ".tinyjax-export-"  # the new export is written into --out/.tinyjax-export-XXXX, then moved into place
+# What transformers' save_pretrained writes for a Llama (model, generation config, weights, tokenizer): an --out
+# holding only these (and our staging folders) is a previous export and is replaced; anything else is the user's.
+EXPORT_FILE = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens)\.json"
+                         r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+                         r"|pytorch_model(-\d{5}-of-\d{5})?\.bin|pytorch_model\.bin\.index\.json"
+                         r"|tokenizer\.model|vocab\.json|merges\.txt|chat_template\.(jinja|json)")
 
 
 def param_map(c: ModelConfig):
@@ -173,6 +185,9 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
   """All tensors of a HF directory (single file or sharded with an index)."""
   st = _safetensors()
   index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index) and os.path.exists(os.path.join(path, "model.safetensors")):
+    raise ConfigError(f"{path} holds both model.safetensors and model.safetensors.index.json (two exports mixed: "
+                      "transformers reads one, other tools the other); export again into an empty directory")
   if os.path.exists(index):
     with open(index, encoding="utf-8") as f:
       files = sorted(set(json.load(f)["weight_map"].values()))
@@ -234,10 +249,11 @@ def model_config(saved_model: dict) -> ModelConfig:
   return ModelConfig(**{f.name: fields[f.name] for f in dataclasses.fields(ModelConfig)})
 
 
-def run_tokenizer(saved: dict) -> tokenizers.Loaded:
-  """The tokenizer a run trained with, found as data.prepare found it; never trains or downloads one."""
+def run_tokenizer(saved: dict, cache_dir: str | None = None) -> tokenizers.Loaded:
+  """The tokenizer a run trained with, found as data.prepare found it (under cache_dir, default the run's
+  data.cache_dir); never trains or downloads one."""
   d, vocab = saved["data"], saved["model"]["vocab_size"]
-  root, spec = os.path.expanduser(d["cache_dir"]), d["tokenizer"]
+  root, spec = os.path.expanduser(cache_dir or d["cache_dir"]), d["tokenizer"]
   if spec == "builtin":
     path = tokenizers._builtin_path(root, list(d["train_urls"]), vocab)  # noqa: SLF001 - the one path rule
   elif os.path.exists(os.path.expanduser(spec)):
@@ -245,13 +261,16 @@ def run_tokenizer(saved: dict) -> tokenizers.Loaded:
   else:
     path = os.path.join(root, "tokenizers", "hub", spec.replace("/", "--"), "tokenizer.json")
   if not os.path.exists(path):
-    raise ConfigError(f"the run's tokenizer (data.tokenizer={spec!r}) is not at {path}; run on the machine that "
-                      "trained it, or with the same data.cache_dir")
+    relative = "" if cache_dir or os.path.isabs(os.path.expanduser(d["cache_dir"])) else (
+        f" (the run saved data.cache_dir={d['cache_dir']!r} relative to the directory it started in)")
+    raise ConfigError(f"the run's tokenizer (data.tokenizer={spec!r}) is not at {path}{relative}; pass --cache_dir=DIR, "
+                      "the data.cache_dir the run trained with (or a copy of it)")
   return tokenizers.load(spec if spec != "builtin" else os.path.dirname(path), root, d["train_urls"], vocab)
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
-  """Params (on the default device) of checkpoint `step` of workdir (default: the newest complete one)."""
+def load_run(workdir: str, step: int | None = None, cache_dir: str | None = None) -> Run:
+  """Params (on the default device) of checkpoint `step` of workdir (default: the newest complete one); the
+  tokenizer under cache_dir (default: the run's data.cache_dir)."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
   from tinyjax import workdir as workdirs  # noqa: PLC0415
   if workdirs.is_remote(workdir):  # gs://...: Orbax reads the bucket's checkpoints in place
@@ -276,7 +295,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     step = max(steps) if step is None else step
     saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["config"]
     c = model_config(saved["model"])
-    tok = run_tokenizer(saved)
+    tok = run_tokenizer(saved, cache_dir)
     model = Transformer(c, eos_id=tok.eos_id)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, c.seq_len), np.int32))["params"])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -288,11 +307,23 @@ def load_run(workdir: str, step: int | None = None) -> Run:
   return Run(workdir, step, saved, c, params, tok)
 
 
-def export(run: Run, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD, dtype: str | None = None) -> list[str]:
-  """Writes run as a LlamaForCausalLM directory (weights cast to dtype, default the param dtype); returns the files
-  written."""
-  check_exportable(run.model_cfg)
-  os.makedirs(out, exist_ok=True)
+def previous_export(out: str) -> list[str]:
+  """The entries of a previous export in `out` (replaced by the next one); refuses an `out` holding anything else."""
+  if not os.path.lexists(out):
+    return []
+  if not os.path.isdir(out):
+    raise ConfigError(f"--out={out} is a file, not a directory")
+  names = sorted(os.listdir(out))
+  foreign = [n for n in names if not (n.startswith(STAGING) or EXPORT_FILE.fullmatch(n) and
+                                      os.path.isfile(os.path.join(out, n)))]
+  if foreign:
+    more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+    raise ConfigError(f"--out={out} holds files that are not a HF export ({', '.join(foreign[:3])}{more}); nothing "
+                      "was written: export into a new or empty directory (a previous export there is replaced whole)")
+  return names
+
+
+def _write_export(run: Run, out: str, max_shard_bytes: int, dtype: str | None) -> list[str]:
   tensors = {k: v.astype(jnp.dtype(dtype or v.dtype)) for k, v in to_hf(run.params, run.model_cfg).items()}
   files = write_weights(tensors, out, max_shard_bytes)
   _write_json(os.path.join(out, "config.json"), hf_config(run.model_cfg, run.tok.bos_id, run.tok.eos_id, dtype))
@@ -300,6 +331,34 @@ def export(run: Run, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD, dtype: 
                 "pad_token_id": run.tok.eos_id}  # no pad token: pad with EOS, as generate() would with a warning
   _write_json(os.path.join(out, "generation_config.json"), generation)
   return files + ["config.json", "generation_config.json", *write_tokenizer(run.tok, out, run.model_cfg.seq_len)]
+
+
+def export(run: Run, out: str, max_shard_bytes: int = DEFAULT_MAX_SHARD, dtype: str | None = None) -> list[str]:
+  """Writes run as a LlamaForCausalLM directory (weights cast to dtype, default the param dtype), replacing a
+  previous export there; returns the files written."""
+  check_exportable(run.model_cfg)
+  old, created = previous_export(out), not os.path.lexists(out)
+  os.makedirs(out, exist_ok=True)
+  stage = tempfile.mkdtemp(prefix=STAGING, dir=out)  # same filesystem: the moves below are renames
+  try:
+    files = _write_export(run, stage, max_shard_bytes, dtype)
+    for name in old:  # the previous export goes whole: a stale model.safetensors beside new shards, or bf16
+      path = os.path.join(out, name)  # weights under a float32 config, would be read by some tools
+      if name in files:
+        continue
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+    for name in files:
+      os.replace(os.path.join(stage, name), os.path.join(out, name))
+  except BaseException:
+    if created:
+      shutil.rmtree(out, ignore_errors=True)
+    raise
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
+  return files
 
 
 @dataclasses.dataclass
@@ -341,16 +400,21 @@ def init_from(cfg, state, tx, state_shardings):
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.ArgParser(prog="python -m tinyjax.export", description=__doc__.splitlines()[0])
+  parser = cli.ArgParser(prog="python -m tinyjax.export", description=cli.summary(__doc__))
   parser.add_argument("workdir", help="a tinyjax run directory (holds checkpoints/)")
-  parser.add_argument("--out", required=True, help="directory to write the HF checkpoint into")
+  parser.add_argument("--out", required=True, help="directory to write the HF checkpoint into (a previous export "
+                      "there is replaced; other files there: refused)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   parser.add_argument("--max_shard_size", default="5GB", help="split model.safetensors above this (e.g. 200MB)")
   parser.add_argument("--dtype", choices=config.DTYPES, default=None, help="weight dtype (default: as trained)")
+  parser.add_argument("--cache_dir", default=None, help="where the run's tokenizer is (default: the run's "
+                      "data.cache_dir)")
   args = parser.parse_args(argv)
   try:
-    run = load_run(args.workdir, args.step)
-    files = export(run, args.out, parse_size(args.max_shard_size), args.dtype)
+    size = parse_size(args.max_shard_size)
+    previous_export(args.out)  # before the checkpoint is read: a refused --out costs nothing
+    run = load_run(args.workdir, args.step, args.cache_dir)
+    files = export(run, args.out, size, args.dtype)
   except ConfigError as e:
     cli.fail(str(e))
   print(f"exported step {run.step} of {args.workdir} to {args.out}: {', '.join(files)}")

@@ -23,6 +23,7 @@ python -m tinyjax.plot WORKDIR [WORKDIR ...] --out FILE.png [--kind curves|batch
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from tinyjax import cli, compare, metrics, results  # noqa: E402
 
@@ -78,23 +80,34 @@ class Run:
     return [r["step"] for r in rows]
 
 
-def plot_curves(runs: list[Run], axis: str, ax_loss, ax_bpb) -> None:
+def plot_curves(runs: list[Run], axis: str, fig, ax_loss, ax_bpb) -> None:
+  """Train loss and eval BPB against `axis`, one colour per run; one legend below both panels (inside either it
+  would cover the curves' ends, where every run of an equal-token sweep finishes at the same x)."""
+  sets = sorted({name for run in runs for name in run.info["tinyjax"]["eval_sets"]})
+  styles = dict(zip(sets, itertools.cycle(("o-", "s--", "^:", "d-."))))  # one marker/line style per eval set
+  handles = []
   for run in runs:
     train = [r for r in run.rows if "loss" in r]
     line, = ax_loss.plot(run.x_values(train, axis), [r["loss"] for r in train], label=run.name)
+    handles.append(line)
     for name in run.info["tinyjax"]["eval_sets"]:
       evals = [r for r in run.rows if f"eval/{name}/bpb" in r]
-      ax_bpb.plot(run.x_values(evals, axis), [r[f"eval/{name}/bpb"] for r in evals], "o-", color=line.get_color(),
-                  label=f"{run.name} ({name})")
+      ax_bpb.plot(run.x_values(evals, axis), [r[f"eval/{name}/bpb"] for r in evals], styles[name],
+                  color=line.get_color(), label=f"{run.name} ({name})")
+  if len(sets) > 1:
+    handles += [Line2D([], [], color="gray", linestyle=styles[n][1:], marker=styles[n][0], label=n) for n in sets]
   label = {"steps": "step", "tokens": "tokens", "flops": "model FLOPs (3 x fwd FLOPs/token x tokens)"}[axis]
-  for ax, ylabel in ((ax_loss, "train loss (nats/token)"), (ax_bpb, "eval BPB")):
+  for ax, ylabel in ((ax_loss, "train loss (nats/token)"), (ax_bpb, f"eval BPB ({', '.join(sets) or 'none'})")):
     ax.set_xlabel(label)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-  if axis == "flops":
-    ax_loss.set_xscale("log")
-    ax_bpb.set_xscale("log")
+    if axis == "flops":
+      ax.set_xscale("log")
+  fig.legend(handles=handles, loc="outside lower center", ncol=_legend_columns(len(handles)), fontsize=7)
+
+
+def _legend_columns(entries: int) -> int:
+  return 1 if entries <= 3 else 2 if entries <= 10 else 3
 
 
 def _group_label(run: Run, group_by: str) -> str:
@@ -232,25 +245,32 @@ def plot(workdirs: list[str], out: str, kind: str = "curves", axis: str = "steps
     fig, ax = plt.subplots(figsize=(8, 5))
     plot_dynamics(workdirs, quantity, ax)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
-  runs = [Run(w) for w in workdirs]
-  if kind == "curves":
-    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4.2))
-    plot_curves(runs, axis, ax_loss, ax_bpb)
   else:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    if kind == "batch":
-      plot_batch(runs, group_by, ax)
-    elif kind == "scaling":
-      plot_scaling(runs, group_by, axis, ax)
-    else:
-      plot_flops(runs, compare.load_leaderboard(leaderboard) if leaderboard else [], flops_axis, ax)
-  fig.tight_layout()
+    fig = figure([Run(w) for w in workdirs], kind, axis, group_by, leaderboard, flops_axis)
   fig.savefig(out, dpi=120)
   plt.close(fig)
   return out
+
+
+def figure(runs: list[Run], kind: str, axis: str = "steps", group_by: str = "optimizer.name",
+           leaderboard: list[str] | None = None, flops_axis: str = "model"):
+  """The curves / batch / scaling / flops figure of runs (a matplotlib Figure, not yet saved)."""
+  if kind == "curves":
+    sets = {n for r in runs for n in r.info["tinyjax"]["eval_sets"]}
+    entries = len(runs) + (len(sets) if len(sets) > 1 else 0)  # the legend below grows the figure, not the panels
+    rows = -(-entries // _legend_columns(entries))
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4.2 + 0.18 * rows), layout="constrained")
+    plot_curves(runs, axis, fig, ax_loss, ax_bpb)
+    return fig
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  if kind == "batch":
+    plot_batch(runs, group_by, ax)
+  elif kind == "scaling":
+    plot_scaling(runs, group_by, axis, ax)
+  else:
+    plot_flops(runs, compare.load_leaderboard(leaderboard) if leaderboard else [], flops_axis, ax)
+  fig.tight_layout()
+  return fig
 
 
 def main(argv: list[str]) -> None:

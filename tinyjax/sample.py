@@ -2,7 +2,7 @@
 model.Transformer), batched left-padded prompts, temperature / top-k / top-p sampling, stopping at EOS.
 
   python -m tinyjax.sample WORKDIR --prompt "..." [--prompt "..."] [--max_new_tokens N --temperature T
-                           --top_k K --top_p P --seed S --num_samples M --step N]
+                           --top_k K --top_p P --seed S --num_samples M --step N --cache_dir DIR]
 
 Prompts are encoded as the exported tokenizer encodes them (tokenizer.json with add_special_tokens: BOS from its
 post-processor, no EOS), so transformers' AutoTokenizer gives the same ids. Padding: prompts are left-padded to one
@@ -205,7 +205,7 @@ def samples_after_training(workdir: str, prompts=SAMPLE_PROMPTS, max_new_tokens:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.ArgParser(prog="python -m tinyjax.sample", description=__doc__.splitlines()[0])
+  parser = cli.ArgParser(prog="python -m tinyjax.sample", description=cli.summary(__doc__))
   parser.add_argument("workdir", help="a tinyjax run directory (holds checkpoints/)")
   parser.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); default: two fixed ones")
   parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   parser.add_argument("--json", action="store_true", help="print the samples as JSON")
+  parser.add_argument("--cache_dir", default=None, help="where the run's tokenizer is (default: the run's "
+                      "data.cache_dir)")
   parser.add_argument("--compute_dtype", choices=config.DTYPES, default=None,
                       help="matmul dtype (default: the run's model.compute_dtype); float32 to compare with HF fp32")
   a = parser.parse_args(argv)
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if not ok:
       cli.fail(f"--{name}={getattr(a, name)} is invalid: must be {allowed}")
   try:
-    run = export.load_run(a.workdir, a.step)
+    run = export.load_run(a.workdir, a.step, a.cache_dir)
     if a.compute_dtype:
       run = dataclasses.replace(run, model_cfg=dataclasses.replace(run.model_cfg, compute_dtype=a.compute_dtype))
     out = sample(run, a.prompt or list(SAMPLE_PROMPTS), a.max_new_tokens, a.temperature, a.top_k, a.top_p,

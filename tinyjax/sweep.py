@@ -1,7 +1,7 @@
 """Sweeps: a grid of runs from one base config, each in its own workdir, run locally or on TPU VMs / SLURM, reported.
 
 python -m tinyjax.sweep SWEEP_FILE [--launch local|tpu|slurm|print] [--root DIR] [--dry-run] [--report]
-                        [-- LAUNCHER ARGS]
+                        [-- MAIN ARGS]  (local, print)   [-- LAUNCHER ARGS [-- MAIN ARGS]]  (tpu, slurm)
 A sweep file (configs/sweeps/NAME.py) defines get_sweep() -> dict:
   config   base config file, relative to the repository root (e.g. "configs/c4_50m.py")
   fixed    {dotted key: value} overrides shared by every point
@@ -13,6 +13,8 @@ A point with speedrun_results.json and run_info.json status "completed" is skipp
 workdir, where tinyjax.main resumes from the latest checkpoint.
 --launch local: one `python -m tinyjax.main` subprocess after another; tpu: `tinyjax.launch.tpu babysit` per point
 (LAUNCHER ARGS: --name, --zone, --repo, ...); slurm: one `tinyjax.launch.slurm` job per point; print: the commands.
+MAIN ARGS: --config.KEY=VALUE overrides added to every point (e.g. --config.data.cache_dir=/data/cache); a key the
+sweep itself sets (fixed or an axis) is refused, as the points would silently stop differing.
 --report: ROOT/report.csv (+ console table) and the sweep's figures ROOT/<kind>.png from the workdirs.
 """
 from __future__ import annotations
@@ -33,6 +35,8 @@ from tinyjax import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHES = ("local", "tpu", "slurm", "print")
+# Stop the sweep (later points would meet the same): 75 preempted (checkpointed), 69 no READY TPU VM in time.
+STOP_CODES = (75, 69)
 REPORT_COLUMNS = ("status", "completed_steps", "planned_steps", "total_tokens", "final_train_loss", "eval_set",
                   "bpb", "training_time")
 
@@ -91,10 +95,31 @@ def config_path(sweep: dict, point: Point) -> str:
   return point.overrides.get("config", sweep["config"])
 
 
-def main_args(config: str, root: str, point: Point) -> list[str]:
-  """tinyjax.main's arguments for one point: --config=FILE, a --config.KEY=VALUE per override, --workdir."""
+def main_args(config: str, root: str, point: Point, extra: list[str] = ()) -> list[str]:
+  """tinyjax.main's arguments for one point: --config=FILE, a --config.KEY=VALUE per override, the extra
+  overrides given after --, --workdir."""
   return [f"--config={config}", *[f"--config.{k}={_fmt(v)}" for k, v in point.overrides.items() if k != "config"],
-          f"--workdir={workdir(root, point)}"]
+          *extra, f"--workdir={workdir(root, point)}"]
+
+
+def split_args(how: str, after: list[str]) -> tuple[list[str], list[str]]:
+  """What follows the first `--` -> (launcher args, extra tinyjax.main args): local/print take only main args;
+  tpu/slurm take their launcher's args, then optionally `--` and main args."""
+  if how not in ("tpu", "slurm"):
+    return [], after
+  return (after[:after.index("--")], after[after.index("--") + 1:]) if "--" in after else (after, [])
+
+
+def check_extra(sweep: dict, points: list[Point], extra: list[str]) -> None:
+  """Extra main args must be --config.KEY=VALUE overrides of keys the sweep does not set itself."""
+  swept = {k for p in points for k in p.overrides}
+  for arg in extra:
+    key = arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") and "=" in arg else None
+    if key is None:
+      cli.fail(f"{arg!r} after --: only --config.KEY=VALUE overrides go to every point's tinyjax.main (the sweep "
+               "sets --config and --workdir per point)")
+    if key in swept or key == "config":
+      cli.fail(f"{arg!r} after --: config.{key} is set by the sweep file (fixed or an axis); change it there")
 
 
 def _read_json(path: str):
@@ -125,13 +150,14 @@ def _local_config(config_path: str) -> str:
 
 
 def _launch_point(how: str, sweep: dict, root: str, point: Point, launcher_args: list[str], dry_run: bool,
-                  stem: str) -> int:
+                  stem: str, extra: list[str]) -> int:
   if how == "local":
-    argv = [sys.executable, "-m", "tinyjax.main", *main_args(_local_config(config_path(sweep, point)), root, point)]
+    argv = [sys.executable, "-m", "tinyjax.main",
+            *main_args(_local_config(config_path(sweep, point)), root, point, extra)]
     print(f"tinyjax.sweep: {'would run' if dry_run else 'running'} {point.name}: {shlex.join(argv)}", flush=True)
     return 0 if dry_run else subprocess.call(argv)
   dry = ["--dry-run"] if dry_run else []
-  args = main_args(config_path(sweep, point), root, point)  # remote: the path inside the checkout, unchanged
+  args = main_args(config_path(sweep, point), root, point, extra)  # remote: the path inside the checkout
   if how == "tpu":
     from tinyjax.launch import tpu  # noqa: PLC0415
     return tpu.main(["babysit", *launcher_args, *dry, "--", *args])
@@ -140,24 +166,25 @@ def _launch_point(how: str, sweep: dict, root: str, point: Point, launcher_args:
 
 
 def launch(how: str, sweep: dict, root: str, points: list[Point], launcher_args: list[str], dry_run: bool,
-           stem: str) -> int:
+           stem: str, extra: list[str] = ()) -> int:
   """Runs (or prints) every point that is not finished; returns 0 or the first failing exit code."""
   worst = 0
   for i, point in enumerate(points):
     state = status(workdir(root, point))
     if how == "print":
       tag = "# done: " if state == "completed" else ""
-      print(tag + shlex.join(["python", "-m", "tinyjax.main", *main_args(config_path(sweep, point), root, point)]))
+      print(tag + shlex.join(["python", "-m", "tinyjax.main",
+                              *main_args(config_path(sweep, point), root, point, extra)]))
       continue
     if state == "completed":
       print(f"tinyjax.sweep: [{i + 1}/{len(points)}] {point.name}: completed, skipped", flush=True)
       continue
     print(f"tinyjax.sweep: [{i + 1}/{len(points)}] {point.name}: {state}", flush=True)
-    rc = _launch_point(how, sweep, root, point, launcher_args, dry_run, stem)
+    rc = _launch_point(how, sweep, root, point, launcher_args, dry_run, stem, list(extra))
     if rc != 0:
       print(f"tinyjax.sweep: {point.name} exited with code {rc}", file=sys.stderr, flush=True)
       worst = worst or rc
-      if rc == 75:  # preempted (checkpointed): stop here; rerunning the sweep resumes this point
+      if rc in STOP_CODES:  # rerunning the sweep resumes this point
         return rc
   return worst
 
@@ -218,7 +245,7 @@ def write_report(sweep: dict, root: str, points: list[Point]) -> tuple[str, list
 
 
 def main(argv: list[str]) -> int:
-  own, launcher_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+  own, after = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
   p = cli.ArgParser(prog="python -m tinyjax.sweep", description=__doc__.splitlines()[0])
   p.add_argument("sweep_file")
   p.add_argument("--launch", choices=LAUNCHES, default=None, help="run the points (default: local unless --report)")
@@ -231,10 +258,14 @@ def main(argv: list[str]) -> int:
   root = a.root or os.path.join("workdir", "sweeps", stem)
   points = expand(sweep)
   how = a.launch or (None if a.report else "local")
+  if how is None and after:
+    cli.fail(f"{shlex.join(after)}: arguments after -- go to a launch; --report alone launches nothing")
+  launcher_args, extra = split_args(how, after)
+  check_extra(sweep, points, extra)
   if how in ("tpu", "slurm") and not launcher_args:
     cli.fail(f"--launch {how} needs the launcher's flags after --, e.g. -- "
              + ("--name=tj --zone=us-central2-b --repo=URL" if how == "tpu" else "--partition=gpu --nodes=1"))
-  rc = launch(how, sweep, root, points, launcher_args, a.dry_run, stem) if how else 0
+  rc = launch(how, sweep, root, points, launcher_args, a.dry_run, stem, extra) if how else 0
   if a.report and not a.dry_run:
     write_report(sweep, root, points)
   return rc

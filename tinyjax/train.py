@@ -202,6 +202,11 @@ def _check_writable(workdir: str) -> None:
     raise config.ConfigError(f"{ckpts} is not a directory: move it away (checkpoints are written there)")
 
 
+def resolve_cache_dir(cache_dir: str) -> str:
+  """A relative data.cache_dir as an absolute path (relative to where the run starts)."""
+  return cache_dir if cache_dir.startswith("~") or "://" in cache_dir else os.path.abspath(cache_dir)
+
+
 def _check_cache_dir(cache_dir: str) -> None:
   """data.cache_dir must be a writable directory before any build starts (else a traceback mid-build)."""
   path = os.path.expanduser(cache_dir)
@@ -216,6 +221,8 @@ def _check_cache_dir(cache_dir: str) -> None:
 
 def run(cfg, workdir: str, env_record: dict) -> dict:
   """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row."""
+  # Saved resolved (config.json, checkpoints): export and sample find the tokenizer from any directory. "~" stays.
+  cfg.data.cache_dir = resolve_cache_dir(cfg.data.cache_dir)
   wd = workdirs.Workdir(workdir, cfg.data.cache_dir)  # gs://...: checkpoints in place, small files mirrored
   _check_writable(wd.local)
   _check_cache_dir(cfg.data.cache_dir)

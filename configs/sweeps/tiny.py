@@ -11,9 +11,10 @@ and the two LR rules coincide at the base batch (16, configs/tiny.py's own batch
 def get_sweep():
   return {
       "config": "configs/tiny.py",
-      # one eval set for every point: 4 batches of 16 windows (the default eval batch is the train batch)
-      "fixed": {"train.log_every": 10, "train.eval_batch_size": 16, "train.max_eval_batches": 4,
-                "train.sample_prompts": "()"},
+      # one eval set for every point: 4 batches of 16 windows (the default eval batch is the train batch), every 10
+      # steps (every 1,280 tokens x batch/4) so that curves.png has BPB curves, not one final point per run
+      "fixed": {"train.log_every": 10, "train.steps_per_eval": 10, "train.eval_batch_size": 16,
+                "train.max_eval_batches": 4, "train.sample_prompts": "()"},
       "axes": [
           [{"train.train_batch_size": b, "train.num_train_steps": 320 // b} for b in (4, 8, 16)],
           [{"optimizer.lr_scaling_base_batch": 0}, {"optimizer.lr_scaling_base_batch": 16}],

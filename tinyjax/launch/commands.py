@@ -1,7 +1,7 @@
 """Every command line the launchers run, as pure functions: gcloud argv lists, remote shell lines, the sbatch script.
 
 The gcloud flags are the documented ones of `gcloud compute tpus tpu-vm {create,describe,ssh,delete}` and
-`gcloud compute tpus queued-resources {create,delete}` (cloud.google.com/sdk/gcloud/reference/compute/tpus).
+`gcloud compute tpus queued-resources {create,describe,delete}` (cloud.google.com/sdk/gcloud/reference/compute/tpus).
 """
 from __future__ import annotations
 
@@ -14,6 +14,10 @@ QUEUED = ("compute", "tpus", "queued-resources")
 REMOTE_DIR = "~/tinyjax"  # the checkout + venv on every worker
 LOG_DIR = "~/tinyjax_logs"  # one log file per worker: <log name>-<worker hostname>.log
 EXIT_PREEMPTED = 75  # tinyjax.faults.EXIT_PREEMPTED: checkpointed on SIGTERM, rerun to resume
+EXIT_LOST_HOST = 4  # tinyjax.distributed.EXIT_LOST_HOST: another worker's process is gone, rerun to resume
+PYTHON = "3.11"  # the workers' venv: the Python tinyjax is developed and tested on (pyproject: >= 3.11)
+UV = "uv==0.13.8"  # from PyPI; the version tests/test_launch.py runs the setup script with
+UV_HOME = "~/.tinyjax-uv"  # a venv of the image's python3 that holds uv
 
 # Runtime (software) versions by accelerator family, from the Cloud TPU docs' "TPU software versions" table.
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
@@ -53,6 +57,12 @@ def describe_state(t: Tpu) -> list[str]:
   return [GCLOUD, *TPU_VM, "describe", t.name, *t.where(), "--format=value(state)"]
 
 
+def describe_queued_state(t: Tpu) -> list[str]:
+  """Prints the queued resource's state (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...: QueuedResourceState.State);
+  exits non-zero when there is no such queued resource."""
+  return [GCLOUD, *QUEUED, "describe", t.name, *t.where(), "--format=value(state.state)"]
+
+
 def delete(t: Tpu) -> list[str]:
   if t.queued:  # --force deletes the queued resource's nodes first (a preempted one blocks recreation otherwise)
     return [GCLOUD, *QUEUED, "delete", t.name, *t.where(), "--force", "--quiet"]
@@ -66,18 +76,26 @@ def ssh(t: Tpu, command: str | None = None, worker: str = "all") -> list[str]:
 
 
 def setup_script(repo: str, ref: str = "main", extras: str = "tpu,gcs") -> str:
-  """Idempotent worker setup: clone once, check out `ref`, one venv, `pip install -e .[tpu,gcs]` (a no-op if done)."""
-  d = REMOTE_DIR
+  """Idempotent worker setup: clone once, check out `ref`, a Python 3.11 venv, `pip install -e .[tpu,gcs]`.
+
+  The TPU runtime images are Ubuntu 22.04, whose python3 is 3.10, below tinyjax's requires-python (>= 3.11). uv
+  (from PyPI, into a small venv of the image's python3: no root, no apt lock) installs a standalone CPython 3.11 in
+  the user's home and builds the venv on it; a venv of another Python (an older setup's 3.10) is replaced."""
+  d, uv = REMOTE_DIR, f"{UV_HOME}/bin/uv"
+  major, minor = PYTHON.split(".")
   return " && ".join([
       "set -e",
       f"if [ ! -d {d}/.git ]; then git clone --quiet {shlex.quote(repo)} {d}; fi",
       f"cd {d}",
       f"git fetch --quiet origin {shlex.quote(ref)}",
       "git checkout --quiet --detach FETCH_HEAD",
-      "if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi",
-      f".venv/bin/pip install --quiet -e {shlex.quote(f'.[{extras}]')}",
-      ".venv/bin/python -c 'import jax, tinyjax; print(\"tinyjax ready on\", __import__(\"socket\").gethostname(), "
-      "\"jax\", jax.__version__)'",
+      f"if [ ! -x {UV_HOME}/bin/pip ]; then python3 -m venv {UV_HOME}; fi",
+      f"{UV_HOME}/bin/pip install --quiet --disable-pip-version-check {UV}",  # a no-op once installed
+      f"if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != ({major}, {minor}))' 2>/dev/null; "
+      f"then rm -rf .venv; {uv} venv --quiet --python {PYTHON} .venv; fi",
+      f"{uv} pip install --quiet --python .venv/bin/python -e {shlex.quote(f'.[{extras}]')}",
+      ".venv/bin/python -c 'import platform, socket, jax, tinyjax; print(\"tinyjax ready on\", socket.gethostname(), "
+      "\"python\", platform.python_version(), \"jax\", jax.__version__)'",
   ])
 
 

@@ -5,9 +5,11 @@ python -m tinyjax.launch.tpu VERB --name=NAME --zone=ZONE [--accelerator-type=v4
 MAIN ARGS go unchanged to `python -m tinyjax.main` on every worker (--worker=all), e.g.
   -- --config=configs/c4_50m.py --workdir=gs://BUCKET/runs/c4_50m
 On a slice each worker is one process; tinyjax.main's jax.distributed.initialize() finds the slice by itself.
-babysit: ensure the VM is READY (create or, when PREEMPTED/TERMINATED, delete and recreate; then setup), run, and
-on preemption (the run fails and the VM is no longer READY, or tinyjax exits 75) do it again, at most
---max-restarts times; tinyjax resumes from the workdir's latest checkpoint.
+babysit: ensure the VM is READY (create it; when PREEMPTED/TERMINATED, or its queued resource SUSPENDED/FAILED, delete
+and recreate it; a queued request waiting for capacity is waited for), run setup after each (re)creation, run, and
+after a preemption (the run fails and the VM is no longer READY; or tinyjax exits 75, or 4 for a lost host; or ssh
+drops, 255) do it again, at most --max-restarts times; tinyjax resumes from the workdir's latest checkpoint.
+Exit codes: the run's own (0 when it finished); 69 when no READY VM came within --ready-timeout-s (one line).
 """
 from __future__ import annotations
 
@@ -20,7 +22,23 @@ from tinyjax import cli
 from tinyjax.launch import commands as C
 
 DEAD_STATES = ("PREEMPTED", "TERMINATED")  # a node that will not come back: delete and recreate it
+# Queued resources (QueuedResourceState.State): a request still waiting for capacity is left alone (a second
+# `create` fails with ALREADY_EXISTS); a spent one gives no node again (SUSPENDED: its Spot node was reclaimed and
+# deleted; FAILED: it stays so until deleted) and is deleted and queued anew. SUSPENDING, DELETING and ACTIVE
+# without a READY node are waited out.
+QUEUED_WAITING = ("CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING")
+QUEUED_SPENT = ("SUSPENDED", "FAILED")
 SSH_FAILED = 255  # ssh's own failure code (a reclaimed VM drops the connection)
+EXIT_NOT_READY = 69  # EX_UNAVAILABLE: no READY VM within --ready-timeout-s; rerunning babysit carries on
+RERUN_CODES = (C.EXIT_PREEMPTED, C.EXIT_LOST_HOST, SSH_FAILED)  # rerun even on a READY VM: the rerun resumes
+
+
+class NotReady(Exception):
+  """No READY VM within the ready timeout."""
+
+
+def say(message: str) -> None:
+  print(f"tinyjax.launch: {message}", file=sys.stderr, flush=True)
 
 
 class Runner:
@@ -36,60 +54,104 @@ class Runner:
     print(f"+ {shlex.join(argv)}", file=sys.stderr, flush=True)
     return subprocess.call(argv)
 
-  def output(self, argv: list[str]) -> tuple[int, str]:
+  def output(self, argv: list[str], dry: str = "READY") -> tuple[int, str]:
     if self.dry_run:
       print(shlex.join(argv), flush=True)
-      return 0, "READY"
+      return 0, dry
     r = subprocess.run(argv, capture_output=True, text=True)
     return r.returncode, r.stdout.strip()
 
 
-def state(t: C.Tpu, runner: Runner) -> str | None:
-  rc, out = runner.output(C.describe_state(t))
+def _last_line(rc: int, out: str) -> str | None:
   return out.splitlines()[-1] if rc == 0 and out else None
 
 
-def ensure_ready(t: C.Tpu, runner: Runner, poll_s: float, timeout_s: float, sleep=time.sleep) -> bool:
-  """Blocks until the node is READY, creating it (again) as needed; returns whether it was (re)created."""
-  created, deadline = False, time.monotonic() + timeout_s
+def state(t: C.Tpu, runner: Runner) -> str | None:
+  """The node's state, None when there is no node."""
+  return _last_line(*runner.output(C.describe_state(t)))
+
+
+def queued_state(t: C.Tpu, runner: Runner) -> str | None:
+  """The queued resource's state, None when there is no queued resource."""
+  return _last_line(*runner.output(C.describe_queued_state(t), dry="ACTIVE"))
+
+
+def next_action(t: C.Tpu, runner: Runner) -> tuple[str, str]:
+  """(action, what was seen): "ready", "wait", "create" (nothing there) or "recreate" (delete, then create)."""
+  if t.queued:
+    queued = queued_state(t, runner)
+    if queued is None:
+      return "create", "no queued resource"
+    if queued in QUEUED_SPENT:
+      return "recreate", f"queued resource {queued}"
+    if queued != "ACTIVE":
+      return "wait", f"queued resource {queued}" + (" (waiting for capacity)" if queued in QUEUED_WAITING else "")
+  node = state(t, runner)
+  if node == "READY":
+    return "ready", "READY"
+  if node in DEAD_STATES:
+    return "recreate", f"node {node}"
+  if node is None and not t.queued:
+    return "create", "no node"
+  return "wait", f"node {node or 'not created yet'}"
+
+
+def ensure_ready(t: C.Tpu, runner: Runner, poll_s: float, timeout_s: float, sleep=time.sleep,
+                 clock=time.monotonic) -> bool:
+  """Blocks until the node is READY, creating it (again) as needed; returns whether it was (re)created. Raises
+  NotReady after timeout_s."""
+  created, deadline, seen = False, clock() + timeout_s, None
   while True:
-    now = state(t, runner)
-    if now == "READY":
+    action, what = next_action(t, runner)
+    if action == "ready":
       return created
-    if now in DEAD_STATES:
-      print(f"tinyjax.launch: {t.name} is {now}: deleting it to recreate it", file=sys.stderr, flush=True)
+    if what != seen:  # one line per change, not per poll
+      say(f"{t.name}: {what}" + {"recreate": ": deleting it to create it again", "create": ": creating it"}.get(
+          action, ""))
+      seen = what
+    if action == "recreate":
       runner.call(C.delete(t))
-      now = None
-    if now is None:
-      if runner.call(C.create(t)) != 0:  # e.g. no capacity right now: try again after poll_s
-        print(f"tinyjax.launch: creating {t.name} failed; retrying in {poll_s:.0f} s", file=sys.stderr, flush=True)
+    if action in ("create", "recreate"):
+      if runner.call(C.create(t)) != 0:  # e.g. no capacity right now (not queued): try again after poll_s
+        say(f"creating {t.name} failed; retrying in {poll_s:.0f} s")
       created = True
-    if time.monotonic() > deadline:
-      raise TimeoutError(f"{t.name} not READY after {timeout_s:.0f} s (last state {now})")
+    if clock() >= deadline:
+      raise NotReady(f"{t.name} is not READY after --ready-timeout-s={timeout_s:.0f} (last seen: {what}); rerun "
+                     "babysit to keep waiting (a run resumes from its checkpoint)")
     sleep(poll_s)
 
 
 def babysit(t: C.Tpu, runner: Runner, main_args: list[str], repo: str, ref: str, max_restarts: int,
-            poll_s: float = 30.0, timeout_s: float = 3600.0, log_name: str = "run", sleep=time.sleep) -> int:
-  """Runs main_args on the VM until it finishes, recreating the VM and rerunning after each preemption."""
+            poll_s: float = 30.0, timeout_s: float = 3600.0, log_name: str = "run", sleep=time.sleep,
+            clock=time.monotonic, extras: str = "tpu,gcs") -> int:
+  """Runs main_args on the VM until it finishes, recreating the VM and rerunning after each preemption or lost
+  host. Returns the run's exit code, or EXIT_NOT_READY (one line) when no READY VM came within timeout_s."""
   restarts, set_up = 0, False
   while True:
-    if ensure_ready(t, runner, poll_s, timeout_s, sleep) or not set_up:
-      set_up = runner.call(C.ssh(t, C.setup_script(repo, ref))) == 0
-    rc = runner.call(C.ssh(t, C.run_script(main_args, log_name))) if set_up else SSH_FAILED
+    try:
+      fresh = ensure_ready(t, runner, poll_s, timeout_s, sleep, clock)
+    except NotReady as e:
+      print(f"tinyjax.launch: error: {e}", file=sys.stderr, flush=True)
+      return EXIT_NOT_READY
+    rc = 0
+    if fresh or not set_up:  # a failed setup is decided on like a failed run (a dropped ssh: 255)
+      rc = runner.call(C.ssh(t, C.setup_script(repo, ref, extras)))
+      set_up = rc == 0
+    if set_up:
+      rc = runner.call(C.ssh(t, C.run_script(main_args, log_name)))
     if rc == 0 or runner.dry_run:
-      print(f"tinyjax.launch: {t.name}: run finished", file=sys.stderr, flush=True)
+      say(f"{t.name}: run finished")
       return rc
-    now = state(t, runner)
-    if now == "READY" and rc not in (C.EXIT_PREEMPTED, SSH_FAILED):
-      print(f"tinyjax.launch: run failed with exit code {rc} on a READY VM: not retrying", file=sys.stderr)
+    action, now = next_action(t, runner)
+    what = "setup" if not set_up else "run"
+    if action == "ready" and rc not in RERUN_CODES:
+      say(f"{what} failed with exit code {rc} on a READY VM: not retrying")
       return rc
     restarts += 1
     if restarts > max_restarts:
-      print(f"tinyjax.launch: giving up after {max_restarts} restarts (exit code {rc}, VM {now})", file=sys.stderr)
+      say(f"giving up after {max_restarts} restarts ({what} exit code {rc}, VM {now})")
       return rc
-    print(f"tinyjax.launch: restart {restarts}/{max_restarts}: exit code {rc}, VM {now}", file=sys.stderr,
-          flush=True)
+    say(f"restart {restarts}/{max_restarts}: {what} exit code {rc}, VM {now}")
 
 
 def _parser() -> cli.ArgParser:
@@ -104,7 +166,7 @@ def _parser() -> cli.ArgParser:
   p.add_argument("--queued", action="store_true", help="create through a queued resource")
   p.add_argument("--repo", default="", help="setup/babysit: git URL of tinyjax to clone on every worker")
   p.add_argument("--ref", default="main", help="setup/babysit: branch, tag or commit to check out")
-  p.add_argument("--extras", default="tpu,gcs", help="setup: pip extras to install")
+  p.add_argument("--extras", default="tpu,gcs", help="setup/babysit: pip extras to install")
   p.add_argument("--log-name", default="run", help="run/logs: log file ~/tinyjax_logs/NAME-<host>.log")
   p.add_argument("--detach", action="store_true", help="run: start in the background and return")
   p.add_argument("--lines", type=int, default=50, help="logs: lines per worker")
@@ -124,9 +186,16 @@ def main(argv: list[str]) -> int:
     cli.fail(f"{a.verb} needs --repo=GIT_URL (the tinyjax repository to install on every worker)")
   if a.verb in ("run", "babysit") and not main_args:
     cli.fail(f"{a.verb} needs the training arguments after --, e.g. -- --config=configs/c4_50m.py --workdir=gs://B/R")
+  for flag, value in (("max-restarts", a.max_restarts), ("poll-s", a.poll_s), ("ready-timeout-s", a.ready_timeout_s)):
+    if value < 0:
+      cli.fail(f"--{flag}={value} is invalid: must be >= 0")
   r = Runner(a.dry_run)
+  if a.verb == "status" and t.queued:  # the request's state (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...), then
+    rc = r.call(C.describe_queued_state(t))  # its node's, once there is one
+    return rc or r.call(C.describe_state(t))
   if a.verb == "babysit":
-    return babysit(t, r, main_args, a.repo, a.ref, a.max_restarts, a.poll_s, a.ready_timeout_s, a.log_name)
+    return babysit(t, r, main_args, a.repo, a.ref, a.max_restarts, a.poll_s, a.ready_timeout_s, a.log_name,
+                   extras=a.extras)
   argv_by_verb = {
       "create": lambda: C.create(t), "delete": lambda: C.delete(t), "status": lambda: C.describe_state(t),
       "setup": lambda: C.ssh(t, C.setup_script(a.repo, a.ref, a.extras)),
