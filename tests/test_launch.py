@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tinyjax import distributed, faults
+from tinyjax import aot, distributed, faults
 from tinyjax.launch import commands as C
 from tinyjax.launch import slurm, tpu
 
@@ -107,6 +107,16 @@ def fake(tmp_path, monkeypatch):
   return Fake()
 
 
+@pytest.fixture(autouse=True)
+def preflights(monkeypatch):
+  """The launchers' preflight compile (tinyjax/aot.py) recorded and answered "fits"; the preflight tests below
+  replace the answer or use the real compiler."""
+  seen = []
+  monkeypatch.setattr(aot, "preflight", lambda args, target: seen.append((target, args)) or f"{target}: fits")
+  return seen
+
+
+REAL_PREFLIGHT = aot.preflight
 BASE = ["--name=tj", "--zone=us-central2-b", "--accelerator-type=v4-16"]
 MAIN = ["--config=configs/c4_50m.py", "--config.train.train_batch_size=64", "--workdir=gs://bkt/runs/a b"]
 
@@ -471,3 +481,48 @@ def test_setup_script_provisions_python_311_on_a_python_310_image(tmp_path):
   marker.write_text("")
   third = run()
   assert third.returncode == 0 and marker.exists(), "an up-to-date venv is kept"
+
+
+def _refuse(args, target):
+  from tinyjax import config  # noqa: PLC0415
+  raise config.ConfigError(f"{target} cannot hold this run: the train step needs 99.0 GiB per chip")
+
+
+def test_preflight_compiles_for_the_slice_before_any_gcloud_command(fake, preflights, monkeypatch, capsys):
+  assert tpu.main(["babysit", *BASE, "--repo=r", "--dry-run", "--", *MAIN]) == 0
+  assert tpu.main(["create", *BASE, "--", *MAIN]) == 0 and tpu.main(["create", *BASE]) == 0
+  assert preflights == [("v4-16", MAIN)] * 2, "create checks only when told what will run"
+  monkeypatch.setattr(aot, "preflight", _refuse)
+  calls = len(fake.calls())
+  for verb in (["create"], ["run"], ["babysit", "--repo=r"]):
+    with pytest.raises(SystemExit) as e:
+      tpu.main([*verb[:1], *BASE, *verb[1:], "--", *MAIN])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "tinyjax: error: v4-16 cannot hold this run: the train step needs 99.0 GiB per chip")
+  assert len(fake.calls()) == calls, "nothing may be created or launched"
+  assert tpu.main(["run", *BASE, "--skip-preflight", "--", *MAIN]) == 0
+
+
+def test_slurm_preflight_compiles_for_the_jobs_gpus(fake, tmp_path, preflights, monkeypatch, capsys):
+  rc, _ = _submit(tmp_path, "--nodes=2", "--gpus-per-node=8", "--gpu-type=h100")
+  assert rc == 0 and preflights[0][0] == "2x8xh100"
+  monkeypatch.setattr(aot, "preflight", _refuse)
+  before = len(fake.calls())
+  with pytest.raises(SystemExit) as e:
+    _submit(tmp_path, "--gpu-type=h100")
+  assert e.value.code == 2 and len(fake.calls()) == before, "no sbatch"
+
+
+@pytest.mark.slow
+def test_preflight_refuses_a_run_that_cannot_fit_by_libtpus_figures(fake, monkeypatch, capsys):
+  """The real compile: tiny at 8,192 x 128 tokens per chip on a v5e-8 (16 GiB chips) needs more than a chip holds."""
+  from tinyjax import aot  # noqa: PLC0415
+  monkeypatch.setattr(aot, "preflight", REAL_PREFLIGHT)
+  main = ["--config=configs/tiny.py", "--config.train.train_batch_size=65536", "--workdir=gs://b/r"]
+  with pytest.raises(SystemExit) as e:
+    tpu.main(["babysit", "--name=tj", "--zone=z", "--accelerator-type=v5e-8", "--repo=r", "--dry-run", "--", *main])
+  line = capsys.readouterr().err.strip().splitlines()[-1]
+  assert e.value.code == 2 and line.startswith("tinyjax: error: v5e-8 cannot hold this run: the train step needs")
+  assert "GiB per chip and 16.0 GiB are usable (libtpu" in line and "--skip-preflight" in line
+  assert fake.calls() == []

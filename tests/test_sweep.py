@@ -17,6 +17,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = os.path.join(ROOT, "configs", "sweeps")
 
 
+@pytest.fixture(autouse=True)
+def compiles(monkeypatch):
+  """The preflight's per-point compiles (tinyjax/aot.py) answered from the point's batch: 16 rows per chip and more
+  do not fit (a stand-in for the child-process compile; tests/test_targets.py covers the real one)."""
+  from tinyjax import aot  # noqa: PLC0415
+  seen = []
+
+  def plan(cfg, target, search=True):
+    seen.append((target.name, cfg.train.train_batch_size))
+    rows = cfg.train.train_batch_size // target.chips
+    return {"fits": rows < 16, "peak_gib": float(rows), "usable_gib": 15.9, "chips": target.chips}
+  monkeypatch.setattr(aot, "plan", plan)
+  return seen
+
+
 def _points(name):
   return sweep.expand(sweep.load(os.path.join(SWEEPS, f"{name}.py")))
 
@@ -270,3 +285,27 @@ def test_tiny_sweep_end_to_end(tmp_path):
   assert int(rows[1]["total_tokens"]) == 2 * int(rows[0]["total_tokens"]) == 2 * 6 * 4 * 128
   for kind in ("batch", "scaling"):
     assert (tmp_path / "runs" / f"{kind}.png").stat().st_size > 15 * 1024
+
+
+def test_preflight_prints_which_points_fit_where_and_refuses_a_launch_that_cannot(tmp_path, compiles, monkeypatch,
+                                                                                 capsys):
+  f = os.path.join(SWEEPS, "tiny.py")
+  assert sweep.main([f, "--targets=h100,v5e-4", "--root", str(tmp_path)]) == 0  # plans only: nothing launched
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].startswith("tinyjax.sweep: preflight of 6 points on h100, v5e-4")
+  rows = {line.split()[0]: line.split()[1:] for line in out[2:8]}
+  assert rows["train_batch_size-16_num_train_steps-20_lr_scaling_base_batch-16"] == ["NO", "16.0/15.9", "fits",
+                                                                                     "4.0/15.9"]
+  assert rows["train_batch_size-4_num_train_steps-80_lr_scaling_base_batch-0"] == ["fits", "4.0/15.9", "fits",
+                                                                                   "1.0/15.9"]
+  from tinyjax.launch import tpu  # noqa: PLC0415
+  launched = []
+  monkeypatch.setattr(tpu, "main", lambda argv: launched.append(argv) or 0)
+  with pytest.raises(SystemExit) as e:
+    sweep.main([f, "--launch", "tpu", "--root", "gs://b/t", "--", "--name=tj", "--zone=z", "--repo=r",
+                "--accelerator-type=v5e-1"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and launched == [] and len(err) == 1
+  assert err[0].startswith("tinyjax: error: 2 point(s) cannot fit v5e-1: train_batch_size-16_num_train_steps-20")
+  assert sweep.main([f, "--launch", "tpu", "--root", "gs://b/t", "--", "--name=tj", "--zone=z", "--repo=r"]) == 0
+  assert len(launched) == 6 and all("--skip-preflight" in argv for argv in launched), "checked once, by the sweep"

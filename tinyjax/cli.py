@@ -100,7 +100,10 @@ def load_config(main_args: list[str]):
   """The config `python -m tinyjax.main MAIN_ARGS` would run (its file and --config.* overrides), loaded the same
   way, with the same one-line errors; for the launchers' preflight."""
   from ml_collections import config_flags  # noqa: PLC0415
-  argv = ["tinyjax.main", *(a for a in main_args if a.startswith("--config"))]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  on_worker = lambda path: path if os.path.exists(path) else os.path.join(repo, path)  # the checkout's copy
+  argv = ["tinyjax.main", *(f"--config={on_worker(a.split('=', 1)[1])}" if a.startswith("--config=") else a
+                            for a in main_args if a.startswith("--config"))]
   values = flags.FlagValues()  # overrides are read from sys_argv (default: the launcher's own sys.argv)
   config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=values, lock_config=True, sys_argv=argv)
   parse_config_flags(argv, values)

@@ -31,7 +31,7 @@ import shlex
 import subprocess
 import sys
 
-from tinyjax import cli
+from tinyjax import cli, targets  # targets: no jax (the preflight compiles run in child processes)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHES = ("local", "tpu", "slurm", "print")
@@ -156,7 +156,7 @@ def _launch_point(how: str, sweep: dict, root: str, point: Point, launcher_args:
             *main_args(_local_config(config_path(sweep, point)), root, point, extra)]
     print(f"tinyjax.sweep: {'would run' if dry_run else 'running'} {point.name}: {shlex.join(argv)}", flush=True)
     return 0 if dry_run else subprocess.call(argv)
-  dry = ["--dry-run"] if dry_run else []
+  dry = ["--dry-run", "--skip-preflight"] if dry_run else ["--skip-preflight"]  # the sweep's preflight did it
   args = main_args(config_path(sweep, point), root, point, extra)  # remote: the path inside the checkout
   if how == "tpu":
     from tinyjax.launch import tpu  # noqa: PLC0415
@@ -187,6 +187,52 @@ def launch(how: str, sweep: dict, root: str, points: list[Point], launcher_args:
       if rc in STOP_CODES:  # rerunning the sweep resumes this point
         return rc
   return worst
+
+
+def launch_target(how: str, launcher_args: list[str]) -> str | None:
+  """The hardware a launch gets, as a tinyjax.targets name: the TPU launcher's --accelerator-type (default v4-8) or
+  SLURM's NODESxGPUSx--gpu-type; None for local runs (the run's own memory check refuses before allocating) and a
+  SLURM launch without --gpu-type."""
+  import argparse  # noqa: PLC0415
+  p = argparse.ArgumentParser(add_help=False)
+  p.add_argument("--accelerator-type", default="v4-8")
+  p.add_argument("--gpu-type", default="")
+  p.add_argument("--nodes", type=int, default=1)
+  p.add_argument("--gpus-per-node", type=int, default=8)
+  a = p.parse_known_args(launcher_args)[0]
+  if how == "tpu":
+    return a.accelerator_type
+  return f"{a.nodes}x{a.gpus_per_node}x{a.gpu_type}" if how == "slurm" and a.gpu_type else None
+
+
+def preflight(sweep: dict, root: str, points: list[Point], extra: list[str], names: list[str],
+              launch_on: str | None) -> None:
+  """Before launching: every point compiled for every target by the target's own compiler (tinyjax/aot.py), a table
+  of which fit where, and a one-line refusal (exit 2) when a point cannot fit the hardware it is launched on."""
+  from tinyjax import aot, config  # noqa: PLC0415
+  columns = list(dict.fromkeys([*names, *([launch_on] if launch_on else [])]))
+  todo = [p for p in points if launch_on is None or status(workdir(root, p)) != "completed"]
+  print(f"tinyjax.sweep: preflight of {len(todo)} points on {', '.join(columns)} (peak / usable GiB per chip)",
+        flush=True)
+  misfits, rows = [], [["point", *columns]]
+  for point in todo:
+    args = main_args(_local_config(config_path(sweep, point)), root, point, extra)
+    row = [point.name]
+    for name in columns:
+      try:
+        p = aot.plan(cli.load_config(args), targets.parse(name), search=False)
+        row.append(f"{'fits' if p['fits'] else 'NO'} {p['peak_gib']:.1f}/{p['usable_gib']:.1f}")
+        if name == launch_on and p["fits"] is False:
+          misfits.append(point.name)
+      except config.ConfigError as e:
+        cli.fail(f"preflight of {point.name} on {name}: {e}")
+    rows.append(row)
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  for r in rows:
+    print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip(), flush=True)
+  if misfits:
+    cli.fail(f"{len(misfits)} point(s) cannot fit {launch_on}: {', '.join(misfits)}; set grad_accum_steps=0 (auto) in "
+             "the sweep file, use larger hardware, or pass --skip-preflight")
 
 
 def report_rows(root: str, points: list[Point]) -> list[dict]:
@@ -252,12 +298,16 @@ def main(argv: list[str]) -> int:
   p.add_argument("--root", default="", help="parent of the points' workdirs (default workdir/sweeps/<sweep name>)")
   p.add_argument("--dry-run", action="store_true", help="print the commands the launch would run")
   p.add_argument("--report", action="store_true", help="write ROOT/report.csv and the figures")
+  p.add_argument("--targets", default="", help="print which points fit on these (h100, v5p-8, ...; see "
+                 "tinyjax/targets.py) by their own compilers; with --launch tpu|slurm the launch hardware is added")
+  p.add_argument("--skip-preflight", action="store_true", help="launch on TPU/SLURM without compiling each point "
+                 "for the hardware first")
   a = p.parse_args(own)
   sweep = load(a.sweep_file)
   stem = os.path.splitext(os.path.basename(a.sweep_file))[0]
   root = a.root or os.path.join("workdir", "sweeps", stem)
   points = expand(sweep)
-  how = a.launch or (None if a.report else "local")
+  how = a.launch or (None if a.report or a.targets else "local")
   if how is None and after:
     cli.fail(f"{shlex.join(after)}: arguments after -- go to a launch; --report alone launches nothing")
   launcher_args, extra = split_args(how, after)
@@ -265,6 +315,13 @@ def main(argv: list[str]) -> int:
   if how in ("tpu", "slurm") and not launcher_args:
     cli.fail(f"--launch {how} needs the launcher's flags after --, e.g. -- "
              + ("--name=tj --zone=us-central2-b --repo=URL" if how == "tpu" else "--partition=gpu --nodes=1"))
+  on = None if a.skip_preflight or how in ("print", None) else launch_target(how, launcher_args)
+  try:
+    names = [t.name for t in targets.parse_list(a.targets)]
+  except targets.ConfigError as e:
+    cli.fail(str(e))
+  if names or on:
+    preflight(sweep, root, points, extra, names, on)
   rc = launch(how, sweep, root, points, launcher_args, a.dry_run, stem, extra) if how else 0
   if a.report and not a.dry_run:
     write_report(sweep, root, points)

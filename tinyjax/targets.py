@@ -1,7 +1,7 @@
 """Named compile targets: the GPUs and Cloud TPU slices a run can be planned for without holding one.
 
-  h100, h200, a100-40gb, a100-80gb   one NVIDIA GPU ("8xh100": eight on one host); the CUDA compiler is given a
-                                     target config (target_configs/NAME.txtpb) instead of a device
+  h100, h200, a100-40gb, a100-80gb   one NVIDIA GPU ("8xh100": eight on one host, "2x8xh100": two such hosts); the
+                                     CUDA compiler is given a target config (target_configs/NAME.txtpb), no device
   v4-N, v5p-N, v5e-N, v6e-N          a Cloud TPU slice by its accelerator type (v5litepod-N = v5e-N); libtpu builds
                                      the slice's topology. Chips and hosts as Cloud TPU counts them: v4/v5p-N have
                                      N/2 chips (N counts TensorCores; v5p-32 is 16 chips), 4 per host; v5e/v6e-N
@@ -91,14 +91,15 @@ def _tpu(name: str, family: str, cores_or_chips: int) -> Target:
 def parse(name: str) -> Target:
   """A Target from its name; an unknown name is a ConfigError listing what is allowed."""
   key = name.strip().lower()
-  gpu = re.fullmatch(r"(?:(\d+)x)?([a-z0-9-]+)", key)
-  if gpu and gpu.group(2) in GPUS:
-    count = int(gpu.group(1) or 1)
-    if not 1 <= count <= 8:
-      raise ConfigError(f"--target={name}: 1 to 8 GPUs on one host (e.g. 8xh100)")
-    file, peak = GPUS[gpu.group(2)]
+  gpu = re.fullmatch(r"(?:(\d+)x(?=\d+x))?(?:(\d+)x)?([a-z0-9-]+)", key)  # [HOSTSx][GPUSx]NAME
+  if gpu and gpu.group(3) in GPUS:
+    hosts, per_host = int(gpu.group(1) or 1), int(gpu.group(2) or 1)
+    if not 1 <= per_host <= 8 or hosts < 1:
+      raise ConfigError(f"--target={name}: 1 to 8 GPUs per host (e.g. 8xh100, or 2x8xh100 for two hosts)")
+    file, peak = GPUS[gpu.group(3)]
     path = os.path.join(CONFIG_DIR, file)
-    return Target(key, "cuda", count, 1, f"1x1x{count}", gpu_memory_bytes(path), peak, target_config=path)
+    return Target(key, "cuda", hosts * per_host, hosts, f"1x{hosts}x{per_host}", gpu_memory_bytes(path), peak,
+                  target_config=path)
   tpu = re.fullmatch(r"(v4|v5p|v5e|v6e|v5litepod)-(\d+)", key)
   if tpu:
     family = TPU_ALIASES.get(tpu.group(1), tpu.group(1))
@@ -106,7 +107,8 @@ def parse(name: str) -> Target:
       return _tpu(key, family, int(tpu.group(2)))
     except ValueError:
       pass
-  raise ConfigError(f"--target={name} is not a known target: allowed: {', '.join(GPUS)} (optionally Nx, e.g. 8xh100), "
+  raise ConfigError(f"--target={name} is not a known target: allowed: {', '.join(GPUS)} (optionally [HOSTSx]GPUSx, "
+                    "e.g. 8xh100, 2x8xh100), "
                     "v4-N and v5p-N (N = 8, 16, 32, ... TensorCores), v5e-N and v6e-N (N = 1, 4, 8, 16, ... chips)")
 
 

@@ -9,6 +9,9 @@ MAIN ARGS go unchanged to `python -m tinyjax.main` in every task (srun), e.g.
 SLURM_LOCALID, SLURM_STEP_NODELIST) forms the run and gives each process GPU number SLURM_LOCALID.
 --per=node: one process per node with all its GPUs (coordinator passed explicitly; see commands._task_command).
 The job is --requeue'd on preemption and on its time limit (USR1 -> SIGTERM -> checkpoint, exit 75 -> requeue).
+--gpu-type=h100 (h200, a100-40gb, a100-80gb): before writing anything, the run is compiled for NODES x GPUS of that
+GPU by the CUDA compiler (tinyjax/aot.py, pip install -e '.[cuda-compile]') and refused (one line, exit 2) if it
+cannot fit; --skip-preflight submits without it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import sys
 
 from tinyjax import cli
 from tinyjax.launch import commands as C
-from tinyjax.launch.tpu import Runner
+from tinyjax.launch.tpu import Runner, preflight
 
 
 def _parser() -> cli.ArgParser:
@@ -36,6 +39,9 @@ def _parser() -> cli.ArgParser:
   p.add_argument("--log-dir", default="slurm_logs", help="for the job's output files (created here)")
   p.add_argument("--script", default="", help="where to write the sbatch script (default LOG_DIR/JOB_NAME.sbatch)")
   p.add_argument("--dry-run", action="store_true", help="print the script and the sbatch command; submit nothing")
+  p.add_argument("--gpu-type", default="", help="h100, h200, a100-40gb or a100-80gb: compile the run for the job's "
+                 "GPUs first and refuse one that cannot fit (no preflight without it)")
+  p.add_argument("--skip-preflight", action="store_true", help="submit without the --gpu-type compile")
   return p
 
 
@@ -46,6 +52,8 @@ def main(argv: list[str]) -> int:
     cli.fail("the training arguments go after --, e.g. -- --config=configs/c4_50m.py --workdir=/shared/runs/x")
   if a.nodes < 1 or a.gpus_per_node < 1:
     cli.fail(f"--nodes={a.nodes} and --gpus-per-node={a.gpus_per_node} must be >= 1")
+  if a.gpu_type:
+    preflight(main_args, f"{a.nodes}x{a.gpus_per_node}x{a.gpu_type}", a.skip_preflight)
   s = C.Slurm(a.job_name, a.nodes, a.gpus_per_node, a.per, a.time, a.partition, a.account, a.cpus_per_task,
               a.signal_s, a.python, a.chdir, a.log_dir)
   script = C.sbatch_script(s, main_args)

@@ -10,6 +10,9 @@ and recreate it; a queued request waiting for capacity is waited for), run setup
 after a preemption (the run fails and the VM is no longer READY; or tinyjax exits 75, or 4 for a lost host; or ssh
 drops, 255) do it again, at most --max-restarts times; tinyjax resumes from the workdir's latest checkpoint.
 Exit codes: the run's own (0 when it finished); 69 when no READY VM came within --ready-timeout-s (one line).
+Preflight: create (given MAIN ARGS), run and babysit first compile the run for --accelerator-type with libtpu
+(tinyjax/aot.py, pip install -e '.[tpu-compile]') and refuse, one line and exit 2, a run that cannot fit, before any
+gcloud command; --skip-preflight launches without it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,20 @@ QUEUED_SPENT = ("SUSPENDED", "FAILED")
 SSH_FAILED = 255  # ssh's own failure code (a reclaimed VM drops the connection)
 EXIT_NOT_READY = 69  # EX_UNAVAILABLE: no READY VM within --ready-timeout-s; rerunning babysit carries on
 RERUN_CODES = (C.EXIT_PREEMPTED, C.EXIT_LOST_HOST, SSH_FAILED)  # rerun even on a READY VM: the rerun resumes
+
+
+def preflight(main_args: list[str], target: str, skip: bool) -> None:
+  """Before anything is created or launched: the run compiled for the hardware it is about to get (tinyjax/aot.py);
+  one that cannot fit, or no compiler to tell, is one line and exit 2 (--skip-preflight launches anyway)."""
+  if skip:
+    say(f"preflight for {target} skipped (--skip-preflight)")
+    return
+  from tinyjax import aot, config  # noqa: PLC0415 - the compile runs in a child process
+  say(f"preflight: compiling the train step for {target} with its own compiler ...")
+  try:
+    say(aot.preflight(main_args, target))
+  except config.ConfigError as e:
+    cli.fail(str(e))
 
 
 class NotReady(Exception):
@@ -175,6 +192,8 @@ def _parser() -> cli.ArgParser:
   p.add_argument("--poll-s", type=float, default=30.0, help="babysit: seconds between state checks")
   p.add_argument("--ready-timeout-s", type=float, default=3600.0, help="babysit: max wait for READY")
   p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+  p.add_argument("--skip-preflight", action="store_true",
+                 help="create/run/babysit without first compiling the run for --accelerator-type")
   return p
 
 
@@ -189,6 +208,8 @@ def main(argv: list[str]) -> int:
   for flag, value in (("max-restarts", a.max_restarts), ("poll-s", a.poll_s), ("ready-timeout-s", a.ready_timeout_s)):
     if value < 0:
       cli.fail(f"--{flag}={value} is invalid: must be >= 0")
+  if a.verb in ("create", "run", "babysit") and main_args:  # create: only when told what will run (-- MAIN ARGS)
+    preflight(main_args, a.accelerator_type, a.skip_preflight)
   r = Runner(a.dry_run)
   if a.verb == "status" and t.queued:  # the request's state (WAITING_FOR_RESOURCES, ACTIVE, SUSPENDED, ...), then
     rc = r.call(C.describe_queued_state(t))  # its node's, once there is one
