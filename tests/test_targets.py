@@ -195,3 +195,18 @@ def test_auto_attention_follows_the_target_platform():
   with pytest.raises(ConfigError, match="multiple of 128"):
     from tinyjax import config  # noqa: PLC0415
     config.validate(cfg)
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_envdiff_on_an_h100_tells_a_codegen_flag_from_an_allocator_setting(tmp_path):
+  """Disabling Triton GEMM fusion changes the H100 program (cuBLAS instead); the memory fraction cannot."""
+  small = ["--config.model.num_layers=1", "--config.optimizer.name=adamw"]  # the same story, compiled faster
+  base = [f"--config={ROOT}/configs/tiny.py", "--target=h100", "--out"]
+  r = envdiff.main([*base, str(tmp_path / "a"), "--a", "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false", "--", *small])
+  assert r["program_identical"] is False and r["allocator_only"] is False
+  gemm = r["changed"]["fusions"]["backend:__triton_nested_gemm_fusion"]
+  assert gemm[0] == 0 < gemm[1] and r["changed"]["kernels"]["__cublas$lt$matmul"][1] == 0
+  r = envdiff.main([*base, str(tmp_path / "b"), "--a", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "--", *small])
+  assert r["program_identical"] is True and r["allocator_only"] is True and r["changed"] == {}
+  assert r["memory"]["usable_gib"][0] == pytest.approx(0.9 * 79.11, abs=0.02) and r["memory"]["usable_gib"][1] == 59.33
