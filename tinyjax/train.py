@@ -325,8 +325,11 @@ def _train(cfg, wd, env_record: dict) -> dict:
   except (faults.Preempted, faults.Diverged, faults.DiskFull) as e:
     status = "disk_full" if isinstance(e, faults.DiskFull) else type(e).__name__.lower()
     raise
-  finally:
-    watchdog.stop()
+  except RuntimeError as e:
+    if lost := distributed.peer_lost(e):  # the cleanup below would wait for the lost process: leave at once
+      distributed.leave_lost_host(f"a collective or checkpoint call failed ({lost})")
+    raise
+  finally:  # the watchdog stays on: the final checkpoint wait below also waits on every process
     dyn_log.flush()
     tracker.close()
     signals.restore()
@@ -338,6 +341,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
       record.finish(workdir, info, status)
       wd.push()
   log.write(total, {"param_sha256": params_sha256(state.params)})
+  watchdog.stop()
   if jax.process_index() == 0:
     results.write_results(workdir)  # Marin-schema speedrun_results.json
   wd.push()
