@@ -28,8 +28,6 @@ def stop(e: Exception, where: str) -> None:
   preemption (75), a divergence (3) or a lost process of a multi-process run (4). Returns for anything else (a
   bug: the caller re-raises it)."""
   from tinyjax import config, distributed, faults  # noqa: PLC0415 - only the trainer's entry point needs them
-  if lost := distributed.peer_lost(e):  # e.g. a barrier during setup or restore, or the final checkpoint's wait
-    distributed.leave_lost_host(f"a collective or coordination call failed ({lost})")
   if isinstance(e, config.ConfigError):
     fail(str(e))
   if isinstance(e, faults.DiskFull):
@@ -42,6 +40,8 @@ def stop(e: Exception, where: str) -> None:
   if isinstance(e, faults.Diverged):
     print(f"tinyjax: diverged: {e}", file=sys.stderr)
     sys.exit(faults.EXIT_DIVERGED)
+  if lost := distributed.peer_lost(e):  # e.g. a barrier during setup or restore, or the final checkpoint's wait
+    distributed.leave_lost_host(f"a collective or coordination call failed ({lost})")
   reason = faults.disk_full_reason(e)  # a full disk anywhere else: metrics, records, caches
   if reason:
     _leave(f"tinyjax: error: disk full ({reason}) writing {getattr(e, 'filename', None) or where}: free space and "

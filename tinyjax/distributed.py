@@ -121,14 +121,16 @@ def lost_host_line(index: int | None, count: int | None, evidence: str) -> str:
 
 def peer_lost(exc: BaseException | None) -> str | None:
   """The error's first line when exc (or one in its chain) is a collective or coordination call failing because
-  another process is gone; None otherwise, and always None in a single-process run."""
-  if not jax.distributed.is_initialized():
+  another process is gone; None otherwise, and always None in a single-process run. JAX raises these as
+  JaxRuntimeError, or as ValueError from a jitted call (measured: Orbax's sync_global_devices -> "ValueError:
+  UNKNOWN: Gloo AllGather failed: ... Connection closed by peer")."""
+  if isinstance(exc, ConfigError) or not jax.distributed.is_initialized():
     return None
   seen = set()
   while exc is not None and id(exc) not in seen:
     seen.add(id(exc))
     text = str(exc).strip()
-    if isinstance(exc, RuntimeError) and any(marker in text for marker in _PEER_GONE):
+    if isinstance(exc, (RuntimeError, ValueError)) and any(marker in text for marker in _PEER_GONE):
       return text.splitlines()[0][:240]
     exc = exc.__cause__ or exc.__context__
   return None
@@ -221,6 +223,13 @@ def _forward(pid: int, signum: int) -> None:
     pass
 
 
+def _write(data: bytes) -> None:
+  try:
+    os.write(2, data)
+  except OSError:  # our stderr is gone (a closed pipe): keep supervising, the exit code still tells
+    pass
+
+
 class _Relay:
   """Copies the trainer's stderr to ours line by line, holding native log lines (and what follows them) back for
   HOLD_S seconds so that JAX's abort for a lost peer can be replaced by one line."""
@@ -253,10 +262,10 @@ class _Relay:
         self.held.append(line + b"\n")
         self.until = self.until or time.monotonic() + HOLD_S
       else:
-        os.write(2, line + b"\n")
+        _write(line + b"\n")
 
   def release(self) -> None:
-    os.write(2, b"".join(self.held) + self.partial)
+    _write(b"".join(self.held) + self.partial)
     self.held, self.partial, self.until = [], b"", None
 
   def text(self) -> str:
@@ -278,7 +287,7 @@ def _exit_as(code: int, relay: _Relay, index: int | None, count: int | None) -> 
   if not ours and code != faults.EXIT_LOST_HOST:  # JAX aborted before the trainer could say anything
     saved = f" (JAX's report: {report})" if report else ""
     ours = [lost_host_line(index, count, _abort_evidence(held, index) + saved)]
-  os.write(2, "".join(f"{line}\n" for line in ours).encode())
+  _write("".join(f"{line}\n" for line in ours).encode())
   os._exit(faults.EXIT_LOST_HOST)
 
 
@@ -289,8 +298,8 @@ def _abort_evidence(text: str, index: int | None) -> str:
   tasks = re.search(r"unhealthy \(stopped sending heartbeats\):\s*([\d, \n]+)", text) or \
       re.search(r"Task (\d+) heartbeat timeout", text)
   if tasks:
-    ids = ", ".join(tasks.group(1).split())
-    return f"process {ids} stopped sending heartbeats to JAX's coordination service"
+    ids = tasks.group(1).split()
+    return f"process{'es' * (len(ids) > 1)} {', '.join(ids)} stopped sending heartbeats to JAX's coordination service"
   return "JAX's coordination service reported a failed process and aborted the trainer"
 
 

@@ -325,7 +325,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
   except (faults.Preempted, faults.Diverged, faults.DiskFull) as e:
     status = "disk_full" if isinstance(e, faults.DiskFull) else type(e).__name__.lower()
     raise
-  except RuntimeError as e:
+  except Exception as e:  # noqa: BLE001 - only a lost process is handled here; everything else is re-raised
     if lost := distributed.peer_lost(e):  # the cleanup below would wait for the lost process: leave at once
       distributed.leave_lost_host(f"a collective or checkpoint call failed ({lost})")
     raise
