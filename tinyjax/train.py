@@ -327,6 +327,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
     raise
   except Exception as e:  # noqa: BLE001 - only a lost process is handled here; everything else is re-raised
     if lost := distributed.peer_lost(e):  # the cleanup below would wait for the lost process: leave at once
+      record.finish(workdir, info, "lost_host")
       distributed.leave_lost_host(f"a collective or checkpoint call failed ({lost})")
     raise
   finally:  # the watchdog stays on: the final checkpoint wait below also waits on every process
