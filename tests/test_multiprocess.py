@@ -53,8 +53,8 @@ def launch(workdir, cache, steps: int, processes: int, devices: int, *extra):
     slurm = None if processes == 1 else {"SLURM_JOB_ID": job, "SLURM_NTASKS": str(processes),
                                          "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
                                          "SLURM_STEP_NODELIST": "localhost"}
-    procs.append(subprocess.Popen(args, cwd=ROOT, env=_env(devices, slurm, cache), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
+    env = {**_env(devices, slurm, cache), "TMPDIR": os.path.dirname(workdir)}  # lost-host reports in pytest's tmp
+    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   STARTED.extend(procs)
   return procs
 
@@ -187,6 +187,8 @@ def kill_and_judge(procs, victim: int, heartbeat_s: float) -> tuple[str, float]:
   assert rc == 4 and len(ours) == 1, (rc, err[-4000:])
   assert ours[0].startswith(f"tinyjax: error: lost host: process {survivor} of 2: "), ours
   assert "rerun the same command to resume" in ours[0], ours
+  if "JAX's report: " in ours[0]:  # JAX aborted the survivor: what it said is kept
+    assert os.path.getsize(ours[0].split("JAX's report: ")[1].split(")")[0]) > 0, ours
   assert not [line for line in err.splitlines() if TRACE.search(line)], err[-4000:]
   assert elapsed <= heartbeat_s + SLACK_S, elapsed
   return err, elapsed
