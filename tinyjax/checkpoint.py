@@ -19,7 +19,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from tinyjax import faults
+from tinyjax import distributed, faults
 from tinyjax.config import EXECUTION_ONLY_MODEL_KEYS, ConfigError
 
 
@@ -183,6 +183,8 @@ class Checkpointer:
       except ConfigError:
         raise
       except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise many types for damaged files
+        if distributed.peer_lost(e):  # another process is gone, not this checkpoint: exit 4 (cli.stop)
+          raise
         failed.append((step, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"))
         print(f"warning: checkpoint {self.directory}/{step} is unreadable ({failed[-1][1]}); trying the previous one",
               flush=True)

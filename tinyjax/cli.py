@@ -31,8 +31,9 @@ def _leave(message: str, code: int) -> None:
 
 def stop(e: Exception, where: str) -> None:
   """Exits for the ways a training run stops on purpose: a user mistake or a full disk (one line, exit 2), a
-  preemption (75) or a divergence (3). Returns for anything else (a bug: the caller re-raises it)."""
-  from tinyjax import config, faults  # noqa: PLC0415 - only the trainer's entry point needs them
+  preemption (75), a divergence (3) or a lost process of a multi-process run (4). Returns for anything else (a
+  bug: the caller re-raises it)."""
+  from tinyjax import config, distributed, faults  # noqa: PLC0415 - only the trainer's entry point needs them
   if isinstance(e, config.ConfigError):
     fail(str(e))
   if isinstance(e, faults.DiskFull):
@@ -48,6 +49,8 @@ def stop(e: Exception, where: str) -> None:
   from tinyjax import aot  # noqa: PLC0415
   if isinstance(e, aot.CompileFailed):  # the child's traceback is the story; the parent's would only hide it
     _leave(f"tinyjax: error: {e}", 1)
+  if lost := distributed.peer_lost(e):  # e.g. a barrier during setup or restore, or the final checkpoint's wait
+    distributed.leave_lost_host(f"a collective or coordination call failed ({lost})")
   reason = faults.disk_full_reason(e)  # a full disk anywhere else: metrics, records, caches
   if reason:
     _leave(f"tinyjax: error: disk full ({reason}) writing {getattr(e, 'filename', None) or where}: free space and "

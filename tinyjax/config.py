@@ -165,8 +165,8 @@ def base() -> mlc.ConfigDict:
   dd.num_processes = 0  # with coordinator_address: processes in the run (0 = detect)
   dd.process_id = -1  # with coordinator_address: this process's index (-1 = detect)
   dd.initialization_timeout_s = 300  # seconds to wait for every process to join
-  dd.heartbeat_timeout_s = 100  # JAX's coordination heartbeat: a silent process is declared dead after this
-  dd.step_timeout_s = 1800.0  # multi-process: exit (code 4) when no step finishes for this long (lost host); 0 = off
+  dd.heartbeat_timeout_s = 100  # JAX's heartbeat: a silent process is declared dead after this (others exit 4)
+  dd.step_timeout_s = 1800.0  # exit 4 when no step (or final checkpoint wait) ends for this long: one stuck; 0 = off
 
   c.env = e = mlc.ConfigDict()  # applied by env.py before the JAX backend starts; None = leave the environment as is
   e.platform = config_dict.placeholder(str)  # JAX_PLATFORMS: "cpu", "cuda", "tpu", ...

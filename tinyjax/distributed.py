@@ -1,5 +1,5 @@
 """The multi-process runtime: `jax.distributed.initialize` before anything touches a device, the topology record,
-and the agreements every process must reach (data ready, when to stop, that no host is lost).
+the agreements every process must reach (data ready, when to stop), and what happens when a process is lost.
 
 distributed.mode (config):
   "auto"  initialise when JAX's cluster detection finds a multi-process job: SLURM (srun sets SLURM_JOB_ID,
@@ -9,33 +9,57 @@ distributed.mode (config):
   "off"   never.
 Preemption: with several processes, SIGTERM is left to JAX's preemption notifier (a Python handler would hide it),
 so any host's notice makes every process reach `multihost_utils.reached_preemption_sync_point` at the same step,
-checkpoint there and exit 75 together. A lost host: the others' next collective fails or hangs; the watchdog turns
-either into one clear line and exit code 4 after distributed.step_timeout_s without a finished step.
+checkpoint there and exit 75 together.
+
+A lost process (killed, crashed, its host gone): every other process prints one line and exits 4
+(faults.EXIT_LOST_HOST), the last complete checkpoint intact, within distributed.heartbeat_timeout_s + ~10 s. It
+shows up in one of three ways, and each ends in `lost_host_line`:
+  1. a collective fails (CPU/Gloo: "Connection reset by peer", within 1 s): `peer_lost` recognises the error and
+     `leave_lost_host` exits at once (os._exit: JAX's teardown would wait for the lost process, then abort);
+  2. JAX's coordination service notices it (missed heartbeats after heartbeat_timeout_s, or the coordinator's
+     connection closing, within ~1 s) and *aborts the process from C++* (LOG(FATAL) -> SIGABRT, ~80 lines of traces).
+     jaxlib 0.10.2 offers no usable hook (its missed_heartbeat_callback cannot pass the status to Python: measured
+     std::bad_cast -> terminate), so a multi-process run is supervised: the launched process forks the trainer,
+     relays its output and signals, and turns that abort into the one line (JAX's report is saved to a file);
+  3. no step finishes for distributed.step_timeout_s (a process alive but stuck): the watchdog exits.
 """
 from __future__ import annotations
 
 import os
+import re
+import select
+import signal
 import sys
+import tempfile
 import threading
 import time
 
 import jax
 
+from tinyjax import faults
 from tinyjax.config import ConfigError
 
-EXIT_LOST_HOST = 4  # another process of this run is gone (killed, crashed, or lost its host)
 
-
-def _detected_process_count() -> int | None:
-  """Processes of the cluster job this process belongs to, by JAX's own detection; None outside one."""
+def _detected_cluster():
+  """JAX's cluster environment (SLURM, Open MPI, TPU slice, ...) this process belongs to, or None."""
   from jax._src import clusters  # noqa: PLC0415 - jax.distributed.initialize uses the same registry
   for env in clusters.ClusterEnv._cluster_types:  # noqa: SLF001
     try:
       if not env.opt_in_only_method and env.is_env_present():
-        return env.get_process_count()
+        return env
     except Exception:  # noqa: BLE001 - a detector probing an absent environment (e.g. TPU metadata) is "no"
       continue
   return None
+
+
+def _topology_guess(explicit: dict, cluster) -> tuple[int | None, int | None]:
+  """(process index, count) as far as known before jax.distributed starts (for the supervisor's line)."""
+  try:
+    index = explicit.get("process_id", cluster.get_process_id() if cluster else None)
+    count = explicit.get("num_processes", cluster.get_process_count() if cluster else None)
+  except Exception:  # noqa: BLE001 - a detector that cannot tell: the line says "this process"
+    return None, None
+  return index, count
 
 
 def initialize(d) -> dict:
@@ -45,9 +69,11 @@ def initialize(d) -> dict:
   explicit = {k: v for k, v in (("coordinator_address", d.coordinator_address or None),
                                 ("num_processes", d.num_processes or None),
                                 ("process_id", d.process_id if d.process_id >= 0 else None)) if v is not None}
-  detected = None if d.mode == "off" or explicit else _detected_process_count()
+  cluster = None if d.mode == "off" or explicit else _detected_cluster()
+  detected = cluster.get_process_count() if cluster else None
   start = d.mode == "on" or (d.mode == "auto" and (explicit or (detected or 1) > 1))
   if start:
+    supervise(*_topology_guess(explicit, cluster))  # from here on this is the trainer (a child process)
     try:
       jax.distributed.initialize(**explicit, initialization_timeout=d.initialization_timeout_s,
                                  heartbeat_timeout_seconds=d.heartbeat_timeout_s)
@@ -78,9 +104,53 @@ def preempted(step: int, local_signal: str | None) -> bool:
   return multihost_utils.reached_preemption_sync_point(step)
 
 
+# ---- A lost process: recognising it, and the one line ----
+
+# What a collective or a coordination call raises when the process at the other end is gone (CPU collectives:
+# Gloo's "Read error ...: Connection reset by peer"; the coordination service: "Socket closed", "unhealthy").
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Socket closed", "Broken pipe",
+              "Connection refused", "heartbeat", "unhealthy", "Gloo", "Barrier failed", "coordination service")
+_LEAVING = threading.Lock()  # one line, even when the watchdog and the main thread notice at the same moment
+
+
+def lost_host_line(index: int | None, count: int | None, evidence: str) -> str:
+  who = f"process {index} of {count}" if index is not None and count else "this process"
+  return (f"tinyjax: error: lost host: {who}: {evidence}; another process of this run (or its host) is gone; "
+          f"exiting with code {faults.EXIT_LOST_HOST} (rerun the same command to resume from the last checkpoint)")
+
+
+def peer_lost(exc: BaseException | None) -> str | None:
+  """The error's first line when exc (or one in its chain) is a collective or coordination call failing because
+  another process is gone; None otherwise, and always None in a single-process run. JAX raises these as
+  JaxRuntimeError, or as ValueError from a jitted call (measured: Orbax's sync_global_devices -> "ValueError:
+  UNKNOWN: Gloo AllGather failed: ... Connection closed by peer")."""
+  if isinstance(exc, ConfigError) or not jax.distributed.is_initialized():
+    return None
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    text = str(exc).strip()
+    if isinstance(exc, (RuntimeError, ValueError)) and any(marker in text for marker in _PEER_GONE):
+      return text.splitlines()[0][:240]
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def leave_lost_host(evidence: str) -> None:
+  """Prints the one line and exits 4 at once. Never returns: the cleanup a normal exit runs (Orbax's wait, JAX's
+  shutdown barrier) waits for the lost process and then aborts with C++ traces (measured: 78 s, 79 lines)."""
+  _LEAVING.acquire()  # a second caller waits here for the exit
+  sys.stdout.flush()
+  sys.stderr.flush()
+  line = lost_host_line(jax.process_index(), jax.process_count(), evidence)
+  os.write(2, (line + "\n").encode())
+  os._exit(faults.EXIT_LOST_HOST)
+
+
 class Watchdog:
-  """Exits with one clear line when no step finishes for `timeout_s` seconds in a multi-process run (a lost host
-  leaves the others blocked in a collective forever). `beat()` after every step; 0 or one process = off."""
+  """Exits with one clear line when no step finishes for `timeout_s` seconds in a multi-process run: a process
+  that is alive but stuck holds the others in a collective forever (a dead one is noticed sooner, see above).
+  `beat()` after every step; it also covers the final checkpoint wait; 0 or one process = off."""
 
   def __init__(self, timeout_s: float):
     self.timeout_s, self.last = timeout_s, time.monotonic()
@@ -98,7 +168,147 @@ class Watchdog:
     while not self._stop.wait(min(5.0, self.timeout_s / 4)):
       idle = time.monotonic() - self.last
       if idle > self.timeout_s:
-        print(f"tinyjax: error: process {jax.process_index()} of {jax.process_count()}: no training step finished "
-              f"for {idle:.0f}s (config.distributed.step_timeout_s={self.timeout_s:g}); another process or host is "
-              "probably gone; exiting (rerun to resume from the last checkpoint)", file=sys.stderr, flush=True)
-        os._exit(EXIT_LOST_HOST)
+        leave_lost_host(f"no training step or checkpoint wait finished for {idle:.0f}s "
+                        f"(config.distributed.step_timeout_s={self.timeout_s:g})")
+
+
+# ---- The supervisor: JAX aborts the process when its coordination service reports a lost peer ----
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# JAX logs a lost peer and aborts within milliseconds (measured 0.2 s); native log lines are held back this long so
+# that the abort's ~80 lines can be replaced by one. Lines of a trainer that keeps running are printed after it.
+HOLD_S = 10.0
+_NATIVE_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]|\*\*\* |Fatal Python error|"
+                          rb"terminate called)")
+_JAX_ABORT = ("JAX distributed service detected fatal errors", "heartbeat", "unhealthy", "coordination service")
+
+
+def supervise(index: int | None, count: int | None) -> None:
+  """Forks. The child returns (it is the trainer); this process relays the child's stderr and the signals it
+  receives, exits with the child's code, and turns an abort of JAX's for a lost peer into the one line and exit 4.
+  A child whose supervisor is killed is killed too (the launcher's view of the process is the supervisor)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  read_fd, write_fd = os.pipe()
+  parent, pid = os.getpid(), os.fork()
+  if pid == 0:
+    os.close(read_fd)
+    _die_with(parent)
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor alone, which forwards it once
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    return
+  os.close(write_fd)
+  for s in FORWARDED_SIGNALS:
+    signal.signal(s, lambda signum, frame: _forward(pid, signum))
+  relay = _Relay(read_fd)
+  _exit_as(os.waitstatus_to_exitcode(relay.run(pid)), relay, index, count)
+
+
+def _die_with(parent: int) -> None:
+  """Linux: the kernel SIGKILLs this process when `parent` dies (a killed host takes its trainer with it)."""
+  try:
+    import ctypes  # noqa: PLC0415
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+  except OSError:  # not glibc Linux: the child outlives a killed supervisor
+    return
+  if os.getppid() != parent:  # the parent died before prctl took effect
+    os._exit(128 + signal.SIGKILL)
+
+
+def _forward(pid: int, signum: int) -> None:
+  try:
+    os.kill(pid, signum)
+  except ProcessLookupError:
+    pass
+
+
+def _write(data: bytes) -> None:
+  try:
+    os.write(2, data)
+  except OSError:  # our stderr is gone (a closed pipe): keep supervising, the exit code still tells
+    pass
+
+
+class _Relay:
+  """Copies the trainer's stderr to ours line by line, holding native log lines (and what follows them) back for
+  HOLD_S seconds so that JAX's abort for a lost peer can be replaced by one line."""
+
+  def __init__(self, fd: int):
+    self.fd, self.partial, self.held, self.until = fd, b"", [], None
+
+  def run(self, pid: int) -> int:
+    """Relays until the child has exited and its stderr is drained (1 s at most); returns its wait status."""
+    status, eof, drain_until = None, False, None
+    while status is None or not (eof or time.monotonic() >= drain_until):
+      if status is None:
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
+          status, drain_until = wait_status, time.monotonic() + 1.0
+      if status is None and self.until is not None and time.monotonic() >= self.until:
+        self.release()
+      if eof:
+        time.sleep(0.1)
+      elif select.select([self.fd], [], [], 0.1)[0]:
+        chunk = os.read(self.fd, 1 << 16)
+        eof = not chunk
+        self.feed(chunk)
+    return status
+
+  def feed(self, chunk: bytes) -> None:
+    *lines, self.partial = (self.partial + chunk).split(b"\n")
+    for line in lines:
+      if self.held or _NATIVE_LINE.match(line):
+        self.held.append(line + b"\n")
+        self.until = self.until or time.monotonic() + HOLD_S
+      else:
+        _write(line + b"\n")
+
+  def release(self) -> None:
+    _write(b"".join(self.held) + self.partial)
+    self.held, self.partial, self.until = [], b"", None
+
+  def text(self) -> str:
+    return b"".join(self.held + [self.partial]).decode(errors="replace")
+
+
+def _exit_as(code: int, relay: _Relay, index: int | None, count: int | None) -> None:
+  """Leaves with the child's exit code (or dies of its signal); a lost peer is exit 4 and one line."""
+  held = relay.text()
+  lost = code == faults.EXIT_LOST_HOST or (code == -signal.SIGABRT and any(m in held for m in _JAX_ABORT))
+  if not lost:
+    relay.release()
+    if code < 0:  # die of the same signal, as the child did
+      signal.signal(-code, signal.SIG_DFL)
+      os.kill(os.getpid(), -code)
+    os._exit(code if code >= 0 else 128 - code)
+  ours = [line for line in held.splitlines() if line.startswith("tinyjax:")]
+  report = _save_report(held) if held.strip() else None
+  if not ours and code != faults.EXIT_LOST_HOST:  # JAX aborted before the trainer could say anything
+    saved = f" (JAX's report: {report})" if report else ""
+    ours = [lost_host_line(index, count, _abort_evidence(held, index) + saved)]
+  _write("".join(f"{line}\n" for line in ours).encode())
+  os._exit(faults.EXIT_LOST_HOST)
+
+
+def _abort_evidence(text: str, index: int | None) -> str:
+  """What JAX's coordination service said, in a few words."""
+  if index != 0 and re.search(r"Socket closed|Connection reset by peer|Connection refused|[Ff]ailed to connect", text):
+    return "the coordinator (process 0) stopped answering JAX's coordination service"
+  tasks = re.search(r"unhealthy \(stopped sending heartbeats\):\s*([\d, \n]+)", text) or \
+      re.search(r"Task (\d+) heartbeat timeout", text)
+  if tasks:
+    ids = tasks.group(1).split()
+    return f"process{'es' * (len(ids) > 1)} {', '.join(ids)} stopped sending heartbeats to JAX's coordination service"
+  return "JAX's coordination service reported a failed process and aborted the trainer"
+
+
+def _save_report(text: str) -> str | None:
+  """Keeps what JAX printed when it aborted (nothing is lost, the console gets one line); returns the path."""
+  try:
+    fd, path = tempfile.mkstemp(prefix="tinyjax-lost-host-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    return path
+  except OSError:
+    return None

@@ -9,6 +9,7 @@ import signal
 import sys
 
 EXIT_DIVERGED = 3  # a non-finite loss or gradient norm stopped the run (nothing non-finite was saved)
+EXIT_LOST_HOST = 4  # another process of a multi-process run (or its host) is gone: rerun to resume (distributed.py)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT, checkpoint written, rerun the same command to resume
 NONFINITE = ((1, "loss"), (2, "grad_norm"), (4, "parameters or optimizer state after the update"))  # bits of TrainState.bad_what
 

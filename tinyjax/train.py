@@ -333,8 +333,12 @@ def _train(cfg, wd, env_record: dict) -> dict:
   except (faults.Preempted, faults.Diverged, faults.DiskFull) as e:
     status = "disk_full" if isinstance(e, faults.DiskFull) else type(e).__name__.lower()
     raise
-  finally:
-    watchdog.stop()
+  except Exception as e:  # noqa: BLE001 - only a lost process is handled here; everything else is re-raised
+    if lost := distributed.peer_lost(e):  # the cleanup below would wait for the lost process: leave at once
+      record.finish(workdir, info, "lost_host")
+      distributed.leave_lost_host(f"a collective or checkpoint call failed ({lost})")
+    raise
+  finally:  # the watchdog stays on: the final checkpoint wait below also waits on every process
     dyn_log.flush()
     tracker.close()
     signals.restore()
@@ -346,6 +350,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
       record.finish(workdir, info, status)
       wd.push()
   log.write(total, {"param_sha256": params_sha256(state.params)})
+  watchdog.stop()
   if jax.process_index() == 0:
     results.write_results(workdir)  # Marin-schema speedrun_results.json
   wd.push()
