@@ -30,10 +30,11 @@ def main(argv: list[str]) -> None:
     env_record["backend"] = env.start_backend(cfg.env)  # what is in force, recorded in run_info.json
     import jax
     config.validate(cfg, num_devices=jax.device_count())
-    from tinyjax import plan, sharding, train
+    from tinyjax import audit, plan, sharding, train
     if _DRY_RUN.value:
       mesh = sharding.make_mesh(cfg.mesh)  # the memory plan compiles the step (never runs it)
-      print(json.dumps({**plan.describe(cfg, mesh, env_record), "memory": plan.memory_plan(cfg, mesh)}, indent=2))
+      print(json.dumps({**plan.describe(cfg, mesh, env_record), "memory": plan.memory_plan(cfg, mesh),
+                        "flop_audit": audit.flop_audit(cfg, mesh)}, indent=2))
       return
     if jax.process_index() == 0:
       print(env.summary(env_record), flush=True)
