@@ -61,10 +61,15 @@ def _block(seq_len: int, block: int) -> int:
   return max(b for b in range(1, min(block, seq_len) + 1) if seq_len % b == 0)
 
 
+def batch_shards() -> int:
+  """How many shards the mesh in context (jax.set_mesh) splits the batch into; 1 without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty or DATA_AXIS not in mesh.axis_names else mesh.shape[DATA_AXIS]
+
+
 def _per_shard(kernel, *args):
   """Pallas kernels are opaque to GSPMD: run them per batch shard (shard_map) when a mesh splits the batch."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or DATA_AXIS not in mesh.axis_names or mesh.shape[DATA_AXIS] == 1:
+  if batch_shards() == 1:
     return kernel(*args)
   spec = P(DATA_AXIS)
   return jax.shard_map(kernel, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)(*args)

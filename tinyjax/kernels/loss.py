@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from tinyjax.kernels import attention
+
 IMPLEMENTATIONS = ("fused", "blockwise")
 TOP_K = 5  # eval top-k accuracy
-DATA_AXIS = "data"  # the mesh axis the batch is split over (sharding.DATA)
 
 
 def _stats(logits_NV, targets_N):
@@ -120,15 +121,14 @@ def _loss_and_grads(x_BLD, head_DV, targets_BL, weights_BL, z_weight: float, blo
   """Per batch shard when a mesh splits the batch (shard_map: every device blocks its own tokens, and the sums and
   the lm_head gradient are all-reduced once, after its scan), else on the whole arrays."""
   local = functools.partial(_local_loss_and_grads, z_weight=z_weight, block=block, dtype=dtype)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or DATA_AXIS not in mesh.axis_names or mesh.shape[DATA_AXIS] == 1:
+  if attention.batch_shards() == 1:
     return local(x_BLD, head_DV, targets_BL, weights_BL)
 
   def shard(*args):
     sums, dx_BLD, dhead_DV = local(*args)
-    sums, dhead_DV = jax.lax.psum((sums, dhead_DV), DATA_AXIS)
+    sums, dhead_DV = jax.lax.psum((sums, dhead_DV), attention.DATA_AXIS)
     return sums, dx_BLD, dhead_DV
-  rows = P(DATA_AXIS)
+  rows = P(attention.DATA_AXIS)
   return jax.shard_map(shard, in_specs=(rows, P(), rows, rows), out_specs=((P(), P()), rows, P()),
                        check_vma=False)(x_BLD, head_DV, targets_BL, weights_BL)
 
