@@ -4,7 +4,10 @@ import json
 import os
 import types
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from tinyjax import audit, config, flops, sharding
 from tinyjax.model import ModelConfig
@@ -106,3 +109,14 @@ def test_audit_counts_the_causal_blocks_of_the_blockwise_attention():
   pair = 2 * 4 * 4 * 32 * 32 * 8  # B 4, H 4, a 32 x 32 block, head_dim 8: one matmul of one pair
   per_layer = 7 * 10 * pair + 2 * 4 * 128 * 4 * 8 - 6 * 16 * pair
   assert blockwise["executed_flops_per_step"] - reference["executed_flops_per_step"] == 2 * per_layer
+
+
+def test_audit_counts_scan_and_shard_map_bodies_per_iteration_and_device():
+  """A scan body counts once per iteration, a shard_map body once per device: both sum to the unsplit matmul."""
+  a, b = jax.ShapeDtypeStruct((64, 32), jnp.float32), jax.ShapeDtypeStruct((32, 16), jnp.float32)
+  whole = 2 * 64 * 32 * 16
+  mesh = sharding.make_mesh(types.SimpleNamespace(data=8))
+  per_shard = jax.shard_map(lambda a, b: a @ b, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
+  assert audit.jaxpr_flops(jax.make_jaxpr(per_shard)(a, b)) == whole
+  scanned = lambda a, b: jax.lax.scan(lambda c, a_rows: (c, a_rows @ b), None, a.reshape(4, 16, 32))[1]
+  assert audit.jaxpr_flops(jax.make_jaxpr(scanned)(a, b)) == whole

@@ -11,7 +11,8 @@ guard, no logged norms.
 loss: a head-dominated shape, c4_50m's model (llama_50m, vocab 128,256: the lm_head is 88% of its FLOPs) at
 LOSS_BATCH x 1024 tokens, bf16 compute, Muon: the train step with model.loss_impl=fused against =blockwise (the
 rematerialised scan), rounds interleaved (the order alternates), --loss_steps steps per round; medians of the
-seconds per step and their ratio, with each step's compiled memory.
+seconds per step and their ratio, each round's ratio (its two runs are neighbours in time, so drifting load cancels
+better) and their median, and each step's compiled memory.
 Both suites print the FLOP audit (tinyjax/audit.py) of the tinyjax steps they time.
 """
 from __future__ import annotations
@@ -167,7 +168,9 @@ def loss(rounds: int, steps: int) -> dict:
       s, states[impl] = _time(runs[impl][0], states[impl], tokens, steps)
       seconds[impl].append(s)
   med = {impl: statistics.median(v) for impl, v in seconds.items()}
+  paired = [b / f for f, b in zip(seconds["fused"], seconds["blockwise"])]  # each round's two runs are neighbours
   return {"seconds_per_step": seconds, "median": med, "blockwise_over_fused": med["blockwise"] / med["fused"],
+          "blockwise_over_fused_per_round": paired, "median_of_round_ratios": statistics.median(paired),
           "shape": {"model": "llama_50m", "batch": LOSS_BATCH, "seq_len": cfgs["fused"].model.seq_len},
           "compiled_gib": {impl: runs[impl][2].get("compiled_gib") for impl in impls},
           "flop_audit": {impl: audit_of(cfgs[impl]) for impl in impls}}
