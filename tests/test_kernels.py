@@ -1,5 +1,6 @@
-"""Every attention implementation and the blockwise loss equal their references (forward and gradients), memory
-grows linearly in seq_len with no [B, L, V] buffer, and the train step exports for TPU and CUDA with its kernels."""
+"""Every attention implementation and both losses equal their references (forward and gradients), the blockwise
+attention computes only the causal blocks, the fused loss runs per shard under a mesh, memory grows linearly in
+seq_len with no [B, L, V] buffer, and the train step exports for TPU and CUDA with its kernels."""
 import contextlib
 import dataclasses
 import functools
