@@ -15,13 +15,14 @@ def run_main(*args):
                         text=True, timeout=120)
 
 
-@pytest.mark.parametrize("name,model_size,steps,tokens,model_flops", [
-    ("c4_30m", 33_784_960, 4_577, 599_916_544, None),
-    ("c4_50m", 50_874_048, 7_629, 999_948_288, 1.6698528441040896e17),  # Marin llama_50m_muon_1x
-    ("c4_75m", 73_273_600, 11_444, 1_499_987_968, None),
-    ("c4_130m", 154_147_328, 4_959, 2_599_944_192, 1.777337490915459e18),  # Marin muon_llama_scaling/130m
+# max_executed: issue 18's targets for the FLOP audit's executed / model matmul FLOPs (optimizer excluded).
+@pytest.mark.parametrize("name,model_size,steps,tokens,model_flops,max_executed", [
+    ("c4_30m", 33_784_960, 4_577, 599_916_544, None, 1.02),
+    ("c4_50m", 50_874_048, 7_629, 999_948_288, 1.6698528441040896e17, 1.01),  # Marin llama_50m_muon_1x
+    ("c4_75m", 73_273_600, 11_444, 1_499_987_968, None, 1.02),
+    ("c4_130m", 154_147_328, 4_959, 2_599_944_192, 1.777337490915459e18, 0.95),  # Marin muon_llama_scaling/130m
 ])
-def test_dry_run_reproduces_marin(name, model_size, steps, tokens, model_flops):
+def test_dry_run_reproduces_marin(name, model_size, steps, tokens, model_flops, max_executed):
   r = run_main(f"--config=configs/{name}.py", "--dry_run")
   assert r.returncode == 0, r.stderr
   plan = json.loads(r.stdout)
@@ -34,6 +35,9 @@ def test_dry_run_reproduces_marin(name, model_size, steps, tokens, model_flops):
   assert "lm_head/kernel" in groups["adam"] and "embed_tokens/embedding" in groups["adam"]
   assert all(p.endswith("kernel") and "lm_head" not in p for p in groups["muon"])
   assert {"mesh", "env", "non_embedding_params", "flops_per_token", "tokens_per_step"} <= plan.keys()
+  audit = plan["flop_audit"]
+  assert audit["model_flops_per_step"] == pytest.approx(3 * plan["flops_per_token"] * plan["tokens_per_step"])
+  assert audit["executed_over_model"] <= max_executed, audit
 
 
 @pytest.mark.parametrize("args,message", [

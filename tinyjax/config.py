@@ -21,8 +21,10 @@ COEFFICIENT_TYPES = ("simple", "quintic", "polar_express", "aol")  # Levanter op
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "block")
 ATTENTION = ("auto", "reference", "blockwise", "splash", "pallas_gpu")  # = kernels.attention.IMPLEMENTATIONS
+LOSS_IMPL = ("fused", "blockwise")  # = kernels.loss.IMPLEMENTATIONS
 # model keys that change how the model is computed, not what it is: a run may resume with other values.
-EXECUTION_ONLY_MODEL_KEYS = ("remat", "attention", "attention_block", "loss_block_size", "init_from")
+EXECUTION_ONLY_MODEL_KEYS = ("remat", "attention", "attention_block", "loss_block_size", "loss_impl",
+                             "init_from")
 
 
 # Marin experiments/llama.py shapes: (hidden_dim, intermediate_dim, num_layers, num_heads, num_kv_heads, seq_len).
@@ -79,6 +81,9 @@ def base() -> mlc.ConfigDict:
   m.attention = "auto"  # "auto" | "reference" | "blockwise" | "splash" (TPU) | "pallas_gpu"; auto picks per platform
   m.attention_block = 512  # key-block length of the blockwise attention (memory O(seq_len x block) per head)
   m.loss_block_size = 2048  # tokens per lm_head + loss block (no [B, L, V] logits); 0 = unblocked (tests)
+  # "fused": the lm_head's gradients formed blockwise in the forward pass (3 lm_head matmuls, as Marin credits);
+  # "blockwise": a rematerialised scan that recomputes each block's logits in the backward (4; Levanter's blocking)
+  m.loss_impl = "fused"
   m.init_from = ""  # "" = fresh init; else a HF Llama dir (export.load_hf) whose weights start a fresh run
 
   c.optimizer = o = mlc.ConfigDict()
@@ -252,6 +257,7 @@ def validate(cfg, num_devices: int | None = None) -> None:
            f"splash needs model.seq_len to be a multiple of 128 (the TPU's lane width; it is {m.seq_len})", m.attention)
   _require(m.attention_block > 0, "model.attention_block", "must be a positive integer", m.attention_block)
   _require(m.loss_block_size >= 0, "model.loss_block_size", "must be >= 0 (0 = unblocked)", m.loss_block_size)
+  _require(m.loss_impl in LOSS_IMPL, "model.loss_impl", f"allowed: {', '.join(LOSS_IMPL)}", m.loss_impl)
 
   _require(o.name in OPTIMIZERS, "optimizer.name", f"allowed: {', '.join(OPTIMIZERS)}", o.name)
   _require(o.lr_schedule in SCHEDULES, "optimizer.lr_schedule", f"allowed: {', '.join(SCHEDULES)}", o.lr_schedule)

@@ -36,6 +36,7 @@ class ModelConfig:
   attention: str = "auto"  # kernels/attention.py IMPLEMENTATIONS; resolved per platform at trace time
   attention_block: int = 512  # key block of the blockwise attention
   loss_block_size: int = 2048  # tokens per lm_head/loss block (kernels/loss.py); 0 = unblocked reference
+  loss_impl: str = "fused"  # kernels/loss.py IMPLEMENTATIONS: the training loss's lm_head + loss (same math)
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
@@ -183,14 +184,15 @@ class Transformer(nn.Module):
   """tokens int32[B, L] -> logits float32[B, L, V]; attention never crosses an EOS document boundary.
 
   With targets_BL, returns the per-token loss statistics of kernels/loss.py instead ({nll, logz, correct, top5},
-  float32[B, L] each), computed blockwise so that no [B, L, V] array exists.
+  float32[B, L] each), computed blockwise so that no [B, L, V] array exists. With features=True, returns the final
+  hidden states x[B, L, D] (compute dtype) and the lm_head [D, V] (param dtype): the fused loss's inputs.
   """
   cfg: ModelConfig
   eos_id: int
   dynamics: bool = False  # sow activations and attention-logit statistics (the dynamics step's forward pass)
 
   @nn.compact
-  def __call__(self, tokens_BL, targets_BL=None):
+  def __call__(self, tokens_BL, targets_BL=None, features: bool = False):
     c = self.cfg
     V, D = c.vocab_size, c.hidden_dim
     key = self.make_rng("params") if self.is_initializing() else None
@@ -204,6 +206,8 @@ class Transformer(nn.Module):
       x_BLD = block(c, self.dynamics, name=f"layers_{i}")(x_BLD, seg_BL)
     x_BLD = RMSNorm(c.layer_norm_epsilon, c.compute_dtype, c.param_dtype, name="norm")(x_BLD)
     head_DV = embedding_VD.T if c.tie_word_embeddings else table("lm_head", "kernel", D ** -0.5, True)
+    if features:
+      return x_BLD, head_DV
     head_DV = head_DV.astype(c.compute_dtype)
     if targets_BL is None:
       return jnp.dot(x_BLD, head_DV).astype(jnp.float32)
@@ -222,3 +226,21 @@ def token_stats(model: Transformer, params, tokens_BL):
   """({nll, logz, correct, top5} float32[B, L], targets_BL, mask_BL) of next-token prediction on a window batch."""
   targets_BL, mask_BL = targets_and_mask(tokens_BL)
   return model.apply({"params": params}, tokens_BL, targets_BL), targets_BL, mask_BL
+
+
+def next_token_loss(model: Transformer, params, tokens_BL, z_loss_weight: float):
+  """(mean NLL + z_loss_weight x mean logsumexp^2, mean NLL) over the loss positions: the training objective.
+
+  model.loss_impl "fused": kernels/loss.fused_loss (the lm_head's gradients formed in the forward pass); "blockwise"
+  or loss_block_size 0: the per-token statistics, differentiated by JAX (a rematerialised scan, or unblocked)."""
+  c = model.cfg
+  targets_BL, mask_BL = targets_and_mask(tokens_BL)
+  n = mask_BL.sum()
+  if c.loss_impl == "fused" and c.loss_block_size:
+    x_BLD, head_DV = model.apply({"params": params}, tokens_BL, features=True)
+    total, nll = loss.fused_loss(x_BLD, head_DV, targets_BL, mask_BL, z_loss_weight, c.loss_block_size,
+                                 c.compute_dtype)
+    return total / n, nll / n
+  stats = model.apply({"params": params}, tokens_BL, targets_BL)
+  nll = (stats["nll"] * mask_BL).sum() / n
+  return nll + z_loss_weight * (stats["logz"] ** 2 * mask_BL).sum() / n, nll

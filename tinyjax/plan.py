@@ -120,4 +120,5 @@ def dry_run(cfg, mesh, env_record: dict, dry: bool, target_names: str) -> dict:
     memory_block = {"targets": aot.plans(cfg, chosen, proxy=lambda t: proxy_plan(cfg, mesh, t))}
   else:
     memory_block = memory_plan(cfg, mesh)
-  return {**describe(cfg, mesh, env_record), "memory": memory_block}
+  from tinyjax import audit  # noqa: PLC0415
+  return {**describe(cfg, mesh, env_record), "memory": memory_block, "flop_audit": audit.flop_audit(cfg, mesh)}

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tinyjax import (checkpoint, config, data, distributed, dynamics, evaluate, faults, memory, metrics, optim, plan,
                      record, results, sharding, tracking)
 from tinyjax import workdir as workdirs
-from tinyjax.model import ModelConfig, Transformer, token_stats
+from tinyjax.model import ModelConfig, Transformer, next_token_loss
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -38,13 +38,8 @@ def init_state(model: Transformer, tx: optax.GradientTransformation, seed: int) 
 
 
 def loss_fn(model: Transformer, z_loss_weight: float):
-  """params, tokens[B, L] -> (loss incl. z-loss, (mean NLL in nats/token))."""
-  def fn(params, tokens_BL):
-    stats, _, mask_BL = token_stats(model, params, tokens_BL)  # blockwise: no [B, L, V] logits
-    n = mask_BL.sum()
-    loss = (stats["nll"] * mask_BL).sum() / n
-    return loss + z_loss_weight * (stats["logz"] ** 2 * mask_BL).sum() / n, loss
-  return fn
+  """params, tokens[B, L] -> (loss incl. z-loss, (mean NLL in nats/token)); blockwise: no [B, L, V] logits."""
+  return lambda params, tokens_BL: next_token_loss(model, params, tokens_BL, z_loss_weight)
 
 
 def _all_finite(tree) -> jax.Array:

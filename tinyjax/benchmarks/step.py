@@ -1,30 +1,39 @@
-"""tinyjax's real train step against a bare jax.jit + optax.adamw Llama of the same shape, in one process.
+"""Train-step speed in one process: tinyjax against a bare JAX peer, and the fused loss against the blockwise one.
 
-python -m tinyjax.benchmarks.step [--rounds 3] [--steps 10]
+python -m tinyjax.benchmarks.step [--suite peers|loss|all] [--rounds 3] [--steps 10]
 
-The peers' tiny shape: vocab 8192, d 256, 4 layers, 4 heads, seq 256, batch 8, fp32, AdamW lr 1e-3, b1 0.9,
-b2 0.95, eps 1e-8, wd 0.1, no clipping. Rounds alternate tinyjax / bare so that machine load hits both alike; the
-report is the median tokens/s of each and their ratio (target >= 1.0). Both steps donate their state and feed the
-same random batch. The bare model is written out here (~60 lines) as the peers wrote theirs: no document masking,
-no non-finite guard, no logged norms.
+peers (default): the peers' tiny shape (vocab 8192, d 256, 4 layers, 4 heads, seq 256, batch 8, fp32, AdamW lr 1e-3,
+b1 0.9, b2 0.95, eps 1e-8, wd 0.1, no clipping), tinyjax's real train step against a bare jax.jit + optax.adamw
+Llama of the same shape. Rounds alternate tinyjax / bare so that machine load hits both alike; the report is the
+median tokens/s of each and their ratio (target >= 1.0). Both steps donate their state and feed the same random
+batch. The bare model is written out here (~60 lines) as the peers wrote theirs: no document masking, no non-finite
+guard, no logged norms.
+loss: a head-dominated shape, c4_50m's model (llama_50m, vocab 128,256: the lm_head is 88% of its FLOPs) at
+LOSS_BATCH x 1024 tokens, bf16 compute, Muon: the train step with model.loss_impl=fused against =blockwise (the
+rematerialised scan), rounds interleaved (the order alternates), --loss_steps steps per round; medians of the
+seconds per step and their ratio, each round's ratio (its two runs are neighbours in time, so drifting load cancels
+better) and their median, and each step's compiled memory.
+Both suites print the FLOP audit (tinyjax/audit.py) of the tinyjax steps they time.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from tinyjax import config, optim, sharding, train
+from tinyjax import audit, config, optim, sharding, train
 from tinyjax.model import ModelConfig, Transformer
 
 V, D, LAYERS, HEADS, F, L, B = 8192, 256, 4, 4, 768, 256, 8
+LOSS_BATCH = 4  # rows of 1024 tokens in the loss suite: c4_50m's model at a small per-device batch
+ONE_DEVICE = types.SimpleNamespace(data=1)  # a mesh config: one device
 
 
 def tinyjax_config():
@@ -40,16 +49,28 @@ def tinyjax_config():
   return cfg
 
 
-def tinyjax_step():
-  """(step, state) exactly as train.run builds them (one device)."""
-  cfg = tinyjax_config()
+def loss_config(loss_impl: str):
+  """c4_50m's model and optimizer family (llama_50m, Muon, bf16 compute) at LOSS_BATCH rows: a head-dominated step."""
+  cfg = config.base()
+  config.marin_model(cfg, "llama_50m")
+  cfg.model.loss_impl = loss_impl
+  cfg.train.train_batch_size, cfg.train.num_train_steps = LOSS_BATCH, 1000
+  return cfg
+
+
+def tinyjax_step(cfg=None):
+  """(step, state, compiled plan info) exactly as train.run builds them (one device)."""
+  cfg = cfg or tinyjax_config()
   model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
   tx = optim.make(cfg, cfg.train.num_train_steps)
   init = lambda: train.init_state(model, tx, 0)
-  mesh = sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1))
-  state_sh = sharding.state_shardings(jax.eval_shape(init), mesh, False)
-  step, _ = train.compile_step(cfg, model, tx, 1000, jax.eval_shape(init), state_sh, sharding.batch_sharding(mesh))
-  return step, jax.jit(init, out_shardings=state_sh)()
+  step, info = train.compile_step(cfg, model, tx, cfg.train.num_train_steps, jax.eval_shape(init), *_shardings(init))
+  return step, jax.jit(init, out_shardings=_shardings(init)[0])(), info
+
+
+def _shardings(init):
+  mesh = sharding.make_mesh(ONE_DEVICE)
+  return sharding.state_shardings(jax.eval_shape(init), mesh, False), sharding.batch_sharding(mesh)
 
 
 # ---- the bare reference ---------------------------------------------------------------------------------------
@@ -104,32 +125,70 @@ def bare_step():
 
 
 def _time(step, state, tokens, steps: int) -> tuple[float, object]:
+  """(seconds per step over `steps` steps after one warm step, the state)."""
   state, out = step(state, tokens)  # warm (compiles on the first round)
   jax.block_until_ready(out)
   t = time.perf_counter()
   for _ in range(steps):
     state, out = step(state, tokens)
   jax.block_until_ready((state, out))
-  return B * L * steps / (time.perf_counter() - t), state
+  return (time.perf_counter() - t) / steps, state
+
+
+def audit_of(cfg) -> dict:
+  return audit.flop_audit(cfg, sharding.make_mesh(ONE_DEVICE))
+
+
+def peers(rounds: int, steps: int) -> dict:
+  tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V, jnp.int32)
+  (tj, tj_state, _), (bare, bare_state) = tinyjax_step(), bare_step()
+  rates = {"tinyjax": [], "bare": []}
+  for _ in range(rounds):
+    seconds, tj_state = _time(tj, tj_state, tokens, steps)
+    rates["tinyjax"].append(B * L / seconds)
+    seconds, bare_state = _time(bare, bare_state, tokens, steps)
+    rates["bare"].append(B * L / seconds)
+  med = {k: statistics.median(v) for k, v in rates.items()}
+  shape = dict(V=V, D=D, layers=LAYERS, heads=HEADS, F=F, L=L, B=B)
+  return {"tokens_per_second": rates, "median": med, "ratio": med["tinyjax"] / med["bare"], "shape": shape,
+          "flop_audit": audit_of(tinyjax_config())}
+
+
+def loss(rounds: int, steps: int) -> dict:
+  """Seconds per step of the fused and the blockwise loss on the head-dominated shape, rounds interleaved."""
+  impls = ("fused", "blockwise")
+  cfgs = {impl: loss_config(impl) for impl in impls}
+  runs = {impl: tinyjax_step(cfgs[impl]) for impl in impls}
+  states = {impl: runs[impl][1] for impl in impls}
+  tokens = jax.random.randint(jax.random.key(1), (LOSS_BATCH, cfgs["fused"].model.seq_len), 0,
+                              cfgs["fused"].model.vocab_size, jnp.int32)
+  seconds = {impl: [] for impl in impls}
+  for r in range(rounds):
+    for impl in impls if r % 2 == 0 else impls[::-1]:  # alternate the order: drifting load hits both alike
+      s, states[impl] = _time(runs[impl][0], states[impl], tokens, steps)
+      seconds[impl].append(s)
+  med = {impl: statistics.median(v) for impl, v in seconds.items()}
+  paired = [b / f for f, b in zip(seconds["fused"], seconds["blockwise"])]  # each round's two runs are neighbours
+  return {"seconds_per_step": seconds, "median": med, "blockwise_over_fused": med["blockwise"] / med["fused"],
+          "blockwise_over_fused_per_round": paired, "median_of_round_ratios": statistics.median(paired),
+          "shape": {"model": "llama_50m", "batch": LOSS_BATCH, "seq_len": cfgs["fused"].model.seq_len},
+          "compiled_gib": {impl: runs[impl][2].get("compiled_gib") for impl in impls},
+          "flop_audit": {impl: audit_of(cfgs[impl]) for impl in impls}}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--suite", choices=("peers", "loss", "all"), default="peers")
   parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per round (peers)")
+  parser.add_argument("--loss_steps", type=int, default=2, help="timed steps per round (loss; ~10 s each on CPU)")
   args = parser.parse_args()
-  tokens = jax.random.randint(jax.random.key(1), (B, L), 0, V, jnp.int32)
-  (tj, tj_state), (bare, bare_state) = tinyjax_step(), bare_step()
-  rates = {"tinyjax": [], "bare": []}
-  for _ in range(args.rounds):
-    rate, tj_state = _time(tj, tj_state, tokens, args.steps)
-    rates["tinyjax"].append(rate)
-    rate, bare_state = _time(bare, bare_state, tokens, args.steps)
-    rates["bare"].append(rate)
-  med = {k: statistics.median(v) for k, v in rates.items()}
-  shape = dict(V=V, D=D, layers=LAYERS, heads=HEADS, F=F, L=L, B=B)
-  print(json.dumps({"tokens_per_second": rates, "median": med, "ratio": med["tinyjax"] / med["bare"], "shape": shape,
-                    "backend": jax.default_backend()}, indent=2))
+  out = {"backend": jax.default_backend()}
+  if args.suite in ("peers", "all"):
+    out["peers"] = peers(args.rounds, args.steps)
+  if args.suite in ("loss", "all"):
+    out["loss"] = loss(args.rounds, args.loss_steps)
+  print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

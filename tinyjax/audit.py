@@ -1,0 +1,109 @@
+"""The FLOP audit: the matmul FLOPs one train step executes, counted in its jaxpr, against the FLOPs Marin credits.
+
+Counting rule: every dot_general is 2·M·N·K (batch dimensions included); a scan body counts times its length, a
+cond as its largest branch, a shard_map body once per device; rematerialised (jax.checkpoint) and custom-VJP bodies
+count as traced, so a recompute counts again. Nothing is compiled: this is the work the program asks for. The
+optimizer (Muon's Newton-Schulz matmuls) is traced and counted on its own and kept out of the ratio. Marin credits
+3 x forward FLOPs per token x tokens (flops.model_flops), so executed / model > 1 is repeated work (a recompute)
+and < 1 is work the formula credits but the step skips (the future half of a causal attention map); a device that
+ran every matmul at peak and nothing else would reach an MFU of model / executed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+
+from tinyjax import config, flops, optim, sharding
+from tinyjax.model import ModelConfig, Transformer
+
+PALLAS_ATTENTION = ("splash", "pallas_gpu")  # opaque custom calls: counted as blockwise, which skips the same blocks
+
+
+def dot_flops(eqn) -> int:
+  """2 x (output elements) x (contracted elements) of one dot_general."""
+  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+  lhs_shape = eqn.invars[0].aval.shape
+  return 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+
+
+def _sub_jaxprs(value):
+  """The jaxprs held by one eqn parameter (a jaxpr, a closed jaxpr, or a tuple of them)."""
+  if isinstance(value, jex_core.ClosedJaxpr):
+    return [value.jaxpr]
+  if isinstance(value, jex_core.Jaxpr):
+    return [value]
+  if isinstance(value, (tuple, list)):
+    return [j for v in value for j in _sub_jaxprs(v)]
+  return []
+
+
+def jaxpr_flops(jaxpr) -> int:
+  """Matmul FLOPs of a (closed) jaxpr by the module's counting rule; a while loop (unknown trip count) is refused."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      total += dot_flops(eqn)
+    elif name == "scan":
+      total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"])
+    elif name == "cond":
+      total += max(jaxpr_flops(b) for b in eqn.params["branches"])
+    elif name == "while":
+      if jaxpr_flops(eqn.params["body_jaxpr"]) or jaxpr_flops(eqn.params["cond_jaxpr"]):
+        raise ValueError("a while loop holds matmuls: its trip count is unknown to the audit")
+    elif name == "shard_map":
+      mesh = eqn.params["mesh"]
+      devices = math.prod(mesh.shape[a] for a in eqn.params["newly_manual_axes"])
+      total += devices * jaxpr_flops(eqn.params["jaxpr"])
+    else:  # pjit, checkpoint (remat), custom_jvp_call, custom_vjp_call, closed_call, ...: their bodies as traced
+      total += sum(jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v))
+  return total
+
+
+def counted_model(model_cfg: ModelConfig, platform: str) -> ModelConfig:
+  """The model the audit traces: the Pallas attention kernels are opaque custom calls, so they are counted as the
+  blockwise attention, which skips the same fully masked causal blocks (attention.py)."""
+  if model_cfg.attention_impl(platform) in PALLAS_ATTENTION:
+    return dataclasses.replace(model_cfg, attention="blockwise")
+  return model_cfg
+
+
+def flop_audit(cfg, mesh) -> dict:
+  """The audit of one train step of cfg, traced for one of its data-parallel devices (train.plan_num_devices, else
+  the mesh's data axis: that device's share of the batch, in train.grad_accum_steps microbatches, 0 = auto counted
+  as 1) and scaled to the whole step; the --dry_run JSON's "flop_audit"."""
+  from tinyjax import train  # noqa: PLC0415 (train imports the planning modules)
+  data_size = cfg.train.plan_num_devices or mesh.shape[sharding.DATA]
+  platform = mesh.devices.flat[0].platform
+  model_cfg = counted_model(ModelConfig.from_config(cfg.model), platform)
+  model = Transformer(model_cfg, eos_id=0)
+  per_device = cfg.train.train_batch_size // data_size
+  accum = max(cfg.train.grad_accum_steps, 1)
+  steps = config.num_train_steps(cfg, flops.param_counts(model_cfg)["model_size"])
+  tx = optim.make(cfg, steps)
+  shapes = jax.eval_shape(lambda: train.init_state(model, tx, cfg.seed))
+  one = sharding.make_mesh(types.SimpleNamespace(data=1))  # one device's share, traced (never compiled)
+  state_sh, batch_sh = sharding.state_shardings(shapes, one, False), sharding.batch_sharding(one)
+  step = train.make_train_step(model, tx, cfg, steps, state_sh, batch_sh, accum=accum)
+  tokens = jax.ShapeDtypeStruct((per_device, model_cfg.seq_len), jnp.int32)
+  total = data_size * jaxpr_flops(jax.make_jaxpr(step)(shapes, tokens))
+  optimizer = jaxpr_flops(jax.make_jaxpr(tx.update)(shapes.params, shapes.opt_state, shapes.params))
+  executed = total - data_size * optimizer  # every data-parallel device runs the whole update
+  model_flops = flops.model_flops(model_cfg, cfg.train.train_batch_size * model_cfg.seq_len)
+  return {
+      "attention": model_cfg.attention_impl(platform),
+      "loss_impl": model_cfg.loss_impl if model_cfg.loss_block_size else "unblocked",
+      "per_device_batch": per_device, "data_parallel_devices": data_size, "grad_accum_steps": accum,
+      "executed_flops_per_step": executed,
+      "optimizer_flops_per_step": data_size * optimizer,
+      "model_flops_per_step": model_flops,
+      "executed_over_model": executed / model_flops,
+      "perfect_device_mfu": model_flops / executed,
+      "perfect_device_mfu_with_optimizer": model_flops / (executed + data_size * optimizer),
+  }
