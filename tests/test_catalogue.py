@@ -3,13 +3,13 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from tinyjax import cli, config
+from tinyjax import workdir as workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -162,9 +162,13 @@ def _digest(workdir):
   return out
 
 
+_HELD = []
+
+
 def _hold_lock(w):
-  with open(w / ".tinyjax.lock", "w") as f:  # a live trainer on this host: this test process
-    json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": "now"}, f)
+  lock = workdirs.Lock(str(w), str(w))  # a live trainer on this host: this test process holds the lock
+  lock.acquire()
+  _HELD.append(lock)
 
 
 def _checkpoints_file(w):
@@ -202,6 +206,8 @@ def _damage_case(trained, tmp_path, damage, extra, code, expected):
     damage(w)
   before = _digest(w)
   proc = _main([f"--config={TINY}", *SMALL, *[a.format(tmp=tmp_path) for a in extra], f"--workdir={w}"])
+  while _HELD:
+    _HELD.pop().release()
   _one_line(proc, code, expected)
   assert _digest(w) == before  # checkpoints, metrics, config and records untouched
 

@@ -218,7 +218,7 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
   wd = workdirs.Workdir(workdir, cfg.data.cache_dir)  # gs://...: checkpoints in place, small files mirrored
   _check_writable(wd.local)
   _check_cache_dir(cfg.data.cache_dir)
-  lock = workdirs.Lock(wd.local, wd.path)  # one trainer per workdir (a multi-host run shares process 0's lock)
+  lock = workdirs.Lock(wd.local, wd.path, active=jax.process_index() == 0)  # one trainer per workdir (process 0's)
   lock.acquire()
   try:
     wd.pull()
