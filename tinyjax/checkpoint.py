@@ -173,6 +173,7 @@ class Checkpointer:
     """
     failed = []
     for step in sorted(self._candidate_steps(), reverse=True):
+      faults.stop_point()  # a stop signal never raises inside the try below (it would call this step unreadable)
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if not isinstance(meta, dict) or "config" not in meta:

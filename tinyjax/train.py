@@ -214,21 +214,28 @@ def _check_cache_dir(cache_dir: str) -> None:
 
 
 def run(cfg, workdir: str, env_record: dict) -> dict:
-  """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row."""
-  wd = workdirs.Workdir(workdir, cfg.data.cache_dir)  # gs://...: checkpoints in place, small files mirrored
-  _check_writable(wd.local)
-  _check_cache_dir(cfg.data.cache_dir)
-  lock = workdirs.Lock(wd.local, wd.path, active=jax.process_index() == 0)  # one trainer per workdir (process 0's)
-  lock.acquire()
-  try:
-    wd.pull()
-    return _train(cfg, wd, env_record)
-  finally:
-    lock.release()
+  """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row.
+
+  A SIGTERM/SIGINT/SIGHUP (faults.Signals) before the first step raises faults.StoppedInSetup at the next safe
+  point of the setup; in the loop, the run checkpoints at the next step boundary and raises faults.Preempted."""
+  with faults.handling_signals() as signals:
+    signals.stop_point()
+    wd = workdirs.Workdir(workdir, cfg.data.cache_dir)  # gs://...: checkpoints in place, small files mirrored
+    _check_writable(wd.local)
+    _check_cache_dir(cfg.data.cache_dir)
+    lock = workdirs.Lock(wd.local, wd.path, active=jax.process_index() == 0)  # one trainer per workdir (process 0's)
+    lock.acquire()
+    try:
+      wd.pull()
+      return _train(cfg, wd, env_record, signals)
+    finally:
+      lock.release()
 
 
-def _train(cfg, wd, env_record: dict) -> dict:
+def _train(cfg, wd, env_record: dict, signals: faults.Signals) -> dict:
   workdir = wd.local
+  signals.multiprocess = distributed.is_multiprocess()  # from here on a stop is JAX's preemption notice
+  signals.stop_point()
   mesh = sharding.make_mesh(cfg.mesh)
   # Several processes: process 0 prepares the data first (one build on shared storage; the others then find the
   # finished ledger, or, on per-host local disks, build their own copy after it).
@@ -237,6 +244,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
   ds = data.prepare(cfg)
   if jax.process_index() == 0:
     distributed.barrier("tinyjax-data-ready")
+  signals.stop_point()
   model = Transformer(ModelConfig.from_config(cfg.model), eos_id=ds.eos_id)
   info = plan.describe(cfg, mesh, env_record)
   total = info["num_train_steps"]
@@ -247,6 +255,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
   batch_sh = sharding.batch_sharding(mesh)
   # Before anything is allocated: compile the step (shapes only) and refuse one that cannot fit the device.
   train_step, info["memory"] = compile_step(cfg, model, tx, total, shapes, state_sh, batch_sh)
+  signals.stop_point()
 
   # Resume order: (1) the newest readable checkpoint in workdir/checkpoints restores the state (onto this mesh) and
   # the data position (= its step); an unreadable newest one falls back to the previous; (2) else a fresh init.
@@ -256,6 +265,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
   if not restored and cfg.model.init_from:  # a fresh run may start from a HF Llama checkpoint
     from tinyjax import export  # noqa: PLC0415 - only runs that import weights need it
     state = export.init_from(cfg, state, tx, state_sh)
+  signals.stop_point()
   start = meta["step"]
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)  # process 0 alone talks
   if start:
@@ -293,10 +303,12 @@ def _train(cfg, wd, env_record: dict) -> dict:
     with jax.set_mesh(mesh):
       dyn_step = dyn.lower(*step_inputs(cfg, shapes, state_sh, batch_sh)).compile()
   batches = data.train_batches(ds, cfg, start, jax.process_index(), jax.process_count())
-  signals, status = faults.Signals(distributed.is_multiprocess()), "failed"
+  status = "failed"
   watchdog = distributed.Watchdog(cfg.distributed.step_timeout_s)  # a lost host must not hang the others forever
   gc_policy(cfg.env.gc_policy)
   try:
+    signals.stop_point()  # inside the try: a stop here is recorded in run_info.json ("preempted")
+    signals.phase = "loop"  # a signal from here on: checkpoint at the next step boundary
     for step in range(start + 1, total + 1):  # `step` counts completed updates
       if every and step % every == 0:
         state, out = dyn_step(state, sharding.to_global(next(batches), batch_sh))
@@ -329,7 +341,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
     watchdog.stop()
     dyn_log.flush()
     tracker.close()
-    signals.restore()
+    signals.phase = "done"
     gc_policy("default")
     try:
       if ckpt:
