@@ -29,8 +29,9 @@ def stop(e: Exception, where: str) -> None:
   from tinyjax import config, faults  # noqa: PLC0415 - only the trainer's entry point needs them
   if isinstance(e, config.ConfigError):
     fail(str(e))
-  if isinstance(e, faults.DiskFull):
-    _leave(f"tinyjax: error: {e}", 2)
+  full = faults.in_chain(e, faults.DiskFull)  # e.g. a failed save, then run_info.json's write failing too
+  if full is not None:
+    _leave(f"tinyjax: error: {full}", 2)
   if isinstance(e, faults.StoppedInSetup):  # raised at a safe point: an ordinary exit (build workers joined, ...)
     faults.tell_once(f"tinyjax: {e}")
     sys.exit(faults.EXIT_PREEMPTED)

@@ -43,6 +43,26 @@ def _reason_in_text(text: str) -> str | None:
   return next((reason for marker, reason in _DISK_FULL_TEXT.items() if marker in text), None)
 
 
+def status(exc: BaseException) -> str:
+  """run_info.json's status for a run that stopped with exc."""
+  if isinstance(exc, Preempted):
+    return "preempted"
+  if isinstance(exc, Diverged):
+    return "diverged"
+  return "disk_full" if isinstance(exc, DiskFull) or disk_full_reason(exc) else "failed"
+
+
+def in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
+  """The first exception of type `kind` in exc's chain (itself, its cause or context, ...), or None."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    if isinstance(exc, kind):
+      return exc
+    seen.add(id(exc))
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
 def disk_full_reason(exc: BaseException | None) -> str | None:
   """"No space left on device" (or the quota variant) when exc or an exception in its chain is a full disk."""
   seen = set()

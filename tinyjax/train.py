@@ -14,8 +14,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import (checkpoint, config, data, distributed, dynamics, evaluate, faults, memory, metrics, optim, plan,
-                     record, results, sharding, tracking)
+from tinyjax import (checkpoint, config, data, distributed, dynamics, evaluate, faults, files, memory, metrics, optim,
+                     plan, record, results, sharding, tracking)
 from tinyjax import workdir as workdirs
 from tinyjax.model import ModelConfig, Transformer, token_stats
 
@@ -181,19 +181,9 @@ def gc_policy(policy: str) -> None:
     gc.disable()
 
 
-def _probe_write(directory: str) -> None:
-  """Creates `directory` and writes and removes a file in it (OSError if it cannot); per-pid name, so the processes
-  of one run never race on the same probe."""
-  os.makedirs(directory, exist_ok=True)
-  probe = os.path.join(directory, f".tinyjax-write-test-{os.getpid()}")
-  with open(probe, "w") as f:
-    f.write("ok")
-  os.remove(probe)
-
-
 def _check_writable(workdir: str) -> None:
   try:
-    _probe_write(workdir)
+    files.probe_write(workdir)
   except OSError as e:
     raise config.ConfigError(f"--workdir={workdir} is not writable ({e.strerror}); choose another directory") from e
   ckpts = os.path.join(workdir, "checkpoints")  # else the first save fails, after training has started
@@ -207,7 +197,7 @@ def _check_cache_dir(cache_dir: str) -> None:
   if "://" in path:
     return
   try:
-    _probe_write(path)
+    files.probe_write(path)
   except OSError as e:
     raise config.ConfigError(f"config.data.cache_dir={cache_dir!r} is not a writable directory ({e.strerror}); "
                              "choose another directory") from e
@@ -334,26 +324,33 @@ def _train(cfg, wd, env_record: dict, signals: faults.Signals) -> dict:
     if ckpt:
       ckpt.wait()  # the final checkpoint is committed before the run is recorded as completed
     status = "completed"
-  except (faults.Preempted, faults.Diverged, faults.DiskFull) as e:
-    status = "disk_full" if isinstance(e, faults.DiskFull) else type(e).__name__.lower()
+  except Exception as e:
+    status = faults.status(e)
     raise
   finally:
-    watchdog.stop()
-    dyn_log.flush()
-    tracker.close()
-    signals.phase = "done"
-    gc_policy("default")
-    try:
-      if ckpt:
-        ckpt.close()
-    finally:
-      record.finish(workdir, info, status)
-      wd.push()
+    _close_all([watchdog.stop, dyn_log.flush, tracker.close, lambda: setattr(signals, "phase", "done"),
+                lambda: gc_policy("default"), ckpt.close if ckpt else None,
+                lambda: record.finish(workdir, info, status), wd.push])
   log.write(total, {"param_sha256": params_sha256(state.params)})
   if jax.process_index() == 0:
     results.write_results(workdir)  # Marin-schema speedrun_results.json
   wd.push()
   return log.last
+
+
+def _close_all(steps) -> None:
+  """Runs every step (None: skipped) in order, even after one raised: a full disk can fail several of them, and the
+  checkpoint's close (which removes a failed save's folder) and run_info.json's status must still be done. Raises
+  the first error (chained to the one the loop is stopping on, if any)."""
+  first = None
+  for step in steps:
+    try:
+      if step is not None:
+        step()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other steps
+      first = first or e
+  if first is not None:
+    raise first
 
 
 class Guard:
