@@ -31,8 +31,8 @@ BUILDING = ".building"
 _WORKER: dict = {}
 
 
-def _init_worker(tok, progress_queue, threads: int) -> None:
-  # Workers die with this process: faults.watch_parent_if_spawned, run when they import tinyjax to unpickle this.
+def _init_worker(tok, progress_queue, threads: int, parent: int) -> None:
+  faults.watch_parent(parent)  # usually watching already since its tinyjax import (faults.watch_parent_if_spawned)
   if threads:
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # tokenizers' pool: cores / workers, not cores each
   _WORKER.update(tok=tok, report=progress_queue.put)
@@ -140,7 +140,8 @@ def _run_in_process(tasks, tok, progress: Progress, record) -> None:
 def _run_pool(tasks, tok, progress: Progress, record, workers: int) -> None:
   ctx = multiprocessing.get_context("spawn")  # fork is unsafe under JAX's and tokenizers' threads
   q = ctx.Queue()
-  pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok, q, max(1, (os.cpu_count() or 1) // workers)))
+  threads = max(1, (os.cpu_count() or 1) // workers)
+  pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok, q, threads, os.getpid()))
   try:
     pending = {task[0]: pool.apply_async(_encode_shard, (task,)) for task in tasks}
     while pending:

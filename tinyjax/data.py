@@ -23,6 +23,7 @@ the step (Levanter iter_from_step; no loader state).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -127,6 +128,11 @@ class _ReadWindows:
     return np.stack(self.tokens.read_many([(int(i) * self.seq_len, (int(i) + 1) * self.seq_len) for i in idx]))
 
 
+def _worker_watches(parent: int, worker_index: int, worker_count: int) -> None:
+  """A Grain worker exits with the process that reads the batches (before: they outlived a kill -9 of it)."""
+  faults.watch_parent(parent)
+
+
 def _parse_absl_flags() -> None:
   """Grain workers read absl flags (grain_enable_multiprocess_worker_profiling); tests/notebooks never parse them."""
   if not flags.FLAGS.is_parsed():
@@ -149,7 +155,8 @@ def train_batches(ds: Dataset, cfg, start_step: int = 0, process_index: int = 0,
       grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
   if cfg.data.num_workers > 0:  # workers change throughput only: Grain keeps the order
     _parse_absl_flags()
-    loader = loader.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
+    loader = loader.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers),
+                                worker_init_fn=functools.partial(_worker_watches, os.getpid()))
   return iter(loader)
 
 

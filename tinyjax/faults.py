@@ -1,4 +1,5 @@
-"""Preemption signals, divergence records and loss-spike warnings: how a run stops, and with which exit code."""
+"""How a run stops, and with which exit code: stop signals (SIGTERM/SIGINT/SIGHUP) at any moment, full disks,
+divergence records and loss-spike warnings; and worker processes that end with their parent."""
 from __future__ import annotations
 
 import collections
@@ -118,7 +119,7 @@ def quiet_background_noise():
 
 
 class StoppedInSetup(Preempted):
-  """A stop signal before the first step (nothing to checkpoint yet): one line, exit 75, rerun to start."""
+  """A stop signal before the first step (nothing to checkpoint yet): one line, exit 75, rerun to continue."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: the terminal or ssh session went away
@@ -265,30 +266,39 @@ def received() -> str | None:
 
 
 PARENT_PID_ENV = "TINYJAX_PARENT_PID"  # set by every process that imports tinyjax: the parent its workers watch
+_WATCHING = False  # this process watches its parent already
 
 
 def watch_parent(parent: int) -> None:
   """Exits this process at once, silently, when `parent` has exited (now, if it already has): a daemon thread waits
   on a pidfd (Linux >= 5.3), else polls every 0.2 s. Not PR_SET_PDEATHSIG: that fires when the *thread* that started
-  this process ends, and Grain starts its workers from short-lived threads."""
-  def wait():
-    try:
-      fd = os.pidfd_open(parent)
-      if os.getppid() == parent:  # still ours once the pidfd is open: it cannot name a reused pid
-        select.select([fd], [], [])
-    except (AttributeError, OSError):
-      while os.getppid() == parent:
-        time.sleep(0.2)
-    os._exit(1)
+  this process ends, and Grain starts its workers from short-lived threads. Idempotent."""
+  global _WATCHING
+  if _WATCHING:
+    return
   if os.getppid() != parent:
     os._exit(1)
-  threading.Thread(target=wait, daemon=True, name="tinyjax-parent-watch").start()
+  _WATCHING = True
+  threading.Thread(target=_wait_for_exit, args=(parent,), daemon=True, name="tinyjax-parent-watch").start()
+
+
+def _wait_for_exit(parent: int) -> None:
+  try:
+    fd = os.pidfd_open(parent)
+    if os.getppid() == parent:  # still ours once the pidfd is open: it cannot name a reused pid
+      select.select([fd], [], [])
+  except (AttributeError, OSError):
+    while os.getppid() == parent:
+      time.sleep(0.2)
+  os._exit(1)
 
 
 def watch_parent_if_spawned() -> None:
-  """Called when tinyjax is imported. A process that multiprocessing spawned for tinyjax (the cache builder's pool,
-  Grain's prefetch workers) imports tinyjax while it still unpickles its work, so from this moment it dies with its
-  parent: before, it lived on for > 5 s of startup after a kill -9 and then died with an UnpicklingError traceback."""
+  """Called when tinyjax is imported. A process that multiprocessing spawned from a tinyjax program (the cache
+  builder's pool, Grain's prefetch workers) imports tinyjax while it still unpickles its work (its parent's main
+  module, or its task), so from this moment it dies with its parent: before, a build worker lived on for > 5 s of
+  startup after a kill -9, then died with an UnpicklingError traceback, and Grain workers did not die at all. Their
+  initializers call watch_parent too (a parent that is no tinyjax program: a script)."""
   import multiprocessing.process  # noqa: PLC0415
   parent = os.environ.get(PARENT_PID_ENV, "")
   if getattr(multiprocessing.process.current_process(), "_inheriting", False) and parent.isdigit():

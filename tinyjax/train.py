@@ -271,8 +271,7 @@ def _train(cfg, wd, env_record: dict, signals: faults.Signals) -> dict:
   if jax.process_index() == 0:
     if ckpt and ckpt.config_changes and os.path.exists(os.path.join(workdir, "config.json")):
       os.replace(os.path.join(workdir, "config.json"), os.path.join(workdir, f"config.before-step{start}.json"))
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    files.atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2, sort_keys=True))
   info = record.start(workdir, cfg, info)
 
   evaluator = evaluate.Evaluator(model, ds, cfg, batch_sh)

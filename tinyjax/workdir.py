@@ -136,7 +136,7 @@ class Lock:
 
   def _open_locked(self) -> tuple[int, bool]:
     """(fd of the lock file, whether flock holds it); raises the "in use" ConfigError when another process holds it."""
-    for _ in range(100):  # a holder releasing (unlink, then close) between our open and our flock: retry on the new file
+    for _ in range(100):  # a holder released (unlink, then close) between our open and our flock: retry
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
