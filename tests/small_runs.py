@@ -21,14 +21,14 @@ def small_cfg(cache_dir, **overrides):
   return c
 
 
-def run(cfg, workdir: str, sigterm_at: int | None = None):
-  """train.run in this process; with sigterm_at, a SIGTERM lands during that step (as a preemption notice)."""
+def run(cfg, workdir: str, sigterm_at: int | None = None, sig: int = signal.SIGTERM):
+  """train.run in this process; with sigterm_at, a SIGTERM (or `sig`) lands during that step (a preemption notice)."""
   real = data.train_batches
 
   def batches(ds, cfg, start_step=0, *args):
     for step, rows in enumerate(real(ds, cfg, start_step, *args), start=start_step + 1):
       if step == sigterm_at:
-        os.kill(os.getpid(), signal.SIGTERM)  # handled between bytecodes: lands during this step
+        os.kill(os.getpid(), sig)  # handled between bytecodes: lands during this step
       yield rows
   data.train_batches = batches
   try:

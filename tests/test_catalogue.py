@@ -3,13 +3,14 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tinyjax import cli, config
+from tinyjax import workdir as workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -176,9 +177,13 @@ def _digest(workdir):
   return out
 
 
+_HELD = []
+
+
 def _hold_lock(w):
-  with open(w / ".tinyjax.lock", "w") as f:  # a live trainer on this host: this test process
-    json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": "now"}, f)
+  lock = workdirs.Lock(str(w), str(w))  # a live trainer on this host: this test process holds the lock
+  lock.acquire()
+  _HELD.append(lock)
 
 
 def _checkpoints_file(w):
@@ -216,6 +221,8 @@ def _damage_case(trained, tmp_path, damage, extra, code, expected):
     damage(w)
   before = _digest(w)
   proc = _main([f"--config={TINY}", *SMALL, *[a.format(tmp=tmp_path) for a in extra], f"--workdir={w}"])
+  while _HELD:
+    _HELD.pop().release()
   _one_line(proc, code, expected)
   assert _digest(w) == before  # checkpoints, metrics, config and records untouched
 
@@ -281,6 +288,50 @@ def test_disk_full_is_one_line_and_the_run_resumes_exactly(trained, small_disk, 
   assert sorted(os.listdir(w / "checkpoints")) == ["2"]  # no half-written step 4 left behind
   assert json.loads((w / "run_info.json").read_text())["status"] == "disk_full"
   small_disk("40m")  # space freed: the same command resumes from step 2 and ends as the uninterrupted run did
+  assert _main(args).returncode == 0
+  assert _stable_rows(w) == _stable_rows(trained)
+
+
+# The disk fills up completely the moment the save of step 4 starts (the run waits for the test to fill it): the
+# save, TensorBoard, metrics.jsonl and run_info.json writes all fail.
+_FILL_DURING_SAVE = ("import os, runpy, sys, time; from tinyjax import checkpoint; "
+                     "checkpoint.Checkpointer._free_bytes = lambda self: None; real = checkpoint.Checkpointer.save\n"
+                     "def save(self, step, state, meta):\n"
+                     "  if step == 4:\n"
+                     "    open(os.environ['FILL_NOW'], 'w').close()\n"
+                     "    while not os.path.exists(os.environ['FILLED']): time.sleep(0.01)\n"
+                     "  return real(self, step, state, meta)\n"
+                     "checkpoint.Checkpointer.save = save; sys.argv = ['tinyjax.main'] + sys.argv[1:]; "
+                     "runpy.run_module('tinyjax.main', run_name='__main__')")
+
+
+@pytest.mark.slow
+def test_disk_filling_up_during_a_save_is_one_line_and_the_run_resumes_exactly(trained, small_disk, tmp_path):
+  """Before: the TensorBoard writer thread died with ENOSPC, the loop blocked for minutes on its queue, a first
+  SIGTERM did nothing, and `<step>.orbax-checkpoint-tmp` stayed behind."""
+  w = small_disk("40m") / "w"
+  args = [f"--config={TINY}", *SMALL, f"--workdir={w}"]
+  fill_now, filled = tmp_path / "fill-now", tmp_path / "filled"
+  proc = subprocess.Popen([sys.executable, "-c", _FILL_DURING_SAVE, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "FILL_NOW": str(fill_now), "FILLED": str(filled)})
+  while not fill_now.exists() and proc.poll() is None:
+    time.sleep(0.01)
+  with open(w.parent / "filler", "wb") as f:  # every byte left
+    try:
+      while True:
+        f.write(b"\0" * (1 << 20))
+        f.flush()
+    except OSError:
+      pass
+  filled.touch()
+  out, err = proc.communicate(timeout=300)
+  proc.stdout = proc.stderr = None
+  _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 2,
+            "disk full: checkpoint step 4 could not be written to")
+  assert "the last complete checkpoint, step 2, is intact" in err
+  assert sorted(os.listdir(w / "checkpoints")) == ["2"]  # no half-written step 4 left behind
+  os.remove(w.parent / "filler")  # space freed: the same command resumes from step 2 and ends as uninterrupted
   assert _main(args).returncode == 0
   assert _stable_rows(w) == _stable_rows(trained)
 

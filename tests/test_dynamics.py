@@ -135,6 +135,10 @@ def test_resumed_dynamics_equal_uninterrupted(finished, tmp_path):
     f.write('{"step": 8, "torn')  # a kill mid-write
   train.run(_cfg(cache), str(workdir), env.record())
   assert dynamics.read(str(workdir)) == dynamics.read(str(full))
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+  acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0})
+  acc.Reload()  # the first run's file holds steps 1-8; the resumed run's purge at step 5 drops its 5-8
+  assert [e.step for e in acc.Scalars("loss")] == list(range(1, 9))
 
 
 def test_tensorboard_holds_the_metrics(finished):
@@ -161,3 +165,34 @@ def test_wandb_offline(tmp_path, monkeypatch):
   tracker.write(1, {"loss": 2.5, "event": "x"})
   tracker.close()
   assert wandb.run is None and any((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_a_tensorboard_write_error_reaches_the_loop_instead_of_hanging_it(tmp_path, monkeypatch):
+  """Before: tensorboardX's writer thread died on ENOSPC (a disk filling during a save) and the training loop then
+  blocked for good on the writer's full queue, deaf to SIGTERM. The error now reaches the loop (main: a full disk is
+  one line, exit 2), and closing the broken writer neither raises nor blocks."""
+  import errno  # noqa: PLC0415
+  import os  # noqa: PLC0415
+  import threading  # noqa: PLC0415
+  from tensorboardX import record_writer  # noqa: PLC0415
+  from tinyjax import tracking  # noqa: PLC0415
+  cfg = config.base()
+  tracker = tracking.Tracker(str(tmp_path), cfg, 0)
+
+  def full(self, data):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+  outcome = []
+
+  def loop():
+    try:
+      for step in range(1, 50):
+        tracker.write(step, {"loss": 1.0, "grad_norm": 2.0, "learning_rate": 0.01})
+    except OSError as e:
+      outcome.append(e.errno)
+    tracker.close()
+    outcome.append("closed")
+  thread = threading.Thread(target=loop, daemon=True)
+  thread.start()
+  thread.join(60)  # ms when it works; before, forever
+  assert outcome == [errno.ENOSPC, "closed"]

@@ -58,6 +58,17 @@ def test_both_mem_fractions_refused():
     env.apply(e)
 
 
+@pytest.mark.parametrize("kind,why", [("file", "it is a file"), ("unwritable", "")])
+def test_compilation_cache_dir_must_be_a_writable_directory(tmp_path, kind, why):
+  e = config.base().env
+  e.compilation_cache_dir = str(tmp_path / "cache.bin") if kind == "file" else "/proc/tinyjax-cache"
+  (tmp_path / "cache.bin").write_text("not a directory")
+  with pytest.raises(config.ConfigError, match=rf"^config\.env\.compilation_cache_dir='{e.compilation_cache_dir}' is "
+                                               rf"not a writable directory \({why}"):
+    env.apply(e)
+  assert (tmp_path / "cache.bin").read_text() == "not a directory"
+
+
 def test_gc_policy_restored():
   train.gc_policy("freeze")
   assert gc.get_freeze_count() > 0

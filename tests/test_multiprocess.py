@@ -120,12 +120,13 @@ def test_slurm_environment_forms_one_two_process_run(single, two_process):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_checkpoints_both_and_resumes(cache, jit_cache, single, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: re-sent as JAX's SIGTERM notice
+def test_stop_signal_to_one_process_checkpoints_both_and_resumes(cache, jit_cache, single, tmp_path, sig):
   procs = launch(tmp_path, cache, 8, 2, 2, jit_cache)
   deadline = time.time() + 240
   while not any(r.get("step", 0) >= 3 for r in metrics.read(str(tmp_path))) and time.time() < deadline:
     time.sleep(0.2)
-  procs[1].send_signal(signal.SIGTERM)  # e.g. one TPU VM host gets the maintenance notice
+  procs[1].send_signal(sig)  # e.g. one TPU VM host gets the maintenance notice, or loses its ssh session
   results = finish(procs)
   assert [rc for rc, _, _ in results] == [75, 75], [err[-2000:] for _, _, err in results]
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())

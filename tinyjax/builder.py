@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tinyjax import cache, corpus
+from tinyjax import cache, corpus, faults
 from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
 
@@ -31,19 +31,8 @@ BUILDING = ".building"
 _WORKER: dict = {}
 
 
-def _die_with_parent() -> None:
-  """Linux: the kernel SIGKILLs this worker when its parent dies (a kill -9'd trainer's workers kept writing shards
-  for ~5 s, and an immediate rerun then met their half-written `shards/NNNNN.tmp`)."""
-  try:
-    import ctypes  # noqa: PLC0415
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, 9)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
-  except OSError:  # not glibc Linux: workers are still terminated by the pool on an ordinary exit
-    pass
-
-
-def _init_worker(tok, progress_queue, threads: int) -> None:
-  _die_with_parent()
+def _init_worker(tok, progress_queue, threads: int, parent: int) -> None:
+  faults.watch_parent(parent)  # usually watching already since its tinyjax import (faults.watch_parent_if_spawned)
   if threads:
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # tokenizers' pool: cores / workers, not cores each
   _WORKER.update(tok=tok, report=progress_queue.put)
@@ -143,7 +132,7 @@ def _locked(path: str):
 
 
 def _run_in_process(tasks, tok, progress: Progress, record) -> None:
-  _WORKER.update(tok=tok, report=lambda item: (progress.update(item), progress.maybe_print()))
+  _WORKER.update(tok=tok, report=lambda item: (progress.update(item), progress.maybe_print(), faults.stop_point()))
   for task in tasks:
     record(task[0], _encode_shard(task))
 
@@ -151,7 +140,8 @@ def _run_in_process(tasks, tok, progress: Progress, record) -> None:
 def _run_pool(tasks, tok, progress: Progress, record, workers: int) -> None:
   ctx = multiprocessing.get_context("spawn")  # fork is unsafe under JAX's and tokenizers' threads
   q = ctx.Queue()
-  pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok, q, max(1, (os.cpu_count() or 1) // workers)))
+  threads = max(1, (os.cpu_count() or 1) // workers)
+  pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok, q, threads, os.getpid()))
   try:
     pending = {task[0]: pool.apply_async(_encode_shard, (task,)) for task in tasks}
     while pending:
@@ -164,6 +154,7 @@ def _run_pool(tasks, tok, progress: Progress, record, workers: int) -> None:
           record(index, result.get())  # re-raises a worker's DataError here
           del pending[index]
       progress.maybe_print()
+      faults.stop_point()  # a stop signal: the pool is terminated below, then the exit is main's one line
   finally:
     pool.terminate()  # on an error or Ctrl-C, no worker outlives the build
     pool.join()
@@ -172,6 +163,7 @@ def _run_pool(tasks, tok, progress: Progress, record, workers: int) -> None:
 def _shard_blocks(dirs: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """The documents of finished shard stores, in order, as (flat, lengths) blocks of ~cache.FLUSH_TOKENS."""
   for d in dirs:
+    faults.stop_point()
     off = cache.open_store(os.path.join(d, cache.FIELD, "offsets"))
     n = int(off[0].read().result())
     ends = off[1:n + 1].read().result().astype(np.int64) if n else np.zeros(0, np.int64)

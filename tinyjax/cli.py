@@ -21,8 +21,8 @@ def fail(message: str) -> None:
 
 
 def _leave(message: str, code: int) -> None:
-  """Prints and exits at once: pending background work (Orbax's failed writes, JAX's setup after a signal) would
-  only add tracebacks at interpreter exit (exit 139 measured after a SIGTERM during setup)."""
+  """Prints and exits at once: pending background work (Orbax's failed writes) would only add tracebacks at
+  interpreter exit."""
   print(message, file=sys.stderr)
   sys.stdout.flush()
   sys.stderr.flush()
@@ -31,15 +31,17 @@ def _leave(message: str, code: int) -> None:
 
 def stop(e: Exception, where: str) -> None:
   """Exits for the ways a training run stops on purpose: a user mistake or a full disk (one line, exit 2), a
-  preemption (75), a divergence (3) or a lost process of a multi-process run (4). Returns for anything else (a
+  stop signal (75), a divergence (3) or a lost process of a multi-process run (4). Returns for anything else (a
   bug: the caller re-raises it)."""
   from tinyjax import config, distributed, faults  # noqa: PLC0415 - only the trainer's entry point needs them
   if isinstance(e, config.ConfigError):
     fail(str(e))
-  if isinstance(e, faults.DiskFull):
-    _leave(f"tinyjax: error: {e}", 2)
-  if isinstance(e, faults.StoppedInSetup):
-    _leave(f"tinyjax: {e}", faults.EXIT_PREEMPTED)
+  full = faults.in_chain(e, faults.DiskFull)  # e.g. a failed save, then run_info.json's write failing too
+  if full is not None:
+    _leave(f"tinyjax: error: {full}", 2)
+  if isinstance(e, faults.StoppedInSetup):  # raised at a safe point: an ordinary exit (build workers joined, ...)
+    faults.tell_once(f"tinyjax: {e}")
+    sys.exit(faults.EXIT_PREEMPTED)
   if isinstance(e, faults.Preempted):
     print(f"tinyjax: {e}", file=sys.stderr)
     sys.exit(faults.EXIT_PREEMPTED)

@@ -23,6 +23,7 @@ the step (Levanter iter_from_step; no loader state).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ import grain
 from absl import app, flags
 import numpy as np
 
-from tinyjax import builder, cache, cli, config, corpus
+from tinyjax import builder, cache, cli, config, corpus, faults
 from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
 
@@ -79,6 +80,7 @@ def _prepare_split(root: str, urls: list[str], tok: tokenizers.Loaded, name: str
                         ".parquet/.txt file), so it must be the only source of its split")
     return _prebuilt(root, urls[0], tok, key)
   path = _cache_dir(root, urls, tok, name, cfg.data.text_key)
+  faults.stop_point()
   if not os.path.exists(os.path.join(path, cache.LEDGER)):
     files = [f for u in urls for f in corpus.expand(u, key)]
     start = time.time()
@@ -126,6 +128,11 @@ class _ReadWindows:
     return np.stack(self.tokens.read_many([(int(i) * self.seq_len, (int(i) + 1) * self.seq_len) for i in idx]))
 
 
+def _worker_watches(parent: int, worker_index: int, worker_count: int) -> None:
+  """A Grain worker exits with the process that reads the batches (before: they outlived a kill -9 of it)."""
+  faults.watch_parent(parent)
+
+
 def _parse_absl_flags() -> None:
   """Grain workers read absl flags (grain_enable_multiprocess_worker_profiling); tests/notebooks never parse them."""
   if not flags.FLAGS.is_parsed():
@@ -148,7 +155,8 @@ def train_batches(ds: Dataset, cfg, start_step: int = 0, process_index: int = 0,
       grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
   if cfg.data.num_workers > 0:  # workers change throughput only: Grain keeps the order
     _parse_absl_flags()
-    loader = loader.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers))
+    loader = loader.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers),
+                                worker_init_fn=functools.partial(_worker_watches, os.getpid()))
   return iter(loader)
 
 
@@ -179,11 +187,13 @@ def _main(argv) -> None:
   """python -m tinyjax.data --config=...: build or resume the caches the config names, then print what they hold."""
   del argv
   cfg = flags.FLAGS.config
+  faults.quiet_background_noise()  # e.g. the resource tracker's warnings after workers ended abruptly
   try:
     config.validate(cfg)
     ds = prepare(cfg)
-  except ConfigError as e:
-    cli.fail(str(e))
+  except (ConfigError, faults.Preempted) as e:  # a mistake: exit 2; a stop signal: exit 75 (the build resumes)
+    cli.stop(e, f"config.data.cache_dir={cfg.data.cache_dir}")
+    raise
   print(f"tokenizer: {cfg.data.tokenizer} -> {ds.tokenizer_path} ({ds.tokenizer_vocab_size:,} ids, bos {ds.bos_id}, "
         f"eos {ds.eos_id})")
   for name, path in [(TRAIN_SPLIT, ds.train_cache), *sorted(ds.eval_caches.items())]:
@@ -195,4 +205,5 @@ def _main(argv) -> None:
 if __name__ == "__main__":
   from ml_collections import config_flags  # noqa: PLC0415  (the flag exists only when this runs as a program)
   config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
-  app.run(_main, flags_parser=cli.parse_config_flags)
+  with faults.handling_signals("while building the data caches; rerun to resume the build", faults.SETUP_GRACE_S):
+    app.run(_main, flags_parser=cli.parse_config_flags)

@@ -10,6 +10,7 @@ import os
 
 import jax
 
+from tinyjax import files
 from tinyjax.config import ConfigError
 
 RECORDED_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TPU_", "NCCL_", "CUDA_", "TF_")
@@ -71,6 +72,23 @@ def _validate(e) -> None:
         raise ConfigError(f"config.env.{key}={e[key]!r} is invalid: must be a number in (0, 1]")
   if e.gpu_autotune_level not in range(-1, 5):
     raise ConfigError(f"config.env.gpu_autotune_level={e.gpu_autotune_level} is invalid: allowed: -1 (leave), 0..4")
+  if e.compilation_cache_dir is not None and "://" not in e.compilation_cache_dir:  # gs://...: JAX writes it
+    _check_cache_dir(e.compilation_cache_dir)
+
+
+def _check_cache_dir(cache_dir: str) -> None:
+  """JAX accepts a file or an unwritable directory as its compilation cache, and warns at every compile."""
+  path, why = os.path.expanduser(cache_dir), None
+  if os.path.exists(path) and not os.path.isdir(path):
+    why = "it is a file"
+  else:
+    try:
+      files.probe_write(path)
+    except OSError as err:
+      why = err.strerror
+  if why:
+    raise ConfigError(f"config.env.compilation_cache_dir={cache_dir!r} is not a writable directory ({why}); choose "
+                      "another directory or leave it unset")
 
 
 def _check_xla_flags(xla_flags: str) -> None:

@@ -1,16 +1,21 @@
-"""Preemption signals, divergence records and loss-spike warnings: how a run stops, and with which exit code."""
+"""How a run stops, and with which exit code: stop signals (SIGTERM/SIGINT/SIGHUP) at any moment, full disks,
+divergence records and loss-spike warnings; and worker processes that end with their parent."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import sys
+import threading
+import time
 
 EXIT_DIVERGED = 3  # a non-finite loss or gradient norm stopped the run (nothing non-finite was saved)
 EXIT_LOST_HOST = 4  # another process of a multi-process run (or its host) is gone: rerun to resume (distributed.py)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT, checkpoint written, rerun the same command to resume
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT/SIGHUP, checkpoint written (or none yet), rerun to resume
 NONFINITE = ((1, "loss"), (2, "grad_norm"), (4, "parameters or optimizer state after the update"))  # bits of TrainState.bad_what
 
 
@@ -38,6 +43,26 @@ _DISK_FULL_TEXT = {"No space left on device": _FULL, "os_error_code='28'": _FULL
 
 def _reason_in_text(text: str) -> str | None:
   return next((reason for marker, reason in _DISK_FULL_TEXT.items() if marker in text), None)
+
+
+def status(exc: BaseException) -> str:
+  """run_info.json's status for a run that stopped with exc."""
+  if isinstance(exc, Preempted):
+    return "preempted"
+  if isinstance(exc, Diverged):
+    return "diverged"
+  return "disk_full" if isinstance(exc, DiskFull) or disk_full_reason(exc) else "failed"
+
+
+def in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
+  """The first exception of type `kind` in exc's chain (itself, its cause or context, ...), or None."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    if isinstance(exc, kind):
+      return exc
+    seen.add(id(exc))
+    exc = exc.__cause__ or exc.__context__
+  return None
 
 
 def disk_full_reason(exc: BaseException | None) -> str | None:
@@ -74,57 +99,212 @@ def quiet_background_noise():
   def keep(record: logging.LogRecord) -> bool:
     return not (disk_full_reason(record.exc_info[1] if record.exc_info else None)
                 or _reason_in_text(record.getMessage()))
+  # multiprocessing's resource tracker (a process of its own, started with this process's -W options) warns about
+  # "leaked semaphore objects" after a parent that died abruptly (kill -9, or the stop-signal backstop): it cleans
+  # them up itself, so the warning is noise on the one-line exit.
+  tracker_quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+  added = tracker_quiet not in sys.warnoptions
+  if added:
+    sys.warnoptions.append(tracker_quiet)
   filtered = [*logging.getLogger().handlers, logging.getLogger("absl")]  # Orbax logs through absl.logging
   for f in filtered:
     f.addFilter(keep)
 
   def undo():
     sys.unraisablehook = previous
+    if added:
+      sys.warnoptions.remove(tracker_quiet)
     for f in filtered:
       f.removeFilter(keep)
   return undo
 
 
 class StoppedInSetup(Preempted):
-  """Preempted before the loop: main leaves with os._exit (an exception raised into JAX's setup can crash the
-  interpreter's teardown: exit 139 measured after a SIGTERM 4 s in)."""
+  """A stop signal before the first step (nothing to checkpoint yet): one line, exit 75, rerun to continue."""
 
 
-def stop_during_setup() -> None:
-  """Until the training loop installs Signals: a SIGTERM/SIGINT raises Preempted (exit 75, nothing to checkpoint
-  yet; the lock is released by its `finally`), instead of Python's default (SIGTERM kills silently with 143)."""
-  def handle(signum, frame):
-    raise StoppedInSetup(f"stopped by {signal.Signals(signum).name} during setup, before any step; rerun to start")
-  for s in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(s, handle)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: the terminal or ssh session went away
+# A stop during setup waits this long for a safe point. The setup steps without one (an XLA compile, an Orbax
+# restore, a download) are single calls that cannot be interrupted, and nothing they write can be torn by an exit
+# (caches, checkpoints and records are written atomically); 10 s is well inside the ~30 s between SIGTERM and SIGKILL
+# of Cloud TPU/GCE preemptions, SLURM (KillWait) and Kubernetes (terminationGracePeriodSeconds).
+SETUP_GRACE_S = 10.0
+_told = threading.Lock()  # acquired by whoever prints a setup stop's one line (main, or the backstop): printed once
+
+
+def tell_once(line: str) -> None:
+  if _told.acquire(blocking=False):
+    print(line, file=sys.stderr, flush=True)
 
 
 class Signals:
-  """First SIGTERM/SIGINT: ask the loop to checkpoint at the next step boundary. Second: exit at once.
+  """The one handler of SIGTERM, SIGINT and SIGHUP for a run's life (installed by `handling_signals`).
 
-  multiprocess: SIGTERM stays with JAX's preemption notifier (distributed.py), which makes every process stop at the
-  same step; a SIGINT (Ctrl-C) is turned into that notice by re-sending SIGTERM to this process.
+  Signals are handled by a thread of their own, woken through Python's signal wakeup fd, so the main thread is never
+  interrupted and never needs to be free: before, the handler raised an exception wherever the main thread happened
+  to be (caught by the restore's `except Exception`, which then called the good newest checkpoint unreadable, moved
+  it aside and resumed from the previous one; or raised inside JAX's gc callback, where Python only printed
+  "Exception ignored" and the run went on), and a Python-level handler waits for the main thread to leave a long C
+  call (an XLA compile). The thread records the first signal; the run acts on it where it is safe:
+    setup (phase "setup": the data build, restore, compile, anything before the first step): the next `stop_point()`
+      raises StoppedInSetup (main: one line, exit 75); in the programs (grace_s=SETUP_GRACE_S), if none comes in
+      time, the thread prints the same line and exits 75;
+    the training loop (phase "loop"): a checkpoint at the next step boundary, then exit 75;
+    after the loop ("done"): the run's records are finished; main skips the samples.
+  A second signal exits at once (128 + its number): no checkpoint, no cleanup.
+  multiprocess (set once jax.distributed runs): SIGTERM belongs to JAX's preemption notifier, which makes every
+  process stop at the same step; SIGINT and SIGHUP are turned into that notice by re-sending SIGTERM to this process.
   """
 
-  def __init__(self, multiprocess: bool = False):
-    self.received, self.multiprocess = None, multiprocess
-    ours = (signal.SIGINT,) if multiprocess else (signal.SIGTERM, signal.SIGINT)
-    self._previous = {s: signal.signal(s, self._handle) for s in ours}
+  def __init__(self, during_setup: str = "during setup, before any step; rerun the same command to continue",
+               grace_s: float | None = None):
+    self.received: str | None = None
+    self.phase, self.during_setup, self.multiprocess, self.forwarded = "setup", during_setup, False, False
+    self.grace_s = grace_s  # None (library use, e.g. train.run in a notebook): no exit from the thread in setup
+    self._previous: dict = {}
+    self._thread: threading.Thread | None = None
+    self._count = 0  # stop signals the thread has seen
 
-  def _handle(self, signum, frame):
-    if self.received is not None:
-      os._exit(128 + signum)  # the user insists: no checkpoint, no cleanup
-    if self.multiprocess:
-      self.received = signal.Signals(signum).name
-      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: all processes agree on the checkpoint step
-      return
-    self.received = signal.Signals(signum).name
-    print(f"received {self.received}: checkpointing at the next step boundary (send again to exit at once)",
-          flush=True)
+  def install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return  # Python lets only the main thread handle signals
+    self._r, self._w = os.pipe()
+    os.set_blocking(self._w, False)  # the C-level handler writes each signal's number here, never blocking
+    self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+    self._previous_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+    self._thread = threading.Thread(target=self._watch, daemon=True, name="tinyjax-signals")
+    self._thread.start()
 
   def restore(self) -> None:
+    if self._thread is None:
+      return
+    signal.set_wakeup_fd(self._previous_fd)
     for s, handler in self._previous.items():
       signal.signal(s, handler)
+    os.write(self._w, b"\0")  # ends the thread
+    self._thread.join()
+    os.close(self._r)
+    os.close(self._w)
+    self._thread = None
+
+  def _watch(self) -> None:
+    deadline = None  # grace_s after a stop signal during setup
+    while True:
+      wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+      if not select.select([self._r], [], [], wait)[0]:
+        if self.phase in ("setup", "stopping"):  # no safe point came, or the exit after one is stuck
+          tell_once(f"tinyjax: {self.setup_message()}")
+          os._exit(EXIT_PREEMPTED)
+        deadline = None
+        continue
+      for signum in os.read(self._r, 64):
+        if signum == 0:
+          return
+        if signum in STOP_SIGNALS and self._first(signum) and deadline is None and self.grace_s is not None:
+          deadline = time.monotonic() + self.grace_s
+
+  def _first(self, signum: int) -> bool:
+    """Records a first signal (a second one exits); True when it came during setup."""
+    if self._count:
+      os._exit(128 + signum)  # the user insists: no checkpoint, no cleanup
+    self._count += 1
+    if self.multiprocess and signum != signal.SIGTERM:
+      self.forwarded = True  # before `received`: no stop_point may act on it alone
+      self.received = signal.Signals(signum).name
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier: all processes agree on the checkpoint step
+      return False
+    self.received = self.received or signal.Signals(signum).name
+    if self.phase == "loop":
+      print(f"received {self.received}: checkpointing at the next step boundary (send again to exit at once)",
+            flush=True)
+    return self.phase in ("setup", "stopping")
+
+  def _record(self, signum, frame) -> None:
+    """The Python-level handler, run by the main thread between two bytecodes: it records the signal too, so that
+    one a step sends itself (tests) is seen at that step's boundary, whatever the thread's timing. Never raises."""
+    if self.received is None and not self.multiprocess:
+      self.received = signal.Signals(signum).name
+
+  def setup_message(self) -> str:
+    return f"stopped by {self.received} {self.during_setup}"
+
+  def stop_point(self) -> None:
+    """A safe point of setup: raises StoppedInSetup once a stop signal has arrived."""
+    if self.received is not None and self.phase == "setup" and not self.forwarded:
+      self.phase = "stopping"
+      raise StoppedInSetup(self.setup_message())
+
+
+_ACTIVE: Signals | None = None
+
+
+@contextlib.contextmanager
+def handling_signals(during_setup: str | None = None, grace_s: float | None = None):
+  """Installs the process's Signals for the block, or yields the ones already in force (main's, inside train.run).
+  grace_s: the programs' bound on a stop during setup (SETUP_GRACE_S); None leaves the exit to the caller."""
+  global _ACTIVE
+  if _ACTIVE is not None:
+    yield _ACTIVE
+    return
+  _ACTIVE = Signals(*([during_setup] if during_setup else []), grace_s=grace_s)
+  _ACTIVE.install()
+  try:
+    yield _ACTIVE
+  finally:
+    _ACTIVE.restore()
+    _ACTIVE = None
+
+
+def stop_point() -> None:
+  """A safe point of setup (data build, restore, compile): raises StoppedInSetup once a stop signal has arrived."""
+  if _ACTIVE is not None:
+    _ACTIVE.stop_point()
+
+
+def received() -> str | None:
+  """The stop signal this process has received, if any."""
+  return _ACTIVE.received if _ACTIVE is not None else None
+
+
+PARENT_PID_ENV = "TINYJAX_PARENT_PID"  # set by every process that imports tinyjax: the parent its workers watch
+_WATCHING = False  # this process watches its parent already
+
+
+def watch_parent(parent: int) -> None:
+  """Exits this process at once, silently, when `parent` has exited (now, if it already has): a daemon thread waits
+  on a pidfd (Linux >= 5.3), else polls every 0.2 s. Not PR_SET_PDEATHSIG: that fires when the *thread* that started
+  this process ends, and Grain starts its workers from short-lived threads. Idempotent."""
+  global _WATCHING
+  if _WATCHING:
+    return
+  if os.getppid() != parent:
+    os._exit(1)
+  _WATCHING = True
+  threading.Thread(target=_wait_for_exit, args=(parent,), daemon=True, name="tinyjax-parent-watch").start()
+
+
+def _wait_for_exit(parent: int) -> None:
+  try:
+    fd = os.pidfd_open(parent)
+    if os.getppid() == parent:  # still ours once the pidfd is open: it cannot name a reused pid
+      select.select([fd], [], [])
+  except (AttributeError, OSError):
+    while os.getppid() == parent:
+      time.sleep(0.2)
+  os._exit(1)
+
+
+def watch_parent_if_spawned() -> None:
+  """Called when tinyjax is imported. A process that multiprocessing spawned from a tinyjax program (the cache
+  builder's pool, Grain's prefetch workers) imports tinyjax while it still unpickles its work (its parent's main
+  module, or its task), so from this moment it dies with its parent: before, a build worker lived on for > 5 s of
+  startup after a kill -9, then died with an UnpicklingError traceback, and Grain workers did not die at all. Their
+  initializers call watch_parent too (a parent that is no tinyjax program: a script)."""
+  import multiprocessing.process  # noqa: PLC0415
+  parent = os.environ.get(PARENT_PID_ENV, "")
+  if getattr(multiprocessing.process.current_process(), "_inheriting", False) and parent.isdigit():
+    watch_parent(int(parent))
+  os.environ[PARENT_PID_ENV] = str(os.getpid())
 
 
 def divergence(row: dict) -> str | None:

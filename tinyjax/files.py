@@ -1,4 +1,5 @@
-"""Whole-file writes that never leave a torn or partial file: a kill or a full disk keeps the previous version."""
+"""Whole-file writes that never leave a torn or partial file (a kill or a full disk keeps the previous version), and
+the check that a directory can be written."""
 from __future__ import annotations
 
 import os
@@ -16,3 +17,13 @@ def atomic_write(path: str, text: str) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def probe_write(directory: str) -> None:
+  """Creates `directory` and writes and removes a file in it (OSError if it cannot); per-pid name, so the processes
+  of one run never race on the same probe."""
+  os.makedirs(directory, exist_ok=True)
+  probe = os.path.join(directory, f".tinyjax-write-test-{os.getpid()}")
+  with open(probe, "w") as f:
+    f.write("ok")
+  os.remove(probe)

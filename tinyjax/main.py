@@ -22,7 +22,6 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # absl's INFO lines (e.g. "Unable to initialize backend 'tpu'") are noise
   faults.quiet_background_noise()  # a failed background checkpoint write is main's one line, not Orbax's tracebacks
   cfg = _CONFIG.value
-  faults.stop_during_setup()  # a SIGTERM/SIGINT before the training loop exits 75 with a line, not 143 silently
   from tinyjax import env  # imports jax; applying the env must precede any backend use
   workdir = _WORKDIR.value
   try:
@@ -42,7 +41,7 @@ def main(argv: list[str]) -> None:
     stem = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     workdir = _WORKDIR.value or os.path.join("workdir", stem)
     train.run(cfg, workdir, env_record)
-    if cfg.train.sample_prompts and jax.process_count() == 1:  # show what the model learned (the tiny default)
+    if cfg.train.sample_prompts and jax.process_count() == 1 and not faults.received():  # what the model learned
       from tinyjax import sample  # noqa: PLC0415
       sample.samples_after_training(workdir, prompts=tuple(cfg.train.sample_prompts))
   except Exception as e:  # noqa: BLE001 - the ways a run stops on purpose are one line and an exit code
@@ -51,4 +50,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_config_flags)
+  with faults.handling_signals(grace_s=faults.SETUP_GRACE_S):  # from the first moment: one line and exit 75
+    app.run(main, flags_parser=cli.parse_config_flags)

@@ -4,16 +4,74 @@ workdir/tensorboard (tensorboardX: no TensorFlow needed) and, optionally, Weight
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import socket
+import time
 
 import jax
 
 from tinyjax.config import ConfigError
 
 TB_DIR = "tensorboard"
+TB_FLUSH_S = 120.0  # between flushes of the event file (tensorboardX's default flush_secs)
+
+
+class EventFile:
+  """TensorBoard scalars written by the calling thread (tensorboardX's RecordWriter and summary protos).
+
+  Not tensorboardX's SummaryWriter: it writes from a thread of its own, which died on a full disk (ENOSPC in a flush)
+  and left the training loop blocked for good on its full queue (measured: minutes in a futex wait, a first SIGTERM
+  acknowledged and ignored). Here a failed write raises in the loop, where a full disk is one line and exit 2; the
+  cost is a few small protobuf writes per logged step into a buffered file.
+  """
+
+  def __init__(self, logdir: str, purge_step: int | None):
+    from tensorboardX.proto.event_pb2 import Event, SessionLog  # noqa: PLC0415
+    from tensorboardX.record_writer import RecordWriter  # noqa: PLC0415
+    os.makedirs(logdir, exist_ok=True)
+    # TensorBoard's file name pattern, plus the pid: a run resumed within the same second must not overwrite it
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+    self.records, self.flushed, self.broken = RecordWriter(os.path.join(logdir, name)), time.monotonic(), False
+    self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+    if purge_step is not None:  # a resumed run rewrites the steps from purge_step on: TensorBoard drops the old copies
+      self._write(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+  def _write(self, event) -> None:
+    try:
+      self.records.write(event.SerializeToString())
+    except OSError:
+      self.broken = True
+      raise
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    from tensorboardX.proto.event_pb2 import Event  # noqa: PLC0415
+    from tensorboardX.summary import scalar  # noqa: PLC0415
+    for key, value in values.items():
+      self._write(Event(wall_time=time.time(), step=step, summary=scalar(key, value)))
+    if time.monotonic() - self.flushed >= TB_FLUSH_S:
+      self.flushed = time.monotonic()
+      self.flush()
+
+  def flush(self) -> None:
+    try:
+      self.records.flush()
+    except OSError:
+      self.broken = True
+      raise
+
+  def close(self) -> None:
+    """Flushes and closes. After a failed write it only closes (dropping what is buffered): the run is already
+    stopping on that error."""
+    try:
+      if not self.broken:
+        self.flush()
+    finally:
+      with contextlib.suppress(OSError):  # a failed flush inside close() still closes the file
+        self.records.close()
 
 
 class Tracker:
@@ -23,9 +81,7 @@ class Tracker:
     if jax.process_index() != 0:
       return
     if cfg.train.tensorboard:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415
-      # purge_step: a resumed run rewrites the steps after its checkpoint; TensorBoard drops the old copies.
-      self.tb = SummaryWriter(os.path.join(workdir, TB_DIR), purge_step=start_step + 1 if start_step else None)
+      self.tb = EventFile(os.path.join(workdir, TB_DIR), purge_step=start_step + 1 if start_step else None)
     if cfg.train.wandb_project:
       try:
         import wandb  # noqa: PLC0415
@@ -41,14 +97,15 @@ class Tracker:
     scalars = {k: float(v) for k, v in row.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     if self.tb is not None:
-      for key, value in scalars.items():
-        self.tb.add_scalar(key, value, step)
+      self.tb.scalars(step, scalars)
     if self.wandb is not None and scalars:
       self.wandb.log(scalars, step=step)
 
   def close(self) -> None:
-    if self.tb is not None:
-      self.tb.close()
-    if self.wandb is not None:
-      self.wandb.finish()
-    self.tb = self.wandb = None  # later rows (the final param_sha256) go to metrics.jsonl only
+    tb, wandb, self.tb, self.wandb = self.tb, self.wandb, None, None  # later rows (the final param_sha256): JSONL
+    try:
+      if tb is not None:
+        tb.close()
+    finally:
+      if wandb is not None:
+        wandb.finish()

@@ -14,8 +14,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import (checkpoint, config, data, distributed, dynamics, evaluate, faults, memory, metrics, optim, plan,
-                     record, results, sharding, tracking)
+from tinyjax import (checkpoint, config, data, distributed, dynamics, evaluate, faults, files, memory, metrics, optim,
+                     plan, record, results, sharding, tracking)
 from tinyjax import workdir as workdirs
 from tinyjax.model import ModelConfig, Transformer, next_token_loss
 
@@ -177,19 +177,9 @@ def gc_policy(policy: str) -> None:
     gc.disable()
 
 
-def _probe_write(directory: str) -> None:
-  """Creates `directory` and writes and removes a file in it (OSError if it cannot); per-pid name, so the processes
-  of one run never race on the same probe."""
-  os.makedirs(directory, exist_ok=True)
-  probe = os.path.join(directory, f".tinyjax-write-test-{os.getpid()}")
-  with open(probe, "w") as f:
-    f.write("ok")
-  os.remove(probe)
-
-
 def _check_writable(workdir: str) -> None:
   try:
-    _probe_write(workdir)
+    files.probe_write(workdir)
   except OSError as e:
     raise config.ConfigError(f"--workdir={workdir} is not writable ({e.strerror}); choose another directory") from e
   ckpts = os.path.join(workdir, "checkpoints")  # else the first save fails, after training has started
@@ -208,30 +198,37 @@ def _check_cache_dir(cache_dir: str) -> None:
   if "://" in path:
     return
   try:
-    _probe_write(path)
+    files.probe_write(path)
   except OSError as e:
     raise config.ConfigError(f"config.data.cache_dir={cache_dir!r} is not a writable directory ({e.strerror}); "
                              "choose another directory") from e
 
 
 def run(cfg, workdir: str, env_record: dict) -> dict:
-  """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row."""
+  """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row.
+
+  A SIGTERM/SIGINT/SIGHUP (faults.Signals) before the first step raises faults.StoppedInSetup at the next safe
+  point of the setup; in the loop, the run checkpoints at the next step boundary and raises faults.Preempted."""
   # Saved resolved (config.json, checkpoints): export and sample find the tokenizer from any directory. "~" stays.
   cfg.data.cache_dir = resolve_cache_dir(cfg.data.cache_dir)
-  wd = workdirs.Workdir(workdir, cfg.data.cache_dir)  # gs://...: checkpoints in place, small files mirrored
-  _check_writable(wd.local)
-  _check_cache_dir(cfg.data.cache_dir)
-  lock = workdirs.Lock(wd.local, wd.path)  # one trainer per workdir (a multi-host run shares process 0's lock)
-  lock.acquire()
-  try:
-    wd.pull()
-    return _train(cfg, wd, env_record)
-  finally:
-    lock.release()
+  with faults.handling_signals() as signals:
+    signals.stop_point()
+    wd = workdirs.Workdir(workdir, cfg.data.cache_dir)  # gs://...: checkpoints in place, small files mirrored
+    _check_writable(wd.local)
+    _check_cache_dir(cfg.data.cache_dir)
+    lock = workdirs.Lock(wd.local, wd.path, active=jax.process_index() == 0)  # one trainer per workdir (process 0's)
+    lock.acquire()
+    try:
+      wd.pull()
+      return _train(cfg, wd, env_record, signals)
+    finally:
+      lock.release()
 
 
-def _train(cfg, wd, env_record: dict) -> dict:
+def _train(cfg, wd, env_record: dict, signals: faults.Signals) -> dict:
   workdir = wd.local
+  signals.multiprocess = distributed.is_multiprocess()  # from here on a stop is JAX's preemption notice
+  signals.stop_point()
   mesh = sharding.make_mesh(cfg.mesh)
   # Several processes: process 0 prepares the data first (one build on shared storage; the others then find the
   # finished ledger, or, on per-host local disks, build their own copy after it).
@@ -240,6 +237,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
   ds = data.prepare(cfg)
   if jax.process_index() == 0:
     distributed.barrier("tinyjax-data-ready")
+  signals.stop_point()
   model = Transformer(ModelConfig.from_config(cfg.model), eos_id=ds.eos_id)
   info = plan.describe(cfg, mesh, env_record)
   total = info["num_train_steps"]
@@ -250,6 +248,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
   batch_sh = sharding.batch_sharding(mesh)
   # Before anything is allocated: compile the step (shapes only) and refuse one that cannot fit the device.
   train_step, info["memory"] = compile_step(cfg, model, tx, total, shapes, state_sh, batch_sh)
+  signals.stop_point()
 
   # Resume order: (1) the newest readable checkpoint in workdir/checkpoints restores the state (onto this mesh) and
   # the data position (= its step); an unreadable newest one falls back to the previous; (2) else a fresh init.
@@ -259,6 +258,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
   if not restored and cfg.model.init_from:  # a fresh run may start from a HF Llama checkpoint
     from tinyjax import export  # noqa: PLC0415 - only runs that import weights need it
     state = export.init_from(cfg, state, tx, state_sh)
+  signals.stop_point()
   start = meta["step"]
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)  # process 0 alone talks
   if start:
@@ -274,8 +274,7 @@ def _train(cfg, wd, env_record: dict) -> dict:
   if jax.process_index() == 0:
     if ckpt and ckpt.config_changes and os.path.exists(os.path.join(workdir, "config.json")):
       os.replace(os.path.join(workdir, "config.json"), os.path.join(workdir, f"config.before-step{start}.json"))
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    files.atomic_write(os.path.join(workdir, "config.json"), cfg.to_json_best_effort(indent=2, sort_keys=True))
   info = record.start(workdir, cfg, info)
 
   evaluator = evaluate.Evaluator(model, ds, cfg, batch_sh)
@@ -296,10 +295,12 @@ def _train(cfg, wd, env_record: dict) -> dict:
     with jax.set_mesh(mesh):
       dyn_step = dyn.lower(*step_inputs(cfg, shapes, state_sh, batch_sh)).compile()
   batches = data.train_batches(ds, cfg, start, jax.process_index(), jax.process_count())
-  signals, status = faults.Signals(distributed.is_multiprocess()), "failed"
+  status = "failed"
   watchdog = distributed.Watchdog(cfg.distributed.step_timeout_s)  # a lost host must not hang the others forever
   gc_policy(cfg.env.gc_policy)
   try:
+    signals.stop_point()  # inside the try: a stop here is recorded in run_info.json ("preempted")
+    signals.phase = "loop"  # a signal from here on: checkpoint at the next step boundary
     for step in range(start + 1, total + 1):  # `step` counts completed updates
       if every and step % every == 0:
         state, out = dyn_step(state, sharding.to_global(next(batches), batch_sh))
@@ -325,31 +326,36 @@ def _train(cfg, wd, env_record: dict) -> dict:
     if ckpt:
       ckpt.wait()  # the final checkpoint is committed before the run is recorded as completed
     status = "completed"
-  except (faults.Preempted, faults.Diverged, faults.DiskFull) as e:
-    status = "disk_full" if isinstance(e, faults.DiskFull) else type(e).__name__.lower()
-    raise
-  except Exception as e:  # noqa: BLE001 - only a lost process is handled here; everything else is re-raised
+  except Exception as e:
+    status = faults.status(e)
     if lost := distributed.peer_lost(e):  # the cleanup below would wait for the lost process: leave at once
       record.finish(workdir, info, "lost_host")
       distributed.leave_lost_host(f"a collective or checkpoint call failed ({lost})")
     raise
-  finally:  # the watchdog stays on: the final checkpoint wait below also waits on every process
-    dyn_log.flush()
-    tracker.close()
-    signals.restore()
-    gc_policy("default")
-    try:
-      if ckpt:
-        ckpt.close()
-    finally:
-      record.finish(workdir, info, status)
-      wd.push()
+  finally:  # the watchdog stays on through the final checkpoint's close, which also waits on every process
+    _close_all([dyn_log.flush, tracker.close, lambda: setattr(signals, "phase", "done"),
+                lambda: gc_policy("default"), ckpt.close if ckpt else None, watchdog.stop,
+                lambda: record.finish(workdir, info, status), wd.push])
   log.write(total, {"param_sha256": params_sha256(state.params)})
-  watchdog.stop()
   if jax.process_index() == 0:
     results.write_results(workdir)  # Marin-schema speedrun_results.json
   wd.push()
   return log.last
+
+
+def _close_all(steps) -> None:
+  """Runs every step (None: skipped) in order, even after one raised: a full disk can fail several of them, and the
+  checkpoint's close (which removes a failed save's folder) and run_info.json's status must still be done. Raises
+  the first error (chained to the one the loop is stopping on, if any)."""
+  first = None
+  for step in steps:
+    try:
+      if step is not None:
+        step()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other steps
+      first = first or e
+  if first is not None:
+    raise first
 
 
 class Guard:

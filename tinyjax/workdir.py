@@ -9,13 +9,13 @@ Needs `pip install 'tinyjax[gcs]'` for gs://.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import socket
 import time
-
-import jax
 
 from tinyjax.config import ConfigError
 
@@ -66,6 +66,7 @@ class Workdir:
 
   def push(self) -> None:
     """Local mirror -> remote (process 0)."""
+    import jax  # noqa: PLC0415 - the lock's users (tests of it) need no jax
     if not self.remote or jax.process_index() != 0:
       return
     for name in MIRRORED:
@@ -90,55 +91,96 @@ def _alive(pid: int) -> bool:
 
 
 class Lock:
-  """workdir/.tinyjax.lock: host, pid and start time of the trainer using the workdir (process 0 of a run).
+  """workdir/.tinyjax.lock: held with flock(2) by the trainer using the workdir (process 0 of a run) while it runs.
 
-  A second trainer is refused with one line. A lock left by a killed trainer (kill -9: its pid is gone on this
-  host) is stale and taken over; a lock from another host cannot be checked from here, so the message says how to
-  remove it when that host's run is known to be gone.
+  flock makes taking it atomic: of any number of processes trying at once exactly one gets it, fresh or over a file
+  left behind (the former create-then-write-JSON scheme gave two holders in 37 and 107 of 200 such rounds:
+  tests/test_workdir_lock.py), and the kernel drops it when its holder dies, however (kill -9 included), so a lock is
+  never stale. The JSON in the file (host, pid, start time) only names the holder in messages. A second trainer is
+  refused with one line. Shared storage: Linux maps flock onto the server's POSIX locks on NFS (v4, or v3 with lockd),
+  but a FUSE mount such as gcsfuse locks within one machine only, so a file naming another host is still refused
+  (its run cannot be checked from here; the message says how to remove it). A remote (gs://) workdir is locked
+  through its local mirror, i.e. per machine. A file system without locks (ENOLCK/EOPNOTSUPP) falls back to the pid
+  check: a live pid on this host refuses, with no guarantee against a simultaneous start.
   """
 
-  def __init__(self, local_dir: str, shown: str):
-    self.path, self.shown, self.held = os.path.join(local_dir, LOCK), shown, False
+  def __init__(self, local_dir: str, shown: str, active: bool = True):
+    self.path, self.shown, self.active = os.path.join(local_dir, LOCK), shown, active
+    self.fd: int | None = None
+
+  @property
+  def held(self) -> bool:
+    return self.fd is not None
 
   def acquire(self) -> None:
-    if jax.process_index() != 0:
+    if not self.active:
       return
-    mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        other = self._read()
-        if other.get("host") == mine["host"] and isinstance(other.get("pid"), int) and _alive(other["pid"]) \
-            and other["pid"] != mine["pid"]:
-          raise ConfigError(f"--workdir={self.shown} is in use by another tinyjax run (pid {other['pid']} on "
-                            f"{other['host']} since {other.get('since')}); wait for it, stop it, or use another "
-                            "workdir") from None
-        if other.get("host") not in (None, mine["host"]):
-          raise ConfigError(f"--workdir={self.shown} is locked by a tinyjax run on host {other['host']} (pid "
-                            f"{other.get('pid')} since {other.get('since')}); if that run is gone, delete "
-                            f"{self.path}") from None
-        print(f"warning: taking over the stale lock {self.path} ({other or 'unreadable'}: that process is gone)",
-              flush=True)
-        os.remove(self.path)
-        continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(mine, f)
-      self.held = True
-      return
+    host = socket.gethostname()
+    fd, locked = self._open_locked()
+    previous = self._read(fd)
+    if previous.get("host") not in (None, host):
+      os.close(fd)
+      raise ConfigError(f"--workdir={self.shown} is locked by a tinyjax run on host {previous['host']} (pid "
+                        f"{previous.get('pid')} since {previous.get('since')}); if that run is gone, delete "
+                        f"{self.path}")
+    pid = previous.get("pid")
+    if not locked and isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+      os.close(fd)
+      raise self._in_use(previous)
+    if previous:
+      print(f"warning: taking over {self.path} from pid {pid} on {host} (it exited without releasing it)", flush=True)
+    mine = json.dumps({"host": host, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, mine, 0)
+    self.fd = fd
 
-  def _read(self) -> dict:
-    try:
-      with open(self.path) as f:
-        value = json.load(f)
-      return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-      return {}
+  def _open_locked(self) -> tuple[int, bool]:
+    """(fd of the lock file, whether flock holds it); raises the "in use" ConfigError when another process holds it."""
+    for _ in range(100):  # a holder released (unlink, then close) between our open and our flock: retry
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        other = self._read(fd, wait_s=1.0)  # the holder writes its JSON right after taking the lock
+        os.close(fd)
+        raise self._in_use(other) from None
+      except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+          os.close(fd)
+          raise
+        return fd, False
+      try:
+        same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+      except FileNotFoundError:
+        same = False
+      if same:
+        return fd, True
+      os.close(fd)
+    raise ConfigError(f"--workdir={self.shown}: {self.path} keeps being replaced; is another trainer starting?")
+
+  def _in_use(self, other: dict) -> ConfigError:
+    return ConfigError(f"--workdir={self.shown} is in use by another tinyjax run (pid {other.get('pid', '?')} on "
+                       f"{other.get('host', '?')} since {other.get('since', '?')}); wait for it, stop it, or use "
+                       "another workdir")
+
+  @staticmethod
+  def _read(fd: int, wait_s: float = 0.0) -> dict:
+    deadline = time.monotonic() + wait_s
+    while True:
+      try:
+        value = json.loads(os.pread(fd, 4096, 0) or b"null")
+      except ValueError:
+        value = None
+      if isinstance(value, dict) or time.monotonic() >= deadline:
+        return value if isinstance(value, dict) else {}
+      time.sleep(0.01)
 
   def release(self) -> None:
-    if self.held:
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
-      self.held = False
+    if self.fd is None:
+      return
+    try:
+      os.remove(self.path)  # while still holding it: a process that opened this file then sees it replaced
+    except FileNotFoundError:
+      pass
+    os.close(self.fd)
+    self.fd = None
