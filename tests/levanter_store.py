@@ -1,4 +1,4 @@
-"""Test helper: a Levanter JaggedArrayStore written directly with tensorstore (not through tinyjax.cache), with the
+"""Test helper: a Levanter JaggedArrayStore written directly with tensorstore (not through tinyjax.data.cache), with the
 zarr3 spec of Levanter's jagged_array._get_spec, so tests can check that tinyjax reads caches Levanter wrote."""
 import numpy as np
 import tensorstore as ts

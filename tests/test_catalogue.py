@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tinyjax import cli, config
-from tinyjax import workdir as workdirs
+from tinyjax.runtime import workdir as workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")

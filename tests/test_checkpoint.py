@@ -8,9 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from small_runs import small_cfg
-from tinyjax import config, data, env, faults, metrics, train
+
+from tinyjax import config, data, env, train
+from tinyjax.runtime import faults, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12

@@ -5,9 +5,10 @@ import json
 import os
 
 import pytest
-
 from test_results import SHARED, make_workdir
-from tinyjax import compare, results
+
+from tinyjax import compare
+from tinyjax.runtime import results
 
 RUNS_JSON = os.path.join(SHARED, "marin", "runs.json")
 LEADERBOARD = os.path.join(SHARED, "marin-leaderboard.json")

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 import tensorstore as ts
-
 from levanter_store import write_levanter_store
-from tinyjax import cache, config, corpus, data
-from tinyjax import tokenizer as tokenizers
+
+from tinyjax import config, data
+from tinyjax.data import cache, corpus, tokenizer as tokenizers
 
 TRAIN, VALID = "builtin:python-docs/train", "builtin:python-docs/validation"
 VOCAB = 512  # small: trains in ~1 s

@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from levanter_store import write_levanter_store
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from levanter_store import write_levanter_store
-from tinyjax import builder, cache, config, corpus, data
-from tinyjax import tokenizer as tokenizers
+from tinyjax import config, data
+from tinyjax.data import builder, cache, corpus, tokenizer as tokenizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -144,8 +144,8 @@ def test_eval_metrics_are_named_eval_name_bpb(c4_ds, tok_dir):
   """Through evaluate.Evaluator with an all-zero-logit model: keys eval/paloma/c4_en/{loss,bpb}, and BPB = ln V
   nats per target token over the target tokens' bytes."""
   import jax.numpy as jnp
-  from tinyjax import evaluate, sharding
 
+  from tinyjax import evaluate, sharding
   from tinyjax.kernels import loss
 
   class Uniform:  # all-zero logits over 512 ids, as the loss statistics Transformer returns with targets
@@ -207,7 +207,7 @@ def test_c4_configs_name_marin_data():
 # ---- remote sources and prebuilt caches ----
 
 def _levanter_store(path, docs):
-  """A Levanter cache (store + ledger) written without tinyjax.cache."""
+  """A Levanter cache (store + ledger) written without tinyjax.data.cache."""
   flat = write_levanter_store(path, docs)
   with open(os.path.join(path, "shard_ledger.json"), "w") as f:
     json.dump({"total_num_rows": len(docs), "shard_rows": {"shard_0": len(docs)}, "is_finished": True,
@@ -331,7 +331,7 @@ def test_killed_build_process_resumes(tmp_path, tok_dir, files, c4_ds):
   """SIGKILL a real build after its first file is recorded; the next build resumes from the ledger."""
   script = textwrap.dedent(f"""
       import time
-      from tinyjax import builder, corpus, tokenizer
+      from tinyjax.data import builder, corpus, tokenizer
       real = builder._encode_shard
       def slow(task):
           if task[0] > 0:

@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from small_runs import small_cfg
-from tinyjax import config, dynamics, env, metrics, train
+
+from tinyjax import config, dynamics, env, train
 from tinyjax.model import ModelConfig, Transformer
+from tinyjax.runtime import metrics
 
 
 def _model(qk_norm: bool):
@@ -157,7 +158,7 @@ def test_tensorboard_holds_the_metrics(finished):
 
 def test_wandb_offline(tmp_path, monkeypatch):
   wandb = pytest.importorskip("wandb")
-  from tinyjax import tracking  # noqa: PLC0415
+  from tinyjax.runtime import tracking  # noqa: PLC0415
   monkeypatch.setenv("WANDB_MODE", "offline")
   cfg = config.base()
   cfg.train.wandb_project, cfg.train.tensorboard = "tinyjax-test", False
@@ -174,8 +175,10 @@ def test_a_tensorboard_write_error_reaches_the_loop_instead_of_hanging_it(tmp_pa
   import errno  # noqa: PLC0415
   import os  # noqa: PLC0415
   import threading  # noqa: PLC0415
+
   from tensorboardX import record_writer  # noqa: PLC0415
-  from tinyjax import tracking  # noqa: PLC0415
+
+  from tinyjax.runtime import tracking  # noqa: PLC0415
   cfg = config.base()
   tracker = tracking.Tracker(str(tmp_path), cfg, 0)
 

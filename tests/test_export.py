@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinyjax import checkpoint, cli, config, export, optim, train
-from tinyjax import tokenizer as tokenizers
+from tinyjax import cli, config, export, optim, train
 from tinyjax.config import ConfigError
+from tinyjax.data import tokenizer as tokenizers
 from tinyjax.model import ModelConfig, Transformer
+from tinyjax.runtime import checkpoint
 
 # GQA (4 query heads share 2 kv heads), fp32 compute so the parity bound is about the math, not bf16 rounding.
 GQA = ModelConfig(hidden_dim=64, intermediate_dim=128, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=32,

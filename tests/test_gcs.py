@@ -9,10 +9,10 @@ import sys
 import time
 
 import pytest
-
 from small_runs import run, small_cfg
-from tinyjax import data, faults, metrics
-from tinyjax import workdir as workdirs
+
+from tinyjax import data
+from tinyjax.runtime import faults, metrics, workdir as workdirs
 
 BUCKET = "tinyjax-test"
 

@@ -12,7 +12,8 @@ import pytest
 from jax import export
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import audit, config, memory, optim, sharding, train
+from tinyjax import audit, config, optim, sharding, train
+from tinyjax.hardware import memory
 from tinyjax.kernels import attention, loss
 from tinyjax.model import ModelConfig, Transformer
 

@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from tinyjax import aot, distributed, faults
-from tinyjax.launch import commands as C
-from tinyjax.launch import slurm, tpu
+from tinyjax.hardware import aot
+from tinyjax.launch import commands as C, slurm, tpu
+from tinyjax.runtime import distributed, faults
 
 FAKE_GCLOUD = r'''#!PYTHON
 import json, os, sys
@@ -517,7 +517,7 @@ def test_slurm_preflight_compiles_for_the_jobs_gpus(fake, tmp_path, preflights, 
 @pytest.mark.slow
 def test_preflight_refuses_a_run_that_cannot_fit_by_libtpus_figures(fake, monkeypatch, capsys):
   """The real compile: tiny at 8,192 x 128 tokens per chip on a v5e-8 (16 GiB chips) needs more than a chip holds."""
-  from tinyjax import aot  # noqa: PLC0415
+  from tinyjax.hardware import aot  # noqa: PLC0415
   monkeypatch.setattr(aot, "preflight", REAL_PREFLIGHT)
   main = ["--config=configs/tiny.py", "--config.train.train_batch_size=65536", "--workdir=gs://b/r"]
   with pytest.raises(SystemExit) as e:

@@ -23,7 +23,7 @@ NATIVE_WARNING = b"W1202 07:36:13.957895   19515 cpu_client.cc:10] an ordinary w
 # The trainer stand-in: supervise() forks and returns in the child, which then does what argv[1] says.
 CHILD = f"""
 import os, signal, sys, time
-from tinyjax import distributed
+from tinyjax.runtime import distributed
 distributed.supervise(0, 2)
 what = sys.argv[1]
 if what == "jax_abort":
@@ -92,7 +92,8 @@ def test_signals_reach_the_trainer_and_it_dies_with_its_supervisor():
 # a lost peer, and it aborts the survivor, which must still end in one line and exit 4.
 IDLE = """
 import sys, time
-from tinyjax import config, distributed
+from tinyjax import config
+from tinyjax.runtime import distributed
 d = config.base().distributed
 d.coordinator_address, d.num_processes, d.process_id = sys.argv[1], 2, int(sys.argv[2])
 d.heartbeat_timeout_s = 10  # the test's bound; the default (100 s) is the same path, 90 s slower

@@ -8,7 +8,8 @@ import sys
 import jax
 import pytest
 
-from tinyjax import config, memory, optim, sharding, train
+from tinyjax import config, optim, sharding, train
+from tinyjax.hardware import memory
 from tinyjax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

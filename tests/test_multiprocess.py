@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tinyjax import config, metrics
+from tinyjax import config
+from tinyjax.runtime import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/tiny.py", "--config.model.hidden_dim=32", "--config.model.intermediate_dim=64",

@@ -3,8 +3,8 @@ import os
 
 import matplotlib.image
 import pytest
-
 from test_results import SHARED, make_workdir
+
 from tinyjax import plot
 
 RUNS_JSON = os.path.join(SHARED, "marin", "runs.json")
@@ -100,6 +100,7 @@ def test_dynamics_figure_draws_every_matching_key(tmp_path):
 
 def test_lr_figure_from_a_stability_root(tmp_path):
   import json  # noqa: PLC0415
+
   from tinyjax import stability  # noqa: PLC0415
   records = [{"setting": "use_qk_norm=False", "lr": lr, "initial_loss": 6.7, "final_loss": loss,
               "status": "diverged" if div else "completed",

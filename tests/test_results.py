@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from tinyjax import plan, results, sharding
+from tinyjax import plan, sharding
+from tinyjax.runtime import results
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 # shared/ beside the checkout (CI, /work/main); SHARED_DIR names it from a checkout elsewhere (a worktree)

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from test_export import GQA, make_run, make_tokenizer, make_workdir, tokens_without_eos
+
 from tinyjax import sample
 from tinyjax.model import Transformer
 

@@ -14,9 +14,11 @@ import textwrap
 import orbax.checkpoint as ocp
 import psutil
 import pytest
-
 from small_runs import run, small_cfg
-from tinyjax import builder, cache, data, faults, metrics, train
+
+from tinyjax import data, train
+from tinyjax.data import builder, cache
+from tinyjax.runtime import faults, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega signal checkpoint restore compile "
@@ -148,10 +150,10 @@ def test_newest_checkpoint_holding_only_state_is_never_resumed_from(finished, tm
   assert sha(w) == sha(done) and len(sha(done)) == 1
 
 
-# The handler alone, in a process that imports nothing but tinyjax.faults (no jax): ~0.3 s each.
+# The handler alone, in a process that imports nothing but tinyjax.runtime.faults (no jax): ~0.3 s each.
 _HOLD = textwrap.dedent("""
     import sys, time
-    from tinyjax import faults
+    from tinyjax.runtime import faults
     with faults.handling_signals(grace_s=float(sys.argv[1])):
       print("ready", flush=True)
       time.sleep(120)  # a setup step without a safe point (an XLA compile, an Orbax restore)
@@ -243,7 +245,8 @@ def test_data_cli_signal_while_its_workers_start(tmp_path, sig):
 # Grain's prefetch workers (data.num_workers > 0) of a process that reads training batches, then is killed with -9.
 _READ_BATCHES = textwrap.dedent("""
     import importlib.util, sys
-    from tinyjax import data, faults
+    from tinyjax import data
+    from tinyjax.runtime import faults
     faults.quiet_background_noise()  # as the trainer does
     spec = importlib.util.spec_from_file_location("cfg", sys.argv[1])
     module = importlib.util.module_from_spec(spec)

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from tinyjax import aot, cli, envdiff, plan, sharding, targets
+from tinyjax import cli, envdiff, plan, sharding
 from tinyjax.config import ConfigError
+from tinyjax.hardware import aot, targets
 from tinyjax.kernels import attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

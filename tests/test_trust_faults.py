@@ -6,9 +6,9 @@ import math
 import sys
 
 import pytest
-
 from small_runs import run, small_cfg
-from tinyjax import faults, metrics
+
+from tinyjax.runtime import faults, metrics
 
 TIMING = ("training_time", "tokens_per_second", "eta_seconds")
 
@@ -60,6 +60,7 @@ def test_newton_schulz_sets_equal_a_numpy_transcription(coefficient_type, shape)
   """Levanter zeropower_via_newtonschulz5 in float64 NumPy: normalise by the Frobenius norm (+eps), iterate on the
   wide orientation, X <- aX + (bA + cA^2)X with A = XX^T, the sets used cyclically (9 steps: past every set)."""
   import numpy as np  # noqa: PLC0415
+
   from tinyjax import optim  # noqa: PLC0415
   g = np.random.default_rng(0).standard_normal(shape)
   x = g / (np.linalg.norm(g) + 1e-5)
@@ -86,9 +87,11 @@ def test_byte_table_equals_levanters_rule_through_transformers(tmp_path):
   clean_up_tokenization_spaces=true and which has added special tokens beyond BOS/EOS (like Llama-3's <|eot_id|>):
   0 only for all_special_ids, else len(decode([id('.'), id]).utf8) - 1 under transformers' decode rules."""
   import json  # noqa: PLC0415
+
   import numpy as np  # noqa: PLC0415
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
-  from tinyjax import tokenizer as tokenizers  # noqa: PLC0415
+
+  from tinyjax.data import tokenizer as tokenizers  # noqa: PLC0415
   transformers = pytest.importorskip("transformers")
   bos, eos, extra = "<|begin_of_text|>", "<|end_of_text|>", ["<|eot_id|>", "<|reserved_special_token_0|>"]
   tok = Tokenizer(models.BPE())
@@ -139,7 +142,8 @@ def test_a_second_trainer_is_refused_and_a_stale_lock_is_taken_over(cache, tmp_p
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
   import time  # noqa: PLC0415
-  from tinyjax import workdir as workdirs  # noqa: PLC0415
+
+  from tinyjax.runtime import workdir as workdirs  # noqa: PLC0415
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   args = [sys.executable, "-m", "tinyjax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
           f"--config.data.cache_dir={cache}", "--config.model.vocab_size=512", "--config.model.seq_len=32",

@@ -1,5 +1,5 @@
 """The workdir lock under contention: processes acquiring at the same instant, on a fresh directory and over a lock
-left by a dead trainer, never give two holders. The contenders import only tinyjax.workdir (no jax): ~3 s in all."""
+left by a dead trainer, never give two holders. The contenders import only tinyjax.runtime.workdir (no jax): ~3 s in all."""
 import multiprocessing
 import os
 import socket
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tinyjax import config
-from tinyjax import workdir as workdirs
+from tinyjax.runtime import workdir as workdirs
 
 ROUNDS, CONTENDERS = 200, 4
 HELD, REFUSED, OTHER = 1, 2, 3

@@ -33,7 +33,8 @@ def stop(e: Exception, where: str) -> None:
   """Exits for the ways a training run stops on purpose: a user mistake or a full disk (one line, exit 2), a
   stop signal (75), a divergence (3) or a lost process of a multi-process run (4). Returns for anything else (a
   bug: the caller re-raises it)."""
-  from tinyjax import config, distributed, faults  # noqa: PLC0415 - only the trainer's entry point needs them
+  from tinyjax import config  # noqa: PLC0415 - only the trainer's entry point needs them
+  from tinyjax.runtime import distributed, faults
   if isinstance(e, config.ConfigError):
     fail(str(e))
   full = faults.in_chain(e, faults.DiskFull)  # e.g. a failed save, then run_info.json's write failing too
@@ -48,7 +49,7 @@ def stop(e: Exception, where: str) -> None:
   if isinstance(e, faults.Diverged):
     print(f"tinyjax: diverged: {e}", file=sys.stderr)
     sys.exit(faults.EXIT_DIVERGED)
-  from tinyjax import aot  # noqa: PLC0415
+  from tinyjax.hardware import aot  # noqa: PLC0415
   if isinstance(e, aot.CompileFailed):  # the child's traceback is the story; the parent's would only hide it
     _leave(f"tinyjax: error: {e}", 1)
   if lost := distributed.peer_lost(e):  # e.g. a barrier during setup or restore, or the final checkpoint's wait

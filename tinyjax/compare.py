@@ -26,7 +26,8 @@ import re
 import sys
 import urllib.request
 
-from tinyjax import cli, flops, results
+from tinyjax import cli, flops
+from tinyjax.runtime import results
 
 DEFAULT_URL = "https://raw.githubusercontent.com/marin-community/speedrun/main/data/runs.json"
 NUMBER, INTEGER, TEXT = (int, float), (int,), (str,)

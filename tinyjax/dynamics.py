@@ -23,7 +23,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from tinyjax import metrics, optim
+from tinyjax import optim
+from tinyjax.runtime import metrics
 
 FILE = "dynamics.jsonl"
 

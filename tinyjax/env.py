@@ -10,8 +10,8 @@ import os
 
 import jax
 
-from tinyjax import files
 from tinyjax.config import ConfigError
+from tinyjax.runtime import files
 
 RECORDED_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TPU_", "NCCL_", "CUDA_", "TF_")
 # config.env field -> environment variable it sets (verbatim).
@@ -145,7 +145,8 @@ def _skip_absent_accelerator_plugins() -> list[str]:
   /dev/nvidia*) see neither, this is a CPU run: say so and skip plugin discovery. An accelerator asked for or
   visible leaves JAX's choice be."""
   from jax._src import hardware_utils, xla_bridge  # private, checked on jax 0.10.2 (the probes JAX itself uses)
-  from tinyjax import targets  # noqa: PLC0415
+
+  from tinyjax.hardware import targets  # noqa: PLC0415
   installed = [p for p in ("tpu", "cuda") if targets.compiler_installed(p)]
   asked = {p.strip() for p in (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "").split(",")} - {""}
   if not installed or (asked and asked != {"cpu"}):
@@ -185,9 +186,22 @@ def summary(record_: dict) -> str:
   return "env: " + (", ".join(parts) if parts else "defaults (no XLA/JAX/TPU/CUDA variables set)")
 
 
+def _refuse_absent_accelerators(platform: str | None) -> None:
+  """A request for TPU or CUDA only, on a machine where jax's own probes see no such hardware, is refused before the
+  plugin starts (libtpu would first print a dozen lines of its own initialisation errors)."""
+  from jax._src import hardware_utils  # noqa: PLC0415 - private, checked on jax 0.10.2
+  asked = {p.strip() for p in (platform or "").split(",")} - {""}
+  present = {"tpu": hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0,
+             "cuda": hardware_utils.has_visible_nvidia_gpu()}  # "gpu" may be ROCm: left to JAX
+  if asked and asked <= set(present) and not any(present[p] for p in asked):
+    raise ConfigError(f"config.env.platform={platform!r}: that backend cannot start here (no {' or '.join(sorted(asked))}"
+                      " device on this machine; compiling for one needs no device: --dry_run --target=NAME)")
+
+
 def start_backend(e) -> str:
   """Starts the backend config.env asked for; a requested platform that is absent is a ConfigError (a TPU request
   must never become a CPU run). Returns the backend in force."""
+  _refuse_absent_accelerators(e.platform)
   try:
     backend = jax.default_backend()
   except Exception as err:  # noqa: BLE001 - jax raises RuntimeError / JaxRuntimeError / AssertionError by plugin

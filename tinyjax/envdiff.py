@@ -26,7 +26,8 @@ import tempfile
 
 import numpy as np
 
-from tinyjax import cli, env, metrics
+from tinyjax import cli, env
+from tinyjax.runtime import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,7 +149,8 @@ def main(argv=None) -> dict:
   if args.steps < 1:
     cli.fail(f"--steps={args.steps}: must be >= 1")
   if args.target:
-    from tinyjax import config, targets  # noqa: PLC0415
+    from tinyjax import config  # noqa: PLC0415
+    from tinyjax.hardware import targets
     try:
       targets.parse(args.target)
     except config.ConfigError as e:

@@ -22,14 +22,14 @@ import shutil
 import sys
 import tempfile
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from tinyjax import cli, config
-from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
+from tinyjax.data import tokenizer as tokenizers
 from tinyjax.model import ModelConfig, Transformer
 
 DEFAULT_MAX_SHARD = 5_000_000_000  # transformers 4.x save_pretrained default ("5GB"): one file below this
@@ -272,7 +272,8 @@ def load_run(workdir: str, step: int | None = None, cache_dir: str | None = None
   """Params (on the default device) of checkpoint `step` of workdir (default: the newest complete one); the
   tokenizer under cache_dir (default: the run's data.cache_dir)."""
   import orbax.checkpoint as ocp  # noqa: PLC0415
-  from tinyjax import workdir as workdirs  # noqa: PLC0415
+
+  from tinyjax.runtime import workdir as workdirs  # noqa: PLC0415
   if workdirs.is_remote(workdir):  # gs://...: Orbax reads the bucket's checkpoints in place
     directory = f"{workdir.rstrip('/')}/checkpoints"
   else:

@@ -7,7 +7,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tinyjax import cli, config, faults
+from tinyjax import cli, config
+from tinyjax.runtime import faults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdir/<config name>).")
@@ -26,7 +27,7 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value
   try:
     env_record = env.apply(cfg.env)
-    from tinyjax import distributed  # after the env (XLA reads it at backend start), before any device use
+    from tinyjax.runtime import distributed  # after the env (XLA reads it at backend start), before any device use
     env_record["distributed"] = distributed.initialize(cfg.distributed)
     env_record["backend"] = env.start_backend(cfg.env)  # what is in force, recorded in run_info.json
     import jax

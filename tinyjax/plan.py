@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from tinyjax import config, flops, memory, optim, sharding, targets
+from tinyjax import config, flops, optim, sharding
+from tinyjax.hardware import memory, targets
 from tinyjax.model import ModelConfig, Transformer
 
 
@@ -116,7 +117,7 @@ def dry_run(cfg, mesh, env_record: dict, dry: bool, target_names: str) -> dict:
                              "it finds)")
   chosen = targets.parse_list(target_names)
   if chosen:
-    from tinyjax import aot  # noqa: PLC0415
+    from tinyjax.hardware import aot  # noqa: PLC0415
     memory_block = {"targets": aot.plans(cfg, chosen, proxy=lambda t: proxy_plan(cfg, mesh, t))}
   else:
     memory_block = memory_plan(cfg, mesh)

@@ -35,7 +35,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from tinyjax import cli, compare, metrics, results  # noqa: E402
+from tinyjax import cli, compare  # noqa: E402
+from tinyjax.runtime import metrics, results
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:

@@ -190,7 +190,7 @@ def samples_after_training(workdir: str, prompts=SAMPLE_PROMPTS, max_new_tokens:
   n = min(max_new_tokens, run.model_cfg.seq_len - max(len(i) for i in encode_prompts(run.tok, list(prompts))[2]))
   out = sample(run, list(prompts), n, temperature, top_k, 1.0, seed)
   if jax.process_index() == 0:
-    from tinyjax import workdir as workdirs  # noqa: PLC0415
+    from tinyjax.runtime import workdir as workdirs  # noqa: PLC0415
     remote = workdirs.is_remote(workdir)
     if remote:
       import fsspec  # noqa: PLC0415

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from tinyjax import cli, metrics
+from tinyjax import cli
+from tinyjax.runtime import metrics
 
 RECORD = "stability.json"  # per-run record written here (the only file this module adds to a workdir)
 SUMMARY = "stability_summary"  # <root>/stability_summary.{json,csv}

@@ -31,7 +31,8 @@ import shlex
 import subprocess
 import sys
 
-from tinyjax import cli, targets  # targets: no jax (the preflight compiles run in child processes)
+from tinyjax import cli  # targets: no jax (the preflight compiles run in child processes)
+from tinyjax.hardware import targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHES = ("local", "tpu", "slurm", "print")
@@ -190,7 +191,7 @@ def launch(how: str, sweep: dict, root: str, points: list[Point], launcher_args:
 
 
 def launch_target(how: str, launcher_args: list[str]) -> str | None:
-  """The hardware a launch gets, as a tinyjax.targets name: the TPU launcher's --accelerator-type (default v4-8) or
+  """The hardware a launch gets, as a tinyjax.hardware.targets name: the TPU launcher's --accelerator-type (default v4-8) or
   SLURM's NODESxGPUSx--gpu-type; None for local runs (the run's own memory check refuses before allocating) and a
   SLURM launch without --gpu-type."""
   import argparse  # noqa: PLC0415
@@ -209,7 +210,8 @@ def preflight(sweep: dict, root: str, points: list[Point], extra: list[str], nam
               launch_on: str | None) -> None:
   """Before launching: every point compiled for every target by the target's own compiler (tinyjax/aot.py), a table
   of which fit where, and a one-line refusal (exit 2) when a point cannot fit the hardware it is launched on."""
-  from tinyjax import aot, config  # noqa: PLC0415
+  from tinyjax import config
+  from tinyjax.hardware import aot  # noqa: PLC0415
   columns = list(dict.fromkeys([*names, *([launch_on] if launch_on else [])]))
   todo = [p for p in points if launch_on is None or status(workdir(root, p)) != "completed"]
   print(f"tinyjax.sweep: preflight of {len(todo)} points on {', '.join(columns)} (peak / usable GiB per chip)",

@@ -14,10 +14,20 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import (checkpoint, config, data, distributed, dynamics, evaluate, faults, files, memory, metrics, optim,
-                     plan, record, results, sharding, tracking)
-from tinyjax import workdir as workdirs
+from tinyjax import config, data, dynamics, evaluate, optim, plan, sharding
+from tinyjax.hardware import memory
 from tinyjax.model import ModelConfig, Transformer, next_token_loss
+from tinyjax.runtime import (
+  checkpoint,
+  distributed,
+  faults,
+  files,
+  metrics,
+  record,
+  results,
+  tracking,
+  workdir as workdirs,
+)
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -14,7 +14,8 @@ import os
 import tempfile
 import time
 
-from tinyjax import checkpoint, config, env, train
+from tinyjax import config, env, train
+from tinyjax.runtime import checkpoint
 
 
 def _tiny(steps: int):

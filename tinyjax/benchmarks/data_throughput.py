@@ -21,8 +21,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from tinyjax import cache, config, corpus, data
-from tinyjax import tokenizer as tokenizers
+from tinyjax import config, data
+from tinyjax.data import cache, corpus, tokenizer as tokenizers
 
 _TOKENS = flags.DEFINE_integer("tokens", 64 * 2**20, "Tokens in the loader benchmark's cache.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Global batch (sequences).")

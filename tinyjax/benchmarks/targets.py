@@ -14,7 +14,8 @@ import os
 
 import jax
 
-from tinyjax import aot, cli, config, env, plan, sharding, targets
+from tinyjax import cli, config, env, plan, sharding
+from tinyjax.hardware import aot, targets
 
 CONFIGS = ("tiny", "stability_tiny", "c4_30m", "c4_50m", "c4_75m", "c4_130m")
 TARGETS = ("h100", "h200", "a100-40gb", "v4-8", "v5p-8", "v5e-8")

@@ -222,8 +222,10 @@ blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 def splash(q_BLGRK, k_BLGK, v_BLGK, seg_BL, interpret: bool = False):
   """TPU splash attention: one MQA kernel per kv head keeps GQA grouped (no repeated K/V)."""
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # noqa: PLC0415
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm  # noqa: PLC0415
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as sk,  # noqa: PLC0415
+    splash_attention_mask as sm,  # noqa: PLC0415
+  )
   B, L, G, R, K = q_BLGRK.shape
   block = _block(L, 512)
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,

@@ -29,8 +29,9 @@ import tempfile
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyjax import corpus, files
 from tinyjax.config import ConfigError
+from tinyjax.data import corpus
+from tinyjax.runtime import files
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"

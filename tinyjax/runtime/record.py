@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from tinyjax import files
+from tinyjax.runtime import files
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "tokenizers", "numpy",
             "ml_collections", "absl-py", "libtpu", "libtpu-nightly", "jax-cuda12-plugin", "jax-cuda13-plugin",

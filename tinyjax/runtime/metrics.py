@@ -11,7 +11,7 @@ import time
 
 import jax
 
-from tinyjax import files
+from tinyjax.runtime import files
 
 FILE = "metrics.jsonl"
 

@@ -19,9 +19,8 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from tinyjax import distributed, faults
 from tinyjax.config import EXECUTION_ONLY_MODEL_KEYS, ConfigError
-
+from tinyjax.runtime import distributed, faults
 
 # What a resumed run may not change silently (it changes the trajectory): optimizer, budget, batch, data order.
 TRAINING_KEY_PREFIXES = ("seed", "optimizer.", "train.train_batch_size", "train.num_train_steps",

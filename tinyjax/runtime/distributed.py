@@ -36,8 +36,8 @@ import time
 
 import jax
 
-from tinyjax import faults
 from tinyjax.config import ConfigError
+from tinyjax.runtime import faults
 
 
 def _detected_cluster():

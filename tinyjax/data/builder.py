@@ -19,9 +19,9 @@ from typing import Iterator
 
 import numpy as np
 
-from tinyjax import cache, corpus, faults
-from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
+from tinyjax.data import cache, corpus, tokenizer as tokenizers
+from tinyjax.runtime import faults
 
 ENCODE_BATCH_DOCS = 1024  # documents per encode_batch call (the Rust side parallelises within a call)
 PROGRESS_SECONDS = 10.0  # between progress lines of a build

@@ -4,7 +4,7 @@ libtpu compiles for any TPU slice from a topology description, and the CUDA PJRT
 target config (tinyjax/targets.py); neither needs the device. Their buffer assignment (`memory_analysis()`) and the
 kernels in the compiled module are the hardware's own figures short of running it.
 
-Each target compiles in a child process (`python -m tinyjax.aot REQUEST`), so that the process asking, a dry run or a
+Each target compiles in a child process (`python -m tinyjax.hardware.aot REQUEST`), so that the process asking, a dry run or a
 launcher, never loads libtpu or the CUDA plugin, and one plugin's state cannot leak into another target's compile.
 The child starts only JAX's CPU backend; the plugin serves the topology and the compiler.
 """
@@ -22,8 +22,8 @@ import sys
 import tempfile
 import time
 
-from tinyjax import targets
 from tinyjax.config import ConfigError
+from tinyjax.hardware import targets
 
 # A compile-only child: CPU is the only backend it starts; no GCE metadata queries (libtpu would ask the metadata
 # server which TPU this VM is); no /tmp/libtpu_lockfile (it admits one libtpu process per machine, but compiles may
@@ -43,7 +43,7 @@ def plan(cfg, target: targets.Target, search: bool = True) -> dict:
     request = os.path.join(tmp, "request.pkl")
     with open(request, "wb") as f:
       pickle.dump({"cfg": cfg, "target": target, "search": search}, f)
-    proc = subprocess.run([sys.executable, "-m", "tinyjax.aot", request], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "tinyjax.hardware.aot", request], capture_output=True, text=True,
                           env={**os.environ, **CHILD_ENV}, check=False)
   lines = proc.stdout.strip().splitlines()
   result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None

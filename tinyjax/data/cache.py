@@ -25,9 +25,9 @@ from typing import Iterable
 import numpy as np
 import tensorstore as ts
 
-from tinyjax import corpus, files
-from tinyjax import tokenizer as tokenizers
 from tinyjax.config import ConfigError
+from tinyjax.data import corpus, tokenizer as tokenizers
+from tinyjax.runtime import files
 
 LEDGER = "shard_ledger.json"
 FIELD = "input_ids"

@@ -37,9 +37,8 @@ import re
 import sysconfig
 import warnings
 import zlib
-from typing import Iterator
-
 from pydoc_data.topics import topics
+from typing import Iterator
 
 from tinyjax.config import ConfigError
 

@@ -9,7 +9,7 @@ v2/v3 a JAX device is one TensorCore (2 per chip); flops.PEAK_FLOPS holds v3's p
 also count devices, which keeps training_hardware_flops = time x devices x per-device peak right. Unknown peaks
 (CPUs) give null device_flops / training_hardware_flops / mfu and a note; no number is invented.
 
-CLI: python -m tinyjax.results WORKDIR [WORKDIR ...]
+CLI: python -m tinyjax.runtime.results WORKDIR [WORKDIR ...]
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import json
 import os
 import sys
 
-from tinyjax import cli, flops, metrics
+from tinyjax import cli, flops
+from tinyjax.runtime import metrics
 
 RESULTS_FILE = "speedrun_results.json"
 PALOMA_C4_EN = "paloma/c4_en"  # the leaderboard's eval set: W&B summary key eval/paloma/c4_en/bpb
@@ -191,7 +192,7 @@ def summary(info: dict) -> str:
 
 def main(argv: list[str]) -> None:
   if not argv or argv[0].startswith("-"):
-    cli.fail("usage: python -m tinyjax.results WORKDIR [WORKDIR ...]")
+    cli.fail("usage: python -m tinyjax.runtime.results WORKDIR [WORKDIR ...]")
   for workdir in argv:
     try:
       info = write_results(workdir)["runs"][0]["run_info"]
