@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinyjax import cli, config, export, optim, train
+from tinyjax import cli, config, export, optim, step, train
 from tinyjax.config import ConfigError
 from tinyjax.data import tokenizer as tokenizers
 from tinyjax.model import ModelConfig, Transformer
@@ -69,7 +69,7 @@ def make_workdir(path, tok, c=GQA, step=5, tokenizer=None, cache_dir=None) -> di
   cfg.data.tokenizer, cfg.data.cache_dir = tokenizer or tok.path, cache_dir or str(path / "cache")
   cfg.train.num_train_steps = 10
   model = Transformer(c, eos_id=tok.eos_id)
-  state = train.init_state(model, optim.make(cfg, 10), 0)
+  state = step.init_state(model, optim.make(cfg, 10), 0)
   params = strong_params(c)
   state = state.replace(params=params)
   ckpt = checkpoint.Checkpointer(str(path), cfg)
@@ -226,7 +226,7 @@ def test_cli_exports_a_checkpoint_and_init_from_loads_it(tmp_path, tok):
     cfg.model[f.name] = getattr(GQA, f.name)
   cfg.model.init_from = str(tmp_path / "hf")
   tx = optim.make(cfg, 10)
-  state = train.init_state(Transformer(GQA, eos_id=1), tx, 0)
+  state = step.init_state(Transformer(GQA, eos_id=1), tx, 0)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   loaded = export.init_from(cfg, state, tx, shardings)
   for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params)):
@@ -317,7 +317,7 @@ def test_mixed_single_and_sharded_weights_are_refused(tmp_path, run_a):
 def test_a_run_with_a_relative_cache_dir_exports_from_anywhere(tmp_path, tok, monkeypatch, capsys):
   """New runs save data.cache_dir resolved; a run saved with a relative one (older tinyjax) is found with
   --cache_dir, and without it the one line says so."""
-  from tinyjax import sample, train  # noqa: PLC0415
+  from tinyjax import sample  # noqa: PLC0415
   monkeypatch.chdir(tmp_path)
   assert train.resolve_cache_dir("cache") == str(tmp_path / "cache")
   assert train.resolve_cache_dir("~/.cache/tinyjax") == "~/.cache/tinyjax"  # per user, not per directory

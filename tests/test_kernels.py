@@ -12,10 +12,9 @@ import pytest
 from jax import export
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import audit, config, optim, sharding, train
-from tinyjax.hardware import memory
+from tinyjax import audit, config, sharding, step
 from tinyjax.kernels import attention, loss
-from tinyjax.model import ModelConfig, Transformer
+from tinyjax.model import ModelConfig, Transformer, next_token_loss
 
 
 def _inputs(B=2, L=256, G=2, R=2, K=32, dtype=jnp.float32, seed=0):
@@ -124,7 +123,7 @@ def _tiny_cfg(**model):
   m.seq_len, m.vocab_size, m.compute_dtype = 64, 384, "float32"
   for key, value in model.items():
     m[key] = value
-  cfg.train.train_batch_size = 4
+  cfg.train.train_batch_size, cfg.train.num_train_steps = 4, 10
   return cfg
 
 
@@ -136,14 +135,19 @@ def _doc_tokens(B=4, L=64, V=384, seed=4):
   return jnp.asarray(tokens, jnp.int32)
 
 
+def _loss_fn(model):
+  """The train step's loss (z-loss 1e-3): params, tokens -> (loss, mean NLL)."""
+  return lambda params, tokens_BL: next_token_loss(model, params, tokens_BL, 1e-3)
+
+
 @functools.lru_cache(maxsize=None)
 def _training_loss_and_grads(block: int, loss_impl: str):
-  """Loss, NLL and gradients of train.loss_fn (z-loss 1e-3) on _doc_tokens, with blockwise attention (block 16)."""
+  """Loss, NLL and gradients of the train step's loss (z-loss 1e-3) on _doc_tokens, with blockwise attention (block 16)."""
   tokens = _doc_tokens()
   cfg = _tiny_cfg(loss_block_size=block, loss_impl=loss_impl, attention="blockwise", attention_block=16)
   model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
   params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
-  return jax.jit(jax.value_and_grad(train.loss_fn(model, 1e-3), has_aux=True))(params, tokens)
+  return jax.jit(jax.value_and_grad(_loss_fn(model), has_aux=True))(params, tokens)
 
 
 @pytest.mark.parametrize("loss_impl", ["fused", "blockwise"])
@@ -227,27 +231,24 @@ def _one_step(cfg, data_devices: int, fsdp: bool, tokens, in_mesh: bool):
   and the step's lowered text."""
   cfg.mesh.data, cfg.mesh.fsdp = data_devices, fsdp
   mesh = sharding.make_mesh(cfg.mesh)
-  model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
-  tx = optim.make(cfg, 10)
-  init = lambda: train.init_state(model, tx, 0)
-  state_sh, batch_sh = sharding.state_shardings(jax.eval_shape(init), mesh, fsdp), sharding.batch_sharding(mesh)
-  step = train.make_train_step(model, tx, cfg, 10, state_sh, batch_sh)
-  state, batch = jax.jit(init, out_shardings=state_sh)(), jax.device_put(tokens, batch_sh)
+  built = step.build(cfg, mesh, eos_id=1)
+  train_step = built.make(cfg.train.grad_accum_steps)
+  state, batch = built.init(), jax.device_put(tokens, built.batch_sh)
   with jax.set_mesh(mesh) if in_mesh else contextlib.nullcontext():
-    lowered = step.lower(state, batch)
-    state, out = step(state, batch)
+    lowered = train_step.lower(state, batch)
+    state, out = train_step(state, batch)
   return jax.device_get(out), jax.device_get(state.params), lowered.as_text()
 
 
 def test_fused_loss_per_shard_under_an_fsdp_mesh():
-  """Loss and gradients of train.loss_fn with FSDP-sharded params and a batch split over 8 devices, traced inside
+  """Loss and gradients of the train step's loss with FSDP-sharded params and a batch split over 8 devices, traced inside
   the mesh: the fused loss runs per shard (shard_map: each device scans its own 2 blocks of 48 tokens, one
   all-reduce of the sums and the lm_head gradient) and equals the unsharded computation."""
   tokens = _doc_tokens(B=8)
   cfg = _tiny_cfg(loss_block_size=48)
   model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
   params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
-  grad_fn = jax.value_and_grad(train.loss_fn(model, 1e-3), has_aux=True)
+  grad_fn = jax.value_and_grad(_loss_fn(model), has_aux=True)
   mesh = sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(8))
   param_sh = jax.tree.map(lambda x: NamedSharding(mesh, sharding.leaf_spec(x.shape, 8, True)), params)
   sharded = jax.jit(grad_fn, in_shardings=(param_sh, sharding.batch_sharding(mesh)))
@@ -295,15 +296,8 @@ def test_loss_statistics_match_logits():
 
 
 def _step_temp_bytes(cfg) -> int:
-  model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
-  tx = optim.make(cfg, 10)
-  shapes = jax.eval_shape(lambda: train.init_state(model, tx, 0))
-  mesh = sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1))
-  state_sh, batch_sh = sharding.state_shardings(shapes, mesh, False), sharding.batch_sharding(mesh)
-  step = train.make_train_step(model, tx, cfg, 10, state_sh, batch_sh)
-  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh)
-  batch = memory.abstract_batch(cfg.train.train_batch_size, cfg.model.seq_len, batch_sh)
-  return memory.analysis(step.lower(abstract, batch).compile())["temp"]
+  built = step.build(cfg, sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1)), eos_id=1)
+  return built.planner(cfg.train.train_batch_size).info(1)["temp"]
 
 
 def test_step_memory_is_linear_in_seq_len_with_no_BLV_buffer():
@@ -326,14 +320,9 @@ def test_train_step_exports_for_accelerators(platform, impl, marker):
   """jax.export of the real train step for TPU and CUDA on this CPU machine; the module holds the kernel's custom
   call (Mosaic on TPU; Triton on CUDA, whose call jax.export accepts only when listed in disabled_checks)."""
   cfg = _tiny_cfg(attention=impl, seq_len=256, compute_dtype="bfloat16")
-  model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
-  tx = optim.make(cfg, 10)
-  shapes = jax.eval_shape(lambda: train.init_state(model, tx, 0))
-  mesh = sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1))
-  step = train.make_train_step(model, tx, cfg, 10, sharding.state_shardings(shapes, mesh, False),
-                               sharding.batch_sharding(mesh))
+  built = step.build(cfg, sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1)), eos_id=1)
   checks = [export.DisabledSafetyCheck.custom_call(marker)] if platform == "cuda" else []
-  exported = export.export(step, platforms=[platform], disabled_checks=checks)(
-      shapes, jax.ShapeDtypeStruct((4, 256), jnp.int32))
+  exported = export.export(built.make(1), platforms=[platform], disabled_checks=checks)(
+      built.shapes, jax.ShapeDtypeStruct((4, 256), jnp.int32))
   assert exported.platforms == (platform,)
   assert marker in exported.mlir_module()

@@ -5,12 +5,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import pytest
 
-from tinyjax import config, optim, sharding, train
+from tinyjax import config, sharding, step
 from tinyjax.hardware import memory
-from tinyjax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2 ** 30
@@ -44,15 +42,9 @@ def _planner(grad_accum_steps, device_memory_gb=0.0):
   m.seq_len, m.vocab_size, m.compute_dtype, m.loss_block_size = 128, 4096, "float32", 0
   cfg.train.train_batch_size, cfg.train.grad_accum_steps = 8, grad_accum_steps
   cfg.train.device_memory_gb = device_memory_gb
-  model = Transformer(ModelConfig.from_config(m), eos_id=1)
-  tx = optim.make(cfg, 10)
-  shapes = jax.eval_shape(lambda: train.init_state(model, tx, 0))
+  cfg.train.num_train_steps = 10
   mesh = sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1))
-  state_sh, batch_sh = sharding.state_shardings(shapes, mesh, False), sharding.batch_sharding(mesh)
-  abstract = (jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, state_sh),
-              memory.abstract_batch(8, 128, batch_sh))
-  make = lambda a: train.make_train_step(model, tx, cfg, 10, state_sh, batch_sh, accum=a)
-  return memory.StepPlanner(cfg, make, abstract, 8)
+  return step.build(cfg, mesh, eos_id=1).planner(8)
 
 
 def test_auto_accumulation_is_the_smallest_that_fits():

@@ -233,7 +233,7 @@ def sched_cfg(**overrides):
 
 
 def check_schedule(cfg, peak, total, expected):
-  fn = optim.schedule(cfg, peak, total)
+  fn = optim.schedule(optim.OptimizerConfig.from_config(cfg, total), peak)
   for step, want in expected.items():
     got = float(fn(step))
     assert abs(got - want) <= 1e-6 * peak, f"LR at step {step} = {got}, want {want} (Levanter lr_scheduler)"
@@ -273,16 +273,16 @@ def test_schedule_warmup_in_steps_linear_decay_none_and_constant():
   check_schedule(cfg, 1.0, 100, {0: 1.0, 99: 1.0})
 
 
-def test_current_learning_rates_jittable_and_first_warmup_update_is_zero():
+def test_learning_rates_jittable_and_first_warmup_update_is_zero():
   cfg = muon_cfg(warmup=10, lr_schedule="linear", decay=None)
-  lrs = jax.jit(lambda s: optim.current_learning_rates(cfg, 100, s))(jnp.int32(5))
+  lrs = jax.jit(lambda s: optim.learning_rates(optim.OptimizerConfig.from_config(cfg, 100), s))(jnp.int32(5))
   assert set(lrs) == {"learning_rate", "adam_lr"}, "muon logs learning_rate and adam_lr"
   assert abs(float(lrs["learning_rate"]) - 0.01) < 1e-8 and abs(float(lrs["adam_lr"]) - 0.002) < 1e-8, \
       "both groups follow the same warmup shape"
   u = run_steps(optim.make(cfg, 100), make_params(), [make_params(seed=1)])[0]
   assert all(np.all(v == 0) for v in u.values()), "with warmup the first update must have LR 0 (Levanter)"
   cfg.optimizer.name = "adamw"
-  assert set(optim.current_learning_rates(cfg, 100, 0)) == {"learning_rate"}, "adamw logs only learning_rate"
+  assert set(optim.learning_rates(optim.OptimizerConfig.from_config(cfg, 100), 0)) == {"learning_rate"}, "adamw logs only learning_rate"
 
 
 # ---------------- 6: AdamW ----------------
@@ -321,7 +321,7 @@ def test_adamw_two_steps_match_numpy():
 def test_sqrt_batch_rule_doubles_both_lrs():
   cfg = muon_cfg(lr_schedule="constant", decay=None, lr_scaling_base_batch=64)
   cfg.train.train_batch_size = 256
-  lrs = optim.current_learning_rates(cfg, 100, 3)
+  lrs = optim.learning_rates(optim.OptimizerConfig.from_config(cfg, 100), 3)
   assert abs(float(lrs["learning_rate"]) - 0.04) < 1e-7, "Muon LR should be sqrt(256/64)=2x"
   assert abs(float(lrs["adam_lr"]) - 0.008) < 1e-8, "Adam LR should be sqrt(256/64)=2x"
 

@@ -107,12 +107,12 @@ def test_names_are_deterministic_and_filesystem_safe(tmp_path):
       {"model.use_qk_norm": "False", "train.z_loss_weight": "0"},
       {"model.use_qk_norm": "False", "train.z_loss_weight": "1e-4"}]
   name = stability.run_name({"model.use_qk_norm": "True", "data.train_urls": "a/b c"}, 3e-4)
-  assert name == "use_qk_norm-True__train_urls-a_b_c__lr-0.0003"
+  assert name == "use_qk_norm-True_train_urls-a_b_c_lr-0.0003"  # the launchers' one naming rule
   assert stability.run_name({}, 1e-2) == "lr-0.01" and stability.setting_name({}) == "base"
   runs = stability.plan_runs(str(tmp_path), [1e-3, 2e-2], varies[:1], ["train.log_every=2"], 50, 0.2)
   assert [os.path.basename(r.workdir) for r in runs] == [
-      "use_qk_norm-True__lr-0.001", "use_qk_norm-True__lr-0.02", "use_qk_norm-False__lr-0.001",
-      "use_qk_norm-False__lr-0.02"]
+      "use_qk_norm-True_lr-0.001", "use_qk_norm-True_lr-0.02", "use_qk_norm-False_lr-0.001",
+      "use_qk_norm-False_lr-0.02"]
   assert runs[1].overrides == ("train.log_every=2", "train.num_train_steps=50", "model.use_qk_norm=True",
                                "optimizer.learning_rate=0.02", "optimizer.adam_lr=0.004"), "Muon/Adam ratio 0.2"
 

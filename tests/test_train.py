@@ -2,8 +2,7 @@
 import jax
 import numpy as np
 
-from tinyjax import config, data, optim, sharding, train
-from tinyjax.model import ModelConfig, Transformer
+from tinyjax import config, data, sharding, step
 
 
 def small_cfg():
@@ -21,16 +20,11 @@ def trajectory(cfg, tokens_SBL, data_devices, fsdp=False):
   """Losses and final params of len(tokens) steps on a mesh of `data_devices` devices."""
   cfg.mesh.data, cfg.mesh.fsdp = data_devices, fsdp
   mesh = sharding.make_mesh(cfg.mesh)
-  model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
-  tx = optim.make(cfg, cfg.train.num_train_steps)
-  init = lambda: train.init_state(model, tx, cfg.seed)
-  state_sh = sharding.state_shardings(jax.eval_shape(init), mesh, fsdp)
-  state = jax.jit(init, out_shardings=state_sh)()
-  batch_sh = sharding.batch_sharding(mesh)
-  step = train.make_train_step(model, tx, cfg, cfg.train.num_train_steps, state_sh, batch_sh)
+  built = step.build(cfg, mesh, eos_id=1)
+  state, train_step, batch_sh = built.init(), built.make(1), built.batch_sh
   losses = []
   for tokens_BL in tokens_SBL:
-    state, out = step(state, sharding.to_global(np.asarray(tokens_BL), batch_sh))
+    state, out = train_step(state, sharding.to_global(np.asarray(tokens_BL), batch_sh))
     losses.append(float(out["loss"]))
   return np.array(losses), jax.device_get(state.params), state
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
-from tinyjax import config, flops, optim, sharding
-from tinyjax.model import ModelConfig, Transformer
+from tinyjax import flops, sharding, step
+from tinyjax.model import ModelConfig
 
 PALLAS_ATTENTION = ("splash", "pallas_gpu")  # opaque custom calls: counted as blockwise, which skips the same blocks
 
@@ -78,21 +78,17 @@ def flop_audit(cfg, mesh) -> dict:
   """The audit of one train step of cfg, traced for one of its data-parallel devices (train.plan_num_devices, else
   the mesh's data axis: that device's share of the batch, in train.grad_accum_steps microbatches, 0 = auto counted
   as 1) and scaled to the whole step; the --dry_run JSON's "flop_audit"."""
-  from tinyjax import train  # noqa: PLC0415 (train imports the planning modules)
   data_size = cfg.train.plan_num_devices or mesh.shape[sharding.DATA]
   platform = mesh.devices.flat[0].platform
   model_cfg = counted_model(ModelConfig.from_config(cfg.model), platform)
-  model = Transformer(model_cfg, eos_id=0)
   per_device = cfg.train.train_batch_size // data_size
   accum = max(cfg.train.grad_accum_steps, 1)
-  steps = config.num_train_steps(cfg, flops.param_counts(model_cfg)["model_size"])
-  tx = optim.make(cfg, steps)
-  shapes = jax.eval_shape(lambda: train.init_state(model, tx, cfg.seed))
   one = sharding.make_mesh(types.SimpleNamespace(data=1))  # one device's share, traced (never compiled)
-  state_sh, batch_sh = sharding.state_shardings(shapes, one, False), sharding.batch_sharding(one)
-  step = train.make_train_step(model, tx, cfg, steps, state_sh, batch_sh, accum=accum)
+  built = step.build(cfg, one, model_cfg=model_cfg)
+  shapes = built.shapes
   tokens = jax.ShapeDtypeStruct((per_device, model_cfg.seq_len), jnp.int32)
-  total = data_size * jaxpr_flops(jax.make_jaxpr(step)(shapes, tokens))
+  step_fn, tx = built.make(accum), built.tx
+  total = data_size * jaxpr_flops(jax.make_jaxpr(step_fn)(shapes, tokens))
   optimizer = jaxpr_flops(jax.make_jaxpr(tx.update)(shapes.params, shapes.opt_state, shapes.params))
   executed = total - data_size * optimizer  # every data-parallel device runs the whole update
   model_flops = flops.model_flops(model_cfg, cfg.train.train_batch_size * model_cfg.seq_len)

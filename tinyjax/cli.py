@@ -17,7 +17,7 @@ def summary(doc: str) -> str:
 
 def fail(message: str) -> None:
   print(f"tinyjax: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(2)  # faults.EXIT_USAGE (faults is not imported by every program)
 
 
 def _leave(message: str, code: int) -> None:
@@ -30,34 +30,18 @@ def _leave(message: str, code: int) -> None:
 
 
 def stop(e: Exception, where: str) -> None:
-  """Exits for the ways a training run stops on purpose: a user mistake or a full disk (one line, exit 2), a
-  stop signal (75), a divergence (3) or a lost process of a multi-process run (4). Returns for anything else (a
-  bug: the caller re-raises it)."""
-  from tinyjax import config  # noqa: PLC0415 - only the trainer's entry point needs them
-  from tinyjax.runtime import distributed, faults
-  if isinstance(e, config.ConfigError):
-    fail(str(e))
-  full = faults.in_chain(e, faults.DiskFull)  # e.g. a failed save, then run_info.json's write failing too
-  if full is not None:
-    _leave(f"tinyjax: error: {full}", 2)
-  if isinstance(e, faults.StoppedInSetup):  # raised at a safe point: an ordinary exit (build workers joined, ...)
-    faults.tell_once(f"tinyjax: {e}")
-    sys.exit(faults.EXIT_PREEMPTED)
-  if isinstance(e, faults.Preempted):
-    print(f"tinyjax: {e}", file=sys.stderr)
-    sys.exit(faults.EXIT_PREEMPTED)
-  if isinstance(e, faults.Diverged):
-    print(f"tinyjax: diverged: {e}", file=sys.stderr)
-    sys.exit(faults.EXIT_DIVERGED)
-  from tinyjax.hardware import aot  # noqa: PLC0415
-  if isinstance(e, aot.CompileFailed):  # the child's traceback is the story; the parent's would only hide it
-    _leave(f"tinyjax: error: {e}", 1)
-  if lost := distributed.peer_lost(e):  # e.g. a barrier during setup or restore, or the final checkpoint's wait
-    distributed.leave_lost_host(f"a collective or coordination call failed ({lost})")
-  reason = faults.disk_full_reason(e)  # a full disk anywhere else: metrics, records, caches
-  if reason:
-    _leave(f"tinyjax: error: disk full ({reason}) writing {getattr(e, 'filename', None) or where}: free space and "
-           "rerun (it resumes from the last checkpoint)", 2)
+  """Exits as faults.ending declares for the ways a run stops on purpose (one line and its exit code); returns for
+  anything else (a bug: the caller re-raises it)."""
+  from tinyjax.runtime import distributed, faults  # noqa: PLC0415 - only the programs that train need them
+  end = faults.ending(e, where)
+  if end is None:
+    return
+  if end.code == faults.EXIT_LOST_HOST:
+    distributed.leave_lost_host(end.evidence)
+  if end.now:
+    _leave(end.line, end.code)
+  faults.tell_once(end.line)
+  sys.exit(end.code)
 
 
 class ArgParser(argparse.ArgumentParser):

@@ -17,7 +17,6 @@ forward pass without gradients); the update itself is the ordinary step's.
 from __future__ import annotations
 
 import collections
-import json
 import os
 
 import jax
@@ -25,8 +24,7 @@ import jax.numpy as jnp
 
 from tinyjax import optim
 from tinyjax.runtime import metrics
-
-FILE = "dynamics.jsonl"
+from tinyjax.runtime.workdir import DYNAMICS as FILE
 
 
 def _moments(x) -> dict:
@@ -94,7 +92,7 @@ class Log:
   """workdir/dynamics.jsonl (process 0): rows are fetched one push later (no stall), cut back on resume."""
 
   def __init__(self, workdir: str, start_step: int, sinks=()):
-    self.path = os.path.join(workdir, FILE)
+    self.workdir, self.path = workdir, os.path.join(workdir, FILE)
     self.is_main = jax.process_index() == 0
     if self.is_main:
       metrics.truncate(self.path, start_step)
@@ -111,8 +109,7 @@ class Log:
     self.pending = None
     row = {k: float(v) for k, v in jax.device_get(values).items()}
     if self.is_main:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **row}, sort_keys=True) + "\n")
+      metrics.append(self.workdir, {"step": step, **row}, FILE)
       for sink in self.sinks:
         sink.write(step, row)
 

@@ -27,6 +27,7 @@ import tempfile
 import numpy as np
 
 from tinyjax import cli, env
+from tinyjax.launch import commands as C
 from tinyjax.runtime import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,9 +49,9 @@ def _side(settings: list[str]) -> tuple[dict, list[str]]:
 def run_side(config: str, settings: list[str], steps: int, workdir: str, extra: list[str]) -> dict:
   """One fresh training process; returns its per-step rows."""
   env_vars, overrides = _side(settings)
-  cmd = [sys.executable, "-m", "tinyjax.main", f"--config={config}", f"--workdir={workdir}",
-         f"--config.train.num_train_steps={steps}", "--config.train.log_every=1",
-         f"--config.train.steps_per_eval={steps}", "--config.checkpoint.enabled=False", *extra, *overrides]
+  cmd = C.main_argv([f"--config={config}", f"--workdir={workdir}", f"--config.train.num_train_steps={steps}",
+                     "--config.train.log_every=1", f"--config.train.steps_per_eval={steps}",
+                     "--config.checkpoint.enabled=False", *extra, *overrides], sys.executable)
   proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env_vars}, capture_output=True, text=True)
   if proc.returncode != 0:
     cli.fail(f"the run with {' '.join(settings) or 'no settings'} failed (exit {proc.returncode}): "
@@ -93,8 +94,7 @@ def table(report: dict, a: list[str], b: list[str]) -> str:
 def target_side(config: str, settings: list[str], target: str, extra: list[str]) -> dict:
   """One fresh `--dry_run --target` process under this side's settings; returns its plan for the target."""
   env_vars, overrides = _side(settings)
-  cmd = [sys.executable, "-m", "tinyjax.main", f"--config={config}", "--dry_run", f"--target={target}", *extra,
-         *overrides]
+  cmd = C.main_argv([f"--config={config}", "--dry_run", f"--target={target}", *extra, *overrides], sys.executable)
   proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env_vars}, capture_output=True, text=True)
   if proc.returncode != 0:
     cli.fail(f"compiling for {target} with {' '.join(settings) or 'no settings'} failed (exit {proc.returncode}): "

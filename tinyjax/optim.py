@@ -6,6 +6,8 @@ OptimizerConfig.build_weight_decay_mask/lr_scheduler, AdamConfig.build); /work/s
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -59,16 +61,52 @@ def weight_decay_mask(params):
   return jax.tree_util.tree_map_with_path(decay, params)
 
 
-def schedule(cfg, peak: float, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """cfg.optimizer resolved for one run: peak LRs after the sqrt batch-size rule, schedule phases in steps."""
+  name: str
+  learning_rate: float
+  adam_lr: float
+  total_steps: int
+  warmup_steps: int
+  decay_steps: int
+  lr_schedule: str
+  min_lr_ratio: float
+  beta1: float
+  beta2: float
+  epsilon: float
+  nesterov: bool
+  max_grad_norm: float
+  weight_decay: float
+  adam_weight_decay: float
+  momentum: float
+  backend_steps: int
+  coefficient_type: str
+  muon_epsilon: float
+  use_kimi_scaling: bool
+
+  @classmethod
+  def from_config(cls, cfg, total_steps: int) -> "OptimizerConfig":
+    o = cfg.optimizer
+    if o.lr_schedule not in config.SCHEDULES:
+      raise config.ConfigError(f"config.optimizer.lr_schedule={o.lr_schedule!r} is invalid: "
+                               f"allowed: {', '.join(config.SCHEDULES)}")
+    lr, adam_lr = config.learning_rates(cfg)
+    same = ("name", "lr_schedule", "min_lr_ratio", "beta1", "beta2", "epsilon", "nesterov", "max_grad_norm",
+            "weight_decay", "momentum", "backend_steps", "coefficient_type", "muon_epsilon", "use_kimi_scaling")
+    return cls(learning_rate=lr, adam_lr=adam_lr, total_steps=total_steps,
+               warmup_steps=config.warmup_steps(cfg, total_steps), decay_steps=config.decay_steps(cfg, total_steps),
+               adam_weight_decay=o.weight_decay if o.adam_weight_decay is None else o.adam_weight_decay,
+               **{k: o[k] for k in same})
+
+
+def schedule(o: OptimizerConfig, peak: float) -> optax.Schedule:
   """Levanter OptimizerConfig.lr_scheduler (one cycle, no cooldown): warmup 0->peak, stable, decay to peak*min_ratio."""
-  o = cfg.optimizer
-  if o.lr_schedule not in config.SCHEDULES:
-    raise config.ConfigError(f"config.optimizer.lr_schedule={o.lr_schedule!r} is invalid: "
-                             f"allowed: {', '.join(config.SCHEDULES)}")
+  total = o.total_steps
   # Clamps as Levanter: warmup <= total; 0 <= decay <= total - warmup; the rest is the stable phase.
-  warm = min(config.warmup_steps(cfg, total_steps), total_steps)
-  decay = min(max(config.decay_steps(cfg, total_steps), 0), max(total_steps - warm, 0))
-  stable = total_steps - warm - decay
+  warm = min(o.warmup_steps, total)
+  decay = min(max(o.decay_steps, 0), max(total - warm, 0))
+  stable = total - warm - decay
   pieces, boundaries = [], []
   if warm > 0:
     pieces.append(optax.linear_schedule(0.0, peak, warm))  # starts at 0: the first update has LR 0
@@ -85,12 +123,11 @@ def schedule(cfg, peak: float, total_steps: int) -> optax.Schedule:
   return pieces[0] if len(pieces) == 1 else optax.join_schedules(pieces, boundaries)
 
 
-def current_learning_rates(cfg, total_steps: int, step) -> dict:
+def learning_rates(o: OptimizerConfig, step) -> dict:
   """Scheduled LRs at `step` (jittable), logged as Levanter's optim/learning_rate and optim/adam_lr."""
-  lr, adam_lr = config.learning_rates(cfg)
-  out = {"learning_rate": schedule(cfg, lr, total_steps)(step)}
-  if cfg.optimizer.name == "muon":
-    out["adam_lr"] = schedule(cfg, adam_lr, total_steps)(step)
+  out = {"learning_rate": schedule(o, o.learning_rate)(step)}
+  if o.name == "muon":
+    out["adam_lr"] = schedule(o, o.adam_lr)(step)
   return out
 
 
@@ -158,13 +195,16 @@ def _decay(weight_decay: float) -> list:
 
 
 def make(cfg, total_steps: int) -> optax.GradientTransformation:
-  """The full optimizer for cfg.optimizer.name ("muon" | "adamw"), stepping schedules over total_steps updates."""
-  o = cfg.optimizer
-  lr, adam_lr = config.learning_rates(cfg)
+  """The full optimizer of a config, stepping its schedules over total_steps updates (the ConfigDict stops here)."""
+  return build(OptimizerConfig.from_config(cfg, total_steps))
+
+
+def build(o: OptimizerConfig) -> optax.GradientTransformation:
+  """The full optimizer for o.name ("muon" | "adamw")."""
   if o.name == "adamw":  # Levanter AdamConfig.build: clip over all params
     return optax.chain(*_clip(o.max_grad_norm),
                        optax.scale_by_adam(o.beta1, o.beta2, o.epsilon, nesterov=o.nesterov),
-                       *_decay(o.weight_decay), _descend(schedule(cfg, lr, total_steps)))
+                       *_decay(o.weight_decay), _descend(schedule(o, o.learning_rate)))
   if o.name == "muon":  # Levanter MuonConfig.build
     muon = optax.chain(
         # scale_with_muon momentum: buf <- m*buf + g; u = m*buf + g (nesterov) else buf. optax.trace computes
@@ -173,12 +213,11 @@ def make(cfg, total_steps: int) -> optax.GradientTransformation:
         scale_by_newton_schulz(o.backend_steps, o.coefficient_type, o.muon_epsilon),
         scale_by_shape(o.use_kimi_scaling),
         *_decay(o.weight_decay),
-        _descend(schedule(cfg, lr, total_steps)))
-    adam_wd = o.adam_weight_decay if o.adam_weight_decay is not None else o.weight_decay
+        _descend(schedule(o, o.learning_rate)))
     adam = optax.chain(
         *_clip(o.max_grad_norm),  # inside multi_transform: the norm covers the Adam-group leaves only
         optax.scale_by_adam(o.beta1, o.beta2, o.epsilon),  # Levanter passes no nesterov here: plain Adam
-        *_decay(adam_wd),
-        _descend(schedule(cfg, adam_lr, total_steps)))
+        *_decay(o.adam_weight_decay),
+        _descend(schedule(o, o.adam_lr)))
     return optax.multi_transform({"muon": muon, "adam": adam}, labels)
   raise config.ConfigError(f"config.optimizer.name={o.name!r} is invalid: allowed: {', '.join(config.OPTIMIZERS)}")

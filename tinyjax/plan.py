@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from tinyjax import config, flops, optim, sharding
+from tinyjax import config, flops, optim, sharding, step
 from tinyjax.hardware import memory, targets
 from tinyjax.model import ModelConfig, Transformer
 
@@ -53,44 +53,38 @@ def describe(cfg, mesh, env_record: dict) -> dict:
   }
 
 
-def step_planner(cfg, mesh, platform: str, batch: int) -> tuple[memory.StepPlanner, ModelConfig]:
-  """The real train step for `batch` rows on `mesh`, traced as `platform` runs it (its attention kernel), ready to
-  compile at any gradient accumulation. Token ids are irrelevant to memory, so EOS is id 0 here."""
-  from tinyjax import train  # noqa: PLC0415  (train imports plan)
-  model_cfg = ModelConfig.from_config(cfg.model).for_platform(platform)
-  model = Transformer(model_cfg, eos_id=0)
-  total = config.num_train_steps(cfg, flops.param_counts(model_cfg)["model_size"])
-  tx = optim.make(cfg, total)
-  shapes = jax.eval_shape(lambda: train.init_state(model, tx, cfg.seed))
-  state_sh = sharding.state_shardings(shapes, mesh, cfg.mesh.fsdp)
-  batch_sh = sharding.batch_sharding(mesh)
-  abstract = train.step_inputs(cfg, shapes, state_sh, batch_sh, batch)
-  make = lambda a: train.make_train_step(model, tx, cfg, total, state_sh, batch_sh, accum=a)
-  return memory.StepPlanner(cfg, make, abstract, batch // mesh.shape[sharding.DATA]), model_cfg
-
-
 def one_device_mesh(mesh) -> Mesh:
   return Mesh(np.asarray(mesh.devices.flat[:1]), (sharding.DATA,), axis_types=(AxisType.Auto,))
 
 
 def memory_plan(cfg, mesh) -> dict:
-  """The --dry_run memory plan of this machine's compiler: the real train step compiled (never run).
-
-  With train.plan_num_devices = N the step is compiled on one local device for batch / N rows (what each of N
-  data-parallel devices holds); otherwise on this mesh.
-  """
+  """The --dry_run memory plan of this machine's compiler: analytic parts, XLA's compiled figures (the real step,
+  compiled, never run), and fits per device (GiB). With train.plan_num_devices = N the step is compiled on one local
+  device for batch / N rows (what each of N data-parallel devices holds); otherwise on this mesh."""
   data_size = cfg.train.plan_num_devices or mesh.shape[sharding.DATA]
   batch = cfg.train.train_batch_size
   if cfg.train.plan_num_devices:
     mesh, batch = one_device_mesh(mesh), batch // data_size
   device = mesh.devices.flat[0]
-  planner, model_cfg = step_planner(cfg, mesh, device.platform, batch)
-  out = memory.report(planner, model_cfg, data_size, device.device_kind, device.platform)
-  out["data_parallel_devices"] = data_size
+  built = step.build(cfg, mesh)
+  planner, model_cfg = built.planner(batch), built.model.cfg
+  accum, info, fit = planner.choose(memory.device_memory(device.device_kind, cfg.train.device_memory_gb),
+                                    device.platform)
+  out = {"per_device_batch": planner.per_device_batch, "grad_accum_steps": accum,
+         "grad_accum_auto": cfg.train.grad_accum_steps == 0, "attention": model_cfg.attention,
+         "analytic_gib": memory.gib(memory.analytic(cfg, model_cfg, planner.per_device_batch, accum, data_size,
+                                                    device.platform)),
+         "compiled_gib": {**memory.gib(info), "backend": device.platform},
+         "devices": {f"local ({device.device_kind})": {**fit, "grad_accum_steps": accum}},
+         "data_parallel_devices": data_size}
+  for name, (kind, platform) in memory.PLAN_DEVICES.items():  # the local compile's figures against each device
+    a, i, f = planner.choose(memory.device_memory(kind), platform)
+    out["devices"][name] = {**f, "grad_accum_steps": a, "peak_gib": round(i["peak"] / memory.GIB, 3),
+                            "compiler": "cpu-proxy"}
   return out
 
 
-def target_figures(cfg, planner: memory.StepPlanner, model_cfg: ModelConfig, target, search: bool = True) -> dict:
+def target_figures(cfg, planner: step.StepPlanner, model_cfg: ModelConfig, target, search: bool = True) -> dict:
   """The plan fields every target reports, whichever compiler produced them."""
   accum, auto, info, fit = planner.plan_for(target.memory_bytes, target.platform, search)
   return {"accum": accum, "per_device_batch": planner.per_device_batch,
@@ -102,11 +96,11 @@ def proxy_plan(cfg, mesh, target) -> dict:
   """A target's plan from this machine's compiler (its own is not installed): the step for one chip's share of
   the batch compiled here, with this machine's attention kernel (a Pallas TPU/GPU kernel compiles only for its
   device); the figures are the local compiler's, labelled so."""
-  local = mesh.devices.flat[0].platform
-  planner, model_cfg = step_planner(cfg, one_device_mesh(mesh), local, cfg.train.train_batch_size // target.chips)
+  built = step.build(cfg, one_device_mesh(mesh))
+  planner = built.planner(cfg.train.train_batch_size // target.chips)
   return {"compiler": f"cpu-proxy ({jax.default_backend()} compiler, jax {jax.__version__}; "
                       f"{targets.install_hint(target.platform)} for the target's own)",
-          **target.describe(), **target_figures(cfg, planner, model_cfg, target), "kernels": None}
+          **target.describe(), **target_figures(cfg, planner, built.model.cfg, target), "kernels": None}
 
 
 def dry_run(cfg, mesh, env_record: dict, dry: bool, target_names: str) -> dict:

@@ -43,6 +43,11 @@ def state_shardings(state_shapes, mesh: Mesh, fsdp: bool):
   return jax.tree.map(lambda x: NamedSharding(mesh, leaf_spec(x.shape, size, fsdp)), state_shapes)
 
 
+def abstract(shapes, shardings):
+  """ShapeDtypeStructs carrying their shardings: what a step is compiled for, and what a restore lands on."""
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def to_global(local_rows: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """This process's rows of the global batch -> one global jax.Array (multi-host safe)."""
   return jax.make_array_from_process_local_data(sharding, local_rows)

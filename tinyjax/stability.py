@@ -29,7 +29,8 @@ import sys
 import time
 
 from tinyjax import cli
-from tinyjax.runtime import metrics
+from tinyjax.launch import commands as C
+from tinyjax.runtime import metrics, workdir as workdirs
 
 RECORD = "stability.json"  # per-run record written here (the only file this module adds to a workdir)
 SUMMARY = "stability_summary"  # <root>/stability_summary.{json,csv}
@@ -81,15 +82,10 @@ def setting_name(setting: dict) -> str:
   return ",".join(f"{k}={v}" for k, v in setting.items()) or "base"
 
 
-def safe(text: str) -> str:
-  """A filesystem-safe, deterministic spelling: keeps [A-Za-z0-9.+-], '=' -> '-', anything else -> '_'."""
-  return re.sub(r"[^A-Za-z0-9.+-]", "_", text.replace("=", "-"))
-
-
 def run_name(setting: dict, lr: float) -> str:
-  """use_qk_norm-True__lr-0.003: the last part of each key, then the LR (repr, so distinct LRs never collide)."""
-  parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in setting.items()] + [f"lr={lr!r}"]
-  return safe("__".join(parts))
+  """use_qk_norm-True_lr-0.003: the launchers' one naming rule over the setting and the LR (repr: distinct LRs never
+  collide)."""
+  return C.run_name({**setting, "lr": repr(lr)})
 
 
 def lr_overrides(lr: float, adam_ratio: float | None) -> list[str]:
@@ -185,25 +181,17 @@ class Tail:
 
 
 def _total_steps(workdir: str) -> int:
-  try:
-    with open(os.path.join(workdir, "run_info.json")) as f:
-      return int(json.load(f)["num_train_steps"])
-  except (OSError, ValueError, KeyError):
-    return 0  # not written yet: the run is still compiling
+  info = workdirs.read_json(workdir, workdirs.RUN_INFO)
+  return int(info.get("num_train_steps", 0)) if info else 0  # none yet: the run is still compiling
 
 
 def finished(run: Run) -> dict | None:
-  """The record of a finished run (ours, or rebuilt from tinyjax's completed/diverged run_info), else None."""
-  path = os.path.join(run.workdir, RECORD)
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  try:
-    with open(os.path.join(run.workdir, "run_info.json")) as f:
-      status = json.load(f).get("status")
-  except (OSError, ValueError):
-    return None
-  if status not in ("completed", "diverged"):
+  """The record of a finished run (ours, or rebuilt from tinyjax's completed/diverged run), else None."""
+  record = workdirs.read_json(run.workdir, RECORD)
+  if record is not None:
+    return record
+  status = workdirs.status(run.workdir)
+  if status not in ("completed", "incomplete", "diverged"):
     return None
   rows = metrics.read(run.workdir)
   return make_record(run, rows, _total_steps(run.workdir), nonfinite(rows) if status == "diverged" else None)
@@ -216,8 +204,8 @@ def train(config_path: str, run: Run, nats: float, warm_fraction: float, env=Non
   """Runs one LR to the end or to divergence (SIGTERM at a loss blow-up); writes and returns its record."""
   shutil.rmtree(run.workdir, ignore_errors=True)  # an unfinished earlier attempt (and its checkpoints) starts over
   os.makedirs(run.workdir)
-  cmd = [sys.executable, "-m", "tinyjax.main", f"--config={config_path}", f"--workdir={run.workdir}",
-         *[f"--config.{o}" for o in run.overrides]]
+  cmd = C.main_argv([f"--config={config_path}", f"--workdir={run.workdir}",
+                     *[f"--config.{o}" for o in run.overrides]], sys.executable)
   with open(os.path.join(run.workdir, "train.log"), "w") as log:
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     stop, tail, total = None, Tail(os.path.join(run.workdir, metrics.FILE)), 0

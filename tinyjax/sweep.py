@@ -23,16 +23,16 @@ import csv
 import dataclasses
 import importlib.util
 import itertools
-import json
 import os
 import posixpath
-import re
 import shlex
 import subprocess
 import sys
 
-from tinyjax import cli  # targets: no jax (the preflight compiles run in child processes)
-from tinyjax.hardware import targets
+from tinyjax import cli
+from tinyjax.hardware import targets  # no jax: the preflight compiles run in child processes
+from tinyjax.launch import commands as C
+from tinyjax.runtime import workdir as workdirs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHES = ("local", "tpu", "slurm", "print")
@@ -51,13 +51,6 @@ class Point:
 
 def _fmt(value) -> str:
   return str(value)  # ml_collections parses "16", "0.05", "True", "muon" back to the key's type
-
-
-def point_name(axis_values: dict) -> str:
-  """"train_batch_size-16_warmup-0.05"; a "config" override (another base config file) is named by its stem."""
-  parts = [os.path.splitext(os.path.basename(v))[0] if key == "config" else f"{key.split('.')[-1]}-{_fmt(v)}"
-           for key, v in axis_values.items()]
-  return re.sub(r"[^A-Za-z0-9._-]", "_", "_".join(parts)) or "base"
 
 
 def load(path: str) -> dict:
@@ -79,7 +72,7 @@ def expand(sweep: dict) -> list[Point]:
   points = []
   for combo in itertools.product(*sweep["axes"]):
     varying = {k: v for d in combo for k, v in d.items()}
-    points.append(Point(point_name(varying), {**sweep["fixed"], **varying}, varying))
+    points.append(Point(C.run_name(varying), {**sweep["fixed"], **varying}, varying))
   names = [p.name for p in points]
   if len(set(names)) != len(names):
     cli.fail(f"sweep points share a workdir name ({sorted({n for n in names if names.count(n) > 1})[0]}): "
@@ -123,26 +116,11 @@ def check_extra(sweep: dict, points: list[Point], extra: list[str]) -> None:
       cli.fail(f"{arg!r} after --: config.{key} is set by the sweep file (fixed or an axis); change it there")
 
 
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (FileNotFoundError, json.JSONDecodeError):
-    return None
-
-
 def status(path: str) -> str:
-  """'completed' (speedrun_results.json + run_info status completed), 'new' (no run_info.json), 'incomplete'
-  (completed without results), else run_info's status (running, preempted, diverged, failed ...): rerun.
-  A remote (gs://) workdir is 'remote': always launched; rerunning a finished run restores it and stops at once."""
-  if "://" in path:  # not read remotely (no network round trips per point): tinyjax.main resumes or finishes it
-    return "remote"
-  info = _read_json(f"{path}/run_info.json")
-  if info is None:
-    return "new"
-  if info.get("status") == "completed":  # results missing: the run stopped while finishing; a rerun writes them
-    return "completed" if _read_json(f"{path}/speedrun_results.json") is not None else "incomplete"
-  return str(info.get("status") or "unknown")
+  """runtime.workdir.status of a point's workdir ("completed" points are skipped, any other is (re)run). A remote
+  (gs://) workdir is 'remote': not read remotely (no round trips per point), always launched; tinyjax.main resumes
+  or, for a finished run, restores it and stops at once."""
+  return "remote" if "://" in path else workdirs.status(path)
 
 
 def _local_config(config_path: str) -> str:
@@ -153,8 +131,7 @@ def _local_config(config_path: str) -> str:
 def _launch_point(how: str, sweep: dict, root: str, point: Point, launcher_args: list[str], dry_run: bool,
                   stem: str, extra: list[str]) -> int:
   if how == "local":
-    argv = [sys.executable, "-m", "tinyjax.main",
-            *main_args(_local_config(config_path(sweep, point)), root, point, extra)]
+    argv = C.main_argv(main_args(_local_config(config_path(sweep, point)), root, point, extra), sys.executable)
     print(f"tinyjax.sweep: {'would run' if dry_run else 'running'} {point.name}: {shlex.join(argv)}", flush=True)
     return 0 if dry_run else subprocess.call(argv)
   dry = ["--dry-run", "--skip-preflight"] if dry_run else ["--skip-preflight"]  # the sweep's preflight did it
@@ -174,8 +151,7 @@ def launch(how: str, sweep: dict, root: str, points: list[Point], launcher_args:
     state = status(workdir(root, point))
     if how == "print":
       tag = "# done: " if state == "completed" else ""
-      print(tag + shlex.join(["python", "-m", "tinyjax.main",
-                              *main_args(config_path(sweep, point), root, point, extra)]))
+      print(tag + shlex.join(C.main_argv(main_args(config_path(sweep, point), root, point, extra))))
       continue
     if state == "completed":
       print(f"tinyjax.sweep: [{i + 1}/{len(points)}] {point.name}: completed, skipped", flush=True)
@@ -245,12 +221,11 @@ def report_rows(root: str, points: list[Point]) -> list[dict]:
   for point in points:
     path = workdir(root, point)
     row = {"name": point.name, **point.axis_values}
-    ran = os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "run_info.json"))
+    ran = all(os.path.exists(os.path.join(path, f)) for f in (workdirs.CONFIG, workdirs.RUN_INFO))
     ours = compare.load_ours(path) if ran else None  # writes speedrun_results.json if missing (then: completed)
     row["status"] = status(path)
     if ours:
-      with open(os.path.join(path, "speedrun_results.json")) as f:
-        info = json.load(f)["runs"][0]["run_info"]["tinyjax"]
+      info = workdirs.read_json(path, workdirs.RESULTS)["runs"][0]["run_info"]["tinyjax"]
       row.update(completed_steps=info["completed_steps"], planned_steps=info["planned_steps"],
                  total_tokens=ours["total_tokens"], final_train_loss=info["final_train_loss"],
                  eval_set=ours["eval_set"], bpb=ours["bpb"], training_time=ours["training_time"])

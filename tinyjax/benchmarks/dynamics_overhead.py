@@ -2,7 +2,7 @@
 
 python -m tinyjax.benchmarks.dynamics_overhead [--every 100] [--rounds 5] [--steps 20]
 
-Builds the tiny config's real ordinary step and its dynamics variant (train.make_train_step, compiled ahead as
+Builds the tiny config's real ordinary step and its dynamics variant (step.Built.make, compiled ahead as
 train.run does) and times them interleaved in this process — `--steps` ordinary steps, then `--steps` dynamics
 steps, `--rounds` times — so that machine load hits both alike. With t the median ordinary step time and d the
 median dynamics step time (including the host fetch of its statistics), a run with dynamics every N steps has
@@ -19,25 +19,17 @@ import time
 import jax
 import numpy as np
 
-from tinyjax import optim, sharding, train
+from tinyjax import sharding, step
 from tinyjax.benchmarks.checkpoint_stall import _tiny
-from tinyjax.model import ModelConfig, Transformer
 
 
 def _steps(cfg):
-  model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
-  tx = optim.make(cfg, cfg.train.num_train_steps)
-  init = lambda: train.init_state(model, tx, 0)
-  mesh = sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1))
-  shapes = jax.eval_shape(init)
-  state_sh, batch_sh = sharding.state_shardings(shapes, mesh, False), sharding.batch_sharding(mesh)
-  abstract = train.step_inputs(cfg, shapes, state_sh, batch_sh)
-  total = cfg.train.num_train_steps
-  plain, _ = train.compile_step(cfg, model, tx, total, shapes, state_sh, batch_sh)
-  with jax.set_mesh(mesh):
-    dyn = train.make_train_step(model, tx, cfg, total, state_sh, batch_sh, with_dynamics=True)
-    dyn = dyn.lower(*abstract).compile()
-  return plain, dyn, jax.jit(init, out_shardings=state_sh)(), batch_sh
+  built = step.build(cfg, sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1)), eos_id=1)
+  plain, info = step.compile_for_device(built, cfg)
+  with jax.set_mesh(built.batch_sh.mesh):
+    dyn = built.make(info["grad_accum_steps"], with_dynamics=True)
+    dyn = dyn.lower(*built.abstract_inputs(cfg.train.train_batch_size)).compile()
+  return plain, dyn, built.init(), built.batch_sh
 
 
 def _time(step, state, tokens, n: int, fetch_dynamics: bool):

@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tinyjax import audit, config, optim, sharding, train
-from tinyjax.model import ModelConfig, Transformer
+from tinyjax import audit, config, sharding, step
 
 V, D, LAYERS, HEADS, F, L, B = 8192, 256, 4, 4, 768, 256, 8
 LOSS_BATCH = 4  # rows of 1024 tokens in the loss suite: c4_50m's model at a small per-device batch
@@ -61,16 +60,9 @@ def loss_config(loss_impl: str):
 def tinyjax_step(cfg=None):
   """(step, state, compiled plan info) exactly as train.run builds them (one device)."""
   cfg = cfg or tinyjax_config()
-  model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
-  tx = optim.make(cfg, cfg.train.num_train_steps)
-  init = lambda: train.init_state(model, tx, 0)
-  step, info = train.compile_step(cfg, model, tx, cfg.train.num_train_steps, jax.eval_shape(init), *_shardings(init))
-  return step, jax.jit(init, out_shardings=_shardings(init)[0])(), info
-
-
-def _shardings(init):
-  mesh = sharding.make_mesh(ONE_DEVICE)
-  return sharding.state_shardings(jax.eval_shape(init), mesh, False), sharding.batch_sharding(mesh)
+  built = step.build(cfg, sharding.make_mesh(ONE_DEVICE), eos_id=1)
+  train_step, info = step.compile_for_device(built, cfg)
+  return train_step, built.init(), info
 
 
 # ---- the bare reference ---------------------------------------------------------------------------------------

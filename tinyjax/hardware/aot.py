@@ -24,6 +24,7 @@ import time
 
 from tinyjax.config import ConfigError
 from tinyjax.hardware import targets
+from tinyjax.runtime import faults
 
 # A compile-only child: CPU is the only backend it starts; no GCE metadata queries (libtpu would ask the metadata
 # server which TPU this VM is); no /tmp/libtpu_lockfile (it admits one libtpu process per machine, but compiles may
@@ -31,10 +32,6 @@ from tinyjax.hardware import targets
 CHILD_ENV = {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
              "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
              "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-
-class CompileFailed(RuntimeError):
-  """The target's compiler rejected the step (a bug to fix: every shipped config must compile)."""
 
 
 def plan(cfg, target: targets.Target, search: bool = True) -> dict:
@@ -49,7 +46,7 @@ def plan(cfg, target: targets.Target, search: bool = True) -> dict:
   result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
   if result is None:
     tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
-    raise CompileFailed(f"compiling the train step for {target.name} failed (exit {proc.returncode}):\n{tail}")
+    raise faults.CompileFailed(f"compiling the train step for {target.name} failed (exit {proc.returncode}):\n{tail}")
   if "error" in result:
     raise ConfigError(result["error"])
   return result
@@ -149,14 +146,15 @@ def compile_for(cfg, target: targets.Target, search: bool = True) -> dict:
   import numpy as np  # noqa: PLC0415
   from jax.sharding import AxisType, Mesh  # noqa: PLC0415
 
-  from tinyjax import config, plan as plans_  # noqa: PLC0415
+  from tinyjax import config, plan as plans_, step  # noqa: PLC0415
   devices = _topology(target).devices
   data = len(devices) if cfg.mesh.data == -1 else cfg.mesh.data
   config.validate(cfg, num_devices=len(devices))  # batch and accumulation must divide over the target's chips
   mesh = Mesh(np.asarray(devices[:data]), ("data",), axis_types=(AxisType.Auto,))
-  planner, model_cfg = plans_.step_planner(cfg, mesh, target.platform, cfg.train.train_batch_size)
+  built = step.build(cfg, mesh, target.platform)
+  planner = built.planner(cfg.train.train_batch_size)
   start = time.perf_counter()
-  figures = plans_.target_figures(cfg, planner, model_cfg, target, search)
+  figures = plans_.target_figures(cfg, planner, built.model.cfg, target, search)
   text = planner.executables[figures["accum"]].as_text()
   return {"compiler": compiler_name(target, devices[0]), **target.describe(), "device_kind": devices[0].device_kind,
           "mesh": {"data": data, "fsdp": bool(cfg.mesh.fsdp)}, **figures, "kernels": custom_calls(text),

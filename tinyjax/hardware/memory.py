@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-import jax.numpy as jnp
-
 from tinyjax import flops
 from tinyjax.config import ConfigError
 from tinyjax.kernels import attention, loss
@@ -110,74 +107,3 @@ def refuse(cfg, peak: float, fit: dict, device_kind: str, accum: int) -> None:
       f"(config.train.train_batch_size={t.train_batch_size}, grad_accum_steps={accum}, "
       f"model.loss_block_size={cfg.model.loss_block_size}, model.attention={cfg.model.attention}); set "
       f"config.train.grad_accum_steps=0 (auto) or a larger value, model.remat=block, or more devices")
-
-
-def accum_candidates(per_device_batch: int, start: int = 1) -> list[int]:
-  return [a for a in range(max(start, 1), per_device_batch + 1) if per_device_batch % a == 0]
-
-
-def abstract_batch(batch: int, seq_len: int, sharding) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=sharding)
-
-
-class StepPlanner:
-  """Compiles the train step at each gradient accumulation (cached) and finds the smallest that fits a device.
-
-  make_step(accum) -> a jitted step; abstract_args are the (state, batch) ShapeDtypeStructs with shardings.
-  """
-
-  def __init__(self, cfg, make_step, abstract_args, per_device_batch: int):
-    self.cfg, self.make_step, self.abstract_args = cfg, make_step, abstract_args
-    self.per_device_batch = per_device_batch
-    self.executables, self.infos = {}, {}
-
-  def info(self, accum: int) -> dict:
-    if accum not in self.infos:
-      with jax.set_mesh(self.abstract_args[-1].sharding.mesh):  # Pallas kernels run per shard (attention.py)
-        self.executables[accum] = self.make_step(accum).lower(*self.abstract_args).compile()
-      self.infos[accum] = analysis(self.executables[accum])
-    return self.infos[accum]
-
-  def choose(self, total: float | None, platform: str) -> tuple[int, dict, dict]:
-    """(accum, compiled info, fit) on a device of `total` bytes: the configured accumulation, or with 0 the
-    smallest that fits."""
-    configured = self.cfg.train.grad_accum_steps
-    if configured:
-      info = self.info(configured)
-      return configured, info, fits(info["peak"], total, platform)
-    return self.smallest_fitting(total, platform)
-
-  def plan_for(self, total: float | None, platform: str, search: bool = True) -> tuple[int, int | None, dict, dict]:
-    """(accum, auto, info, fit): the configured accumulation's figures on a device of `total` bytes, and the one
-    grad_accum_steps=0 would pick (None without `search` where that takes more compiles; a smaller accumulation
-    cannot fit where a larger one does not, so the search starts above a configured one that does not fit)."""
-    accum, info, fit = self.choose(total, platform)
-    auto = accum if not self.cfg.train.grad_accum_steps or (fit["fits"] and accum == 1) else None
-    if auto is None and search:
-      auto = self.smallest_fitting(total, platform, 1 if fit["fits"] else accum + 1)[0]
-    return accum, auto, info, fit
-
-  def smallest_fitting(self, total: float | None, platform: str, start: int = 1) -> tuple[int, dict, dict]:
-    """What grad_accum_steps=0 picks among the accumulations >= start: the smallest that fits (else the largest)."""
-    candidates = accum_candidates(self.per_device_batch, start) or [self.per_device_batch]
-    for accum in candidates:
-      info = self.info(accum)
-      fit = fits(info["peak"], total, platform)
-      if fit["fits"] is not False or accum == candidates[-1]:
-        return accum, info, fit
-    raise AssertionError("unreachable")
-
-
-def report(planner: StepPlanner, model_cfg, data_size: int, local_kind: str, local_platform: str) -> dict:
-  """The --dry_run memory plan: analytic parts, XLA's compiled figures, and fits per device (GiB)."""
-  cfg = planner.cfg
-  accum, info, fit = planner.choose(device_memory(local_kind, cfg.train.device_memory_gb), local_platform)
-  out = {"per_device_batch": planner.per_device_batch, "grad_accum_steps": accum,
-         "grad_accum_auto": cfg.train.grad_accum_steps == 0, "attention": model_cfg.attention_impl(local_platform),
-         "analytic_gib": gib(analytic(cfg, model_cfg, planner.per_device_batch, accum, data_size, local_platform)),
-         "compiled_gib": {**gib(info), "backend": jax.default_backend()},
-         "devices": {f"local ({local_kind})": {**fit, "grad_accum_steps": accum}}}
-  for name, (kind, platform) in PLAN_DEVICES.items():  # the local compile's figures against each device
-    a, i, f = planner.choose(device_memory(kind), platform)
-    out["devices"][name] = {**f, "grad_accum_steps": a, "peak_gib": round(i["peak"] / GIB, 3), "compiler": "cpu-proxy"}
-  return out

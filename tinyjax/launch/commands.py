@@ -6,6 +6,8 @@ The gcloud flags are the documented ones of `gcloud compute tpus tpu-vm {create,
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import shlex
 
 GCLOUD = "gcloud"
@@ -97,6 +99,15 @@ def setup_script(repo: str, ref: str = "main", extras: str = "tpu,gcs") -> str:
       ".venv/bin/python -c 'import platform, socket, jax, tinyjax; print(\"tinyjax ready on\", socket.gethostname(), "
       "\"python\", platform.python_version(), \"jax\", jax.__version__)'",
   ])
+
+
+def run_name(values: dict) -> str:
+  """The one naming rule for the workdirs of runs a program starts (sweep points, stability runs): the last part of
+  each key and its value ("train_batch_size-16_warmup-0.05"), a "config" value (another base config file) by its
+  file stem; deterministic and filesystem-safe."""
+  parts = [os.path.splitext(os.path.basename(str(v)))[0] if key == "config" else f"{key.split('.')[-1]}-{v}"
+           for key, v in values.items()]
+  return re.sub(r"[^A-Za-z0-9._-]", "_", "_".join(parts)) or "base"
 
 
 def main_argv(main_args: list[str], python: str = "python") -> list[str]:

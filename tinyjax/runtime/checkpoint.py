@@ -239,8 +239,3 @@ class Checkpointer:
 
 def _mb(n: int) -> str:
   return f"{n / 1e6:,.1f} MB"
-
-
-def abstract(state_shapes, shardings):
-  """ShapeDtypeStructs carrying the target shardings: restore lands directly on the current mesh."""
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -13,6 +14,9 @@ import sys
 import threading
 import time
 
+# Exit codes, declared once (README's table; the launchers rerun 75 and 4).
+EXIT_BUG = 1  # an unexpected error: its traceback (and a target compile that failed: the compiler's own)
+EXIT_USAGE = 2  # a user mistake, or a full disk: one line, nothing lost
 EXIT_DIVERGED = 3  # a non-finite loss or gradient norm stopped the run (nothing non-finite was saved)
 EXIT_LOST_HOST = 4  # another process of a multi-process run (or its host) is gone: rerun to resume (distributed.py)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT/SIGHUP, checkpoint written (or none yet), rerun to resume
@@ -45,13 +49,42 @@ def _reason_in_text(text: str) -> str | None:
   return next((reason for marker, reason in _DISK_FULL_TEXT.items() if marker in text), None)
 
 
-def status(exc: BaseException) -> str:
-  """run_info.json's status for a run that stopped with exc."""
+class CompileFailed(RuntimeError):
+  """A target's compiler rejected the step (hardware/aot.py; a bug to fix: every shipped config must compile)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Ending:
+  """How a run that stopped on purpose ends: the one declaration of statuses, exit codes and their lines."""
+  status: str  # run_info.json's "status"
+  code: int  # the process's exit code (README's table)
+  line: str  # its one line on stderr
+  now: bool = False  # leave with os._exit: pending background work (Orbax's writes) would only add tracebacks
+  evidence: str = ""  # a lost host: what showed it (distributed.leave_lost_host prints the line)
+
+
+def ending(exc: BaseException, where: str = "") -> Ending | None:
+  """The Ending of a run that raised exc, or None for a bug (status "failed", exit 1 with its traceback)."""
+  from tinyjax.config import ConfigError  # noqa: PLC0415 - faults is imported by worker processes: keep it light
+  from tinyjax.runtime import distributed  # noqa: PLC0415 - distributed imports faults
+  if isinstance(exc, ConfigError):
+    return Ending("failed", EXIT_USAGE, f"tinyjax: error: {exc}")
+  full = in_chain(exc, DiskFull)  # e.g. a failed save, then run_info.json's write failing too
+  if full is not None:
+    return Ending("disk_full", EXIT_USAGE, f"tinyjax: error: {full}", now=True)
   if isinstance(exc, Preempted):
-    return "preempted"
+    return Ending("preempted", EXIT_PREEMPTED, f"tinyjax: {exc}")
   if isinstance(exc, Diverged):
-    return "diverged"
-  return "disk_full" if isinstance(exc, DiskFull) or disk_full_reason(exc) else "failed"
+    return Ending("diverged", EXIT_DIVERGED, f"tinyjax: diverged: {exc}")
+  if isinstance(exc, CompileFailed):  # the child's traceback is the story; the parent's would only hide it
+    return Ending("failed", EXIT_BUG, f"tinyjax: error: {exc}", now=True)
+  if lost := distributed.peer_lost(exc):  # e.g. a barrier during setup or restore, or the final checkpoint's wait
+    return Ending("lost_host", EXIT_LOST_HOST, "", evidence=f"a collective or coordination call failed ({lost})")
+  if reason := disk_full_reason(exc):  # a full disk anywhere else: metrics, records, caches
+    return Ending("disk_full", EXIT_USAGE, f"tinyjax: error: disk full ({reason}) writing "
+                  f"{getattr(exc, 'filename', None) or where}: free space and rerun (it resumes from the last "
+                  "checkpoint)", now=True)
+  return None
 
 
 def in_chain(exc: BaseException | None, kind: type) -> BaseException | None:

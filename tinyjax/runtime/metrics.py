@@ -12,8 +12,7 @@ import time
 import jax
 
 from tinyjax.runtime import files
-
-FILE = "metrics.jsonl"
+from tinyjax.runtime.workdir import METRICS as FILE
 
 
 def _lines(path: str):
@@ -38,6 +37,12 @@ def read(workdir: str, name: str = FILE) -> list[dict]:
   return [row for _, row in _lines(os.path.join(workdir, name))]
 
 
+def append(workdir: str, row: dict, name: str = FILE) -> None:
+  """One row appended to workdir/metrics.jsonl (the one writer of its lines; dynamics.jsonl too)."""
+  with open(os.path.join(workdir, name), "a") as f:
+    f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
 def _truncate(path: str, last_step: int) -> None:
   """Drops rows after last_step (a resumed run rewrites them), so the file equals an uninterrupted run's."""
   if not os.path.exists(path):
@@ -59,7 +64,7 @@ class Logger:
 
   def __init__(self, workdir: str, total_steps: int, tokens_per_step: int, log_every: int, start_step: int = 0,
                training_time: float = 0.0):
-    self.path = os.path.join(workdir, FILE)
+    self.workdir, self.path = workdir, os.path.join(workdir, FILE)
     if jax.process_index() == 0:
       _truncate(self.path, start_step)
     self.total, self.tokens_per_step = total_steps, tokens_per_step
@@ -103,8 +108,7 @@ class Logger:
   def event(self, step: int, kind: str, message: str) -> None:
     """A run event (preempted, diverged, loss_spike, ...): a metrics.jsonl row and a console line."""
     if self.is_main:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, "event": kind, "message": message}, sort_keys=True) + "\n")
+      append(self.workdir, {"step": step, "event": kind, "message": message})
       print(f"step {step}/{self.total} | {kind}: {message}", flush=True)
 
   def write(self, step: int, row: dict) -> None:
@@ -114,8 +118,7 @@ class Logger:
       self.mark = (step, time.perf_counter())  # eval time is neither training time nor throughput
     if not self.is_main:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, **row}, sort_keys=True) + "\n")
+    append(self.workdir, {"step": step, **row})
     for sink in self.sinks:
       sink.write(step, row)
     parts = [f"step {step}/{self.total}"]

@@ -19,8 +19,31 @@ import time
 
 from tinyjax.config import ConfigError
 
-MIRRORED = ("config.json", "metrics.jsonl", "dynamics.jsonl", "run_info.json", "speedrun_results.json",
-            "samples.txt", "samples.json", "tensorboard")
+# The files of a run's workdir, named once (README "A run is its workdir").
+CONFIG, RUN_INFO, METRICS, DYNAMICS = "config.json", "run_info.json", "metrics.jsonl", "dynamics.jsonl"
+RESULTS, SAMPLES, CHECKPOINTS, TENSORBOARD = "speedrun_results.json", "samples.json", "checkpoints", "tensorboard"
+MIRRORED = (CONFIG, METRICS, DYNAMICS, RUN_INFO, RESULTS, SAMPLES, TENSORBOARD)
+
+
+def read_json(workdir: str, name: str):
+  """A workdir's JSON file, or None when it is missing or torn."""
+  try:
+    with open(os.path.join(workdir, name)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def status(workdir: str) -> str:
+  """How a run in a local workdir stands, for the programs that run many (sweep, stability): "new" (no
+  run_info.json), "completed" (run_info says so and speedrun_results.json exists), "incomplete" (completed, results
+  missing: a rerun writes them), else run_info's status (running, preempted, diverged, failed, disk_full, lost_host)."""
+  info = read_json(workdir, RUN_INFO)
+  if info is None:
+    return "new"
+  if info.get("status") == "completed":
+    return "completed" if read_json(workdir, RESULTS) is not None else "incomplete"
+  return str(info.get("status") or "unknown")
 
 
 def is_remote(path: str) -> bool:
