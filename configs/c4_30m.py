@@ -7,31 +7,11 @@ EXPECTED: model_size 33,784,960; 4,577 steps x 128 x 1024 = 599,916,544 tokens. 
           `llama_30m` (786M tokens, batch 512) reached c4_en bpb 1.52639; a Muon run at 1x should land near it.
 MUON:     lr 0.024 / adam_lr 0.0048, momentum 0.95, batch 128 x 1024 — the `llama_30m_muon_4x` README (a third-party
           copy, not in marin main); the rest as llama_50m_muon_1x (beta 0.8/0.98, eps 1e-15, wd 0, 80% linear decay).
-DATA:     Marin's: train on the FineWeb-Edu 10B subcache (hf://datasets/marin-community/fineweb-edu-pretokenized-10B,
-          a Levanter cache in Llama-3 ids, ~20 GB, mirrored once into data.cache_dir and read as-is), tokenizer
-          stanford-crfm/marin-tokenizer, eval on Paloma c4_en val (allenai/paloma@65cd6fc, a gated HF dataset: accept
-          its terms and `huggingface-cli login`) as eval/paloma/c4_en/bpb. `python -m tinyjax.data --config=...`
-          fetches and builds everything ahead of a run; see README "Data".
+DATA:     Marin's speedrun data (config.marin_speedrun; `python -m tinyjax.data --config=...` fetches it first:
+          README "Data").
 """
 from tinyjax import config
 
 
-def get_config():
-  c = config.base()
-  config.marin_model(c, "llama_30m")
-  c.train.train_batch_size = 128
-  c.train.chinchilla_multiple = 1.0  # 20 * 30e6 // (128 * 1024) = 4,577 steps
-  c.train.nominal_params = 30_000_000
-  o = c.optimizer
-  o.name = "muon"
-  o.learning_rate, o.adam_lr = 0.024, 0.0048
-  o.momentum, o.nesterov = 0.95, True
-  o.beta1, o.beta2, o.epsilon, o.muon_epsilon = 0.8, 0.98, 1e-15, 1e-5
-  o.weight_decay, o.max_grad_norm = 0.0, 1.0
-  o.warmup, o.decay, o.min_lr_ratio, o.lr_schedule = 0.0, 0.8, 0.0, "linear"
-  o.coefficient_type = "simple"
-  d = c.data  # Marin speedrun data (experiments/speedrun: fineweb_edu_subcache_10B + Paloma c4_en val)
-  d.tokenizer = "stanford-crfm/marin-tokenizer"  # = Llama-3 ids (128,256); the 10B cache was built with them
-  d.train_urls = ["hf://datasets/marin-community/fineweb-edu-pretokenized-10B/train"]  # prebuilt Levanter cache
-  d.validation_urls = {"paloma/c4_en": ["hf://datasets/allenai/paloma@65cd6fc/c4_en/val/val*.jsonl.gz"]}
-  return c
+def get_config():  # 20 * 30e6 // (128 * 1024) = 4,577 steps
+  return config.marin_speedrun("llama_30m", 30_000_000, learning_rate=0.024, adam_lr=0.0048)

@@ -19,11 +19,5 @@ def get_config():
   t.train_batch_size, t.num_train_steps = 16, 500
   t.steps_per_eval, t.log_every, t.max_eval_batches = 100, 20, 8
   t.sample_prompts = ("The Python interpreter", "A list comprehension")  # printed at the end (samples.json)
-  o = c.optimizer  # the llama_50m_muon_1x recipe, plus a 5% warmup (the small-model Muon finding)
-  o.name = "muon"
-  o.learning_rate, o.adam_lr = 0.02, 0.004
-  o.momentum, o.nesterov = 0.95, True
-  o.beta1, o.beta2, o.epsilon, o.muon_epsilon = 0.8, 0.98, 1e-15, 1e-5
-  o.weight_decay, o.max_grad_norm = 0.0, 1.0
-  o.warmup, o.decay, o.min_lr_ratio, o.lr_schedule = 0.05, 0.8, 0.0, "linear"
+  config.muon_speedrun(c, 0.02, 0.004, warmup=0.05)  # llama_50m_muon_1x's recipe + a 5% warmup (small-model Muon)
   return c

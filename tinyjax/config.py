@@ -53,6 +53,38 @@ def adamw_defaults(cfg: mlc.ConfigDict) -> None:
   o.warmup, o.decay, o.min_lr_ratio, o.lr_schedule = 0.01, None, 0.1, "cosine"
 
 
+def muon_speedrun(cfg: mlc.ConfigDict, learning_rate: float, adam_lr: float, weight_decay: float = 0.0,
+                  warmup: float = 0.0) -> None:
+  """cfg.optimizer as Marin's 2025 Muon speedruns set it (experiments/speedrun/llama_50m_muon_1x, muon_llama_scaling):
+  Nesterov momentum 0.95, Adam betas 0.8/0.98 and eps 1e-15, Muon eps 1e-5, clip 1.0, constant then 80% linear decay
+  to 0, the "simple" Newton-Schulz coefficients; the LRs, weight decay and warmup differ per run."""
+  o = cfg.optimizer
+  o.name, o.learning_rate, o.adam_lr = "muon", learning_rate, adam_lr
+  o.momentum, o.nesterov = 0.95, True
+  o.beta1, o.beta2, o.epsilon, o.muon_epsilon = 0.8, 0.98, 1e-15, 1e-5
+  o.weight_decay, o.max_grad_norm = weight_decay, 1.0
+  o.warmup, o.decay, o.min_lr_ratio, o.lr_schedule = warmup, 0.8, 0.0, "linear"
+  o.coefficient_type = "simple"  # every 2025 Marin Muon run
+
+
+def marin_speedrun(model: str, nominal_params: int, learning_rate: float, adam_lr: float, weight_decay: float = 0.0,
+                   seq_len: int | None = None) -> mlc.ConfigDict:
+  """A c4 config: Marin's `model` shape (seq_len replaced in the scaling sweeps), batch 128 at 1x Chinchilla of the
+  nominal parameter count (steps = 20 * nominal // (128 * seq_len), as Marin computes them), Marin's Muon recipe, and
+  Marin's speedrun data: the FineWeb-Edu 10B subcache (a prebuilt Levanter cache in Llama-3 ids, read as-is) with the
+  marin tokenizer, evaluated on Paloma c4_en val as eval/paloma/c4_en/bpb."""
+  c = base()
+  marin_model(c, model)
+  c.model.seq_len = seq_len or c.model.seq_len
+  c.train.train_batch_size, c.train.chinchilla_multiple, c.train.nominal_params = 128, 1.0, nominal_params
+  muon_speedrun(c, learning_rate, adam_lr, weight_decay)
+  d = c.data
+  d.tokenizer = "stanford-crfm/marin-tokenizer"  # = Llama-3 ids (128,256); the 10B cache was built with them
+  d.train_urls = ["hf://datasets/marin-community/fineweb-edu-pretokenized-10B/train"]
+  d.validation_urls = {"paloma/c4_en": ["hf://datasets/allenai/paloma@65cd6fc/c4_en/val/val*.jsonl.gz"]}
+  return c
+
+
 class ConfigError(ValueError):
   """A user mistake in the config: the message names the key and what is allowed."""
 

@@ -84,14 +84,6 @@ def memory_plan(cfg, mesh) -> dict:
   return out
 
 
-def target_figures(cfg, planner: step.StepPlanner, model_cfg: ModelConfig, target, search: bool = True) -> dict:
-  """The plan fields every target reports, whichever compiler produced them."""
-  accum, auto, info, fit = planner.plan_for(target.memory_bytes, target.platform, search)
-  return {"accum": accum, "per_device_batch": planner.per_device_batch,
-          "configured_grad_accum_steps": cfg.train.grad_accum_steps, "grad_accum_steps": auto,
-          "attention": model_cfg.attention, **{f"{k}_gib": v for k, v in memory.gib(info).items()}, **fit}
-
-
 def proxy_plan(cfg, mesh, target) -> dict:
   """A target's plan from this machine's compiler (its own is not installed): the step for one chip's share of
   the batch compiled here, with this machine's attention kernel (a Pallas TPU/GPU kernel compiles only for its
@@ -100,7 +92,7 @@ def proxy_plan(cfg, mesh, target) -> dict:
   planner = built.planner(cfg.train.train_batch_size // target.chips)
   return {"compiler": f"cpu-proxy ({jax.default_backend()} compiler, jax {jax.__version__}; "
                       f"{targets.install_hint(target.platform)} for the target's own)",
-          **target.describe(), **target_figures(cfg, planner, built.model.cfg, target), "kernels": None}
+          **target.describe(), **step.plan_figures(planner, built.model.cfg.attention, target.memory_bytes, target.platform), "kernels": None}
 
 
 def dry_run(cfg, mesh, env_record: dict, dry: bool, target_names: str) -> dict:

@@ -172,6 +172,15 @@ class StepPlanner:
     raise AssertionError("unreachable")
 
 
+def plan_figures(planner: StepPlanner, attention: str, total: float, platform: str, search: bool = True) -> dict:
+  """What a plan for a device of `total` bytes reports, whichever compiler produced the figures: the configured
+  accumulation's figures and fit, and the accumulation grad_accum_steps=0 would pick."""
+  accum, auto, info, fit = planner.plan_for(total, platform, search)
+  return {"accum": accum, "per_device_batch": planner.per_device_batch,
+          "configured_grad_accum_steps": planner.configured, "grad_accum_steps": auto, "attention": attention,
+          **{f"{k}_gib": v for k, v in memory.gib(info).items()}, **fit}
+
+
 @dataclasses.dataclass(frozen=True)
 class Built:
   """A config's step on a mesh, ready to compile: the model, optimizer, state shapes and shardings."""

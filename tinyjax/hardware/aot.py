@@ -146,7 +146,7 @@ def compile_for(cfg, target: targets.Target, search: bool = True) -> dict:
   import numpy as np  # noqa: PLC0415
   from jax.sharding import AxisType, Mesh  # noqa: PLC0415
 
-  from tinyjax import config, plan as plans_, step  # noqa: PLC0415
+  from tinyjax import config, step  # noqa: PLC0415
   devices = _topology(target).devices
   data = len(devices) if cfg.mesh.data == -1 else cfg.mesh.data
   config.validate(cfg, num_devices=len(devices))  # batch and accumulation must divide over the target's chips
@@ -154,7 +154,7 @@ def compile_for(cfg, target: targets.Target, search: bool = True) -> dict:
   built = step.build(cfg, mesh, target.platform)
   planner = built.planner(cfg.train.train_batch_size)
   start = time.perf_counter()
-  figures = plans_.target_figures(cfg, planner, built.model.cfg, target, search)
+  figures = step.plan_figures(planner, built.model.cfg.attention, target.memory_bytes, target.platform, search)
   text = planner.executables[figures["accum"]].as_text()
   return {"compiler": compiler_name(target, devices[0]), **target.describe(), "device_kind": devices[0].device_kind,
           "mesh": {"data": data, "fsdp": bool(cfg.mesh.fsdp)}, **figures, "kernels": custom_calls(text),

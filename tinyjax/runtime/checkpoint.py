@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from tinyjax.config import EXECUTION_ONLY_MODEL_KEYS, ConfigError
-from tinyjax.runtime import distributed, faults
+from tinyjax.runtime import faults
 
 # What a resumed run may not change silently (it changes the trajectory): optimizer, budget, batch, data order.
 TRAINING_KEY_PREFIXES = ("seed", "optimizer.", "train.train_batch_size", "train.num_train_steps",
@@ -186,7 +186,7 @@ class Checkpointer:
       except ConfigError:
         raise
       except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise many types for damaged files
-        if distributed.peer_lost(e):  # another process is gone, not this checkpoint: exit 4 (cli.stop)
+        if faults.peer_lost(e):  # another process is gone, not this checkpoint: exit 4 (cli.stop)
           raise
         failed.append((step, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"))
         print(f"warning: checkpoint {self.directory}/{step} is unreadable ({failed[-1][1]}); trying the previous one",

@@ -14,7 +14,7 @@ checkpoint there and exit 75 together.
 A lost process (killed, crashed, its host gone): every other process prints one line and exits 4
 (faults.EXIT_LOST_HOST), the last complete checkpoint intact, within distributed.heartbeat_timeout_s + ~10 s. It
 shows up in one of three ways, and each ends in `lost_host_line`:
-  1. a collective fails (CPU/Gloo: "Connection reset by peer", within 1 s): `peer_lost` recognises the error and
+  1. a collective fails (CPU/Gloo: "Connection reset by peer", within 1 s): `faults.peer_lost` recognises the error and
      `leave_lost_host` exits at once (os._exit: JAX's teardown would wait for the lost process, then abort);
   2. JAX's coordination service notices it (missed heartbeats after heartbeat_timeout_s, or the coordinator's
      connection closing, within ~1 s) and *aborts the process from C++* (LOG(FATAL) -> SIGABRT, ~80 lines of traces).
@@ -106,10 +106,6 @@ def preempted(step: int, local_signal: str | None) -> bool:
 
 # ---- A lost process: recognising it, and the one line ----
 
-# What a collective or a coordination call raises when the process at the other end is gone (CPU collectives:
-# Gloo's "Read error ...: Connection reset by peer"; the coordination service: "Socket closed", "unhealthy").
-_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Socket closed", "Broken pipe",
-              "Connection refused", "heartbeat", "unhealthy", "Gloo", "Barrier failed", "coordination service")
 _LEAVING = threading.Lock()  # one line, even when the watchdog and the main thread notice at the same moment
 
 
@@ -117,23 +113,6 @@ def lost_host_line(index: int | None, count: int | None, evidence: str) -> str:
   who = f"process {index} of {count}" if index is not None and count else "this process"
   return (f"tinyjax: error: lost host: {who}: {evidence}; another process of this run (or its host) is gone; "
           f"exiting with code {faults.EXIT_LOST_HOST} (rerun the same command to resume from the last checkpoint)")
-
-
-def peer_lost(exc: BaseException | None) -> str | None:
-  """The error's first line when exc (or one in its chain) is a collective or coordination call failing because
-  another process is gone; None otherwise, and always None in a single-process run. JAX raises these as
-  JaxRuntimeError, or as ValueError from a jitted call (measured: Orbax's sync_global_devices -> "ValueError:
-  UNKNOWN: Gloo AllGather failed: ... Connection closed by peer")."""
-  if isinstance(exc, ConfigError) or not jax.distributed.is_initialized():
-    return None
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    text = str(exc).strip()
-    if isinstance(exc, (RuntimeError, ValueError)) and any(marker in text for marker in _PEER_GONE):
-      return text.splitlines()[0][:240]
-    exc = exc.__cause__ or exc.__context__
-  return None
 
 
 def leave_lost_host(evidence: str) -> None:

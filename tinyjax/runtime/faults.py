@@ -63,10 +63,32 @@ class Ending:
   evidence: str = ""  # a lost host: what showed it (distributed.leave_lost_host prints the line)
 
 
+# What a collective or a coordination call raises when the process at the other end is gone (CPU collectives:
+# Gloo's "Read error ...: Connection reset by peer"; the coordination service: "Socket closed", "unhealthy").
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Socket closed", "Broken pipe",
+              "Connection refused", "heartbeat", "unhealthy", "Gloo", "Barrier failed", "coordination service")
+def peer_lost(exc: BaseException | None) -> str | None:
+  """The error's first line when exc (or one in its chain) is a collective or coordination call failing because
+  another process is gone; None otherwise, and always None in a single-process run. JAX raises these as
+  JaxRuntimeError, or as ValueError from a jitted call (measured: Orbax's sync_global_devices -> "ValueError:
+  UNKNOWN: Gloo AllGather failed: ... Connection closed by peer")."""
+  import jax  # noqa: PLC0415 - faults stays importable without jax (worker processes)
+  from tinyjax.config import ConfigError  # noqa: PLC0415
+  if isinstance(exc, ConfigError) or not jax.distributed.is_initialized():
+    return None
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    text = str(exc).strip()
+    if isinstance(exc, (RuntimeError, ValueError)) and any(marker in text for marker in _PEER_GONE):
+      return text.splitlines()[0][:240]
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
 def ending(exc: BaseException, where: str = "") -> Ending | None:
   """The Ending of a run that raised exc, or None for a bug (status "failed", exit 1 with its traceback)."""
   from tinyjax.config import ConfigError  # noqa: PLC0415 - faults is imported by worker processes: keep it light
-  from tinyjax.runtime import distributed  # noqa: PLC0415 - distributed imports faults
   if isinstance(exc, ConfigError):
     return Ending("failed", EXIT_USAGE, f"tinyjax: error: {exc}")
   full = in_chain(exc, DiskFull)  # e.g. a failed save, then run_info.json's write failing too
@@ -78,7 +100,7 @@ def ending(exc: BaseException, where: str = "") -> Ending | None:
     return Ending("diverged", EXIT_DIVERGED, f"tinyjax: diverged: {exc}")
   if isinstance(exc, CompileFailed):  # the child's traceback is the story; the parent's would only hide it
     return Ending("failed", EXIT_BUG, f"tinyjax: error: {exc}", now=True)
-  if lost := distributed.peer_lost(exc):  # e.g. a barrier during setup or restore, or the final checkpoint's wait
+  if lost := peer_lost(exc):  # e.g. a barrier during setup or restore, or the final checkpoint's wait
     return Ending("lost_host", EXIT_LOST_HOST, "", evidence=f"a collective or coordination call failed ({lost})")
   if reason := disk_full_reason(exc):  # a full disk anywhere else: metrics, records, caches
     return Ending("disk_full", EXIT_USAGE, f"tinyjax: error: disk full ({reason}) writing "
