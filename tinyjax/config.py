@@ -270,7 +270,16 @@ def _require(ok: bool, key: str, allowed: str, value) -> None:
 
 def validate(cfg, num_devices: int | None = None) -> None:
   """Raises ConfigError naming the first bad key; num_devices enables the mesh/batch divisibility checks."""
-  m, o, t, d = cfg.model, cfg.optimizer, cfg.train, cfg.data
+  _validate_model(cfg.model)
+  _validate_optimizer(cfg.optimizer)
+  _validate_train(cfg.train)
+  _validate_runtime(cfg)
+  _validate_budget(cfg)
+  if num_devices is not None:
+    _validate_devices(cfg, num_devices)
+
+
+def _validate_model(m) -> None:
   for key in ("hidden_dim", "intermediate_dim", "num_layers", "num_heads", "num_kv_heads", "seq_len", "vocab_size"):
     _require(getattr(m, key) > 0, f"model.{key}", "must be a positive integer", getattr(m, key))
   _require(m.hidden_dim % m.num_heads == 0, "model.num_heads",
@@ -291,6 +300,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(m.loss_block_size >= 0, "model.loss_block_size", "must be >= 0 (0 = unblocked)", m.loss_block_size)
   _require(m.loss_impl in LOSS_IMPL, "model.loss_impl", f"allowed: {', '.join(LOSS_IMPL)}", m.loss_impl)
 
+
+def _validate_optimizer(o) -> None:
   _require(o.name in OPTIMIZERS, "optimizer.name", f"allowed: {', '.join(OPTIMIZERS)}", o.name)
   _require(o.lr_schedule in SCHEDULES, "optimizer.lr_schedule", f"allowed: {', '.join(SCHEDULES)}", o.lr_schedule)
   _require(o.coefficient_type in COEFFICIENT_TYPES, "optimizer.coefficient_type",
@@ -309,6 +320,8 @@ def validate(cfg, num_devices: int | None = None) -> None:
     _require(value is None or value <= 1 or float(value).is_integer(), f"optimizer.{key}",
              "must be a fraction <= 1 or a whole number of steps", value)
 
+
+def _validate_train(t) -> None:
   _require(t.train_batch_size > 0, "train.train_batch_size", "must be a positive integer", t.train_batch_size)
   _require(t.num_train_steps >= 0, "train.num_train_steps", "must be >= 0 (0 = use chinchilla_multiple)",
            t.num_train_steps)
@@ -325,6 +338,11 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(1 <= t.dynamics_rows <= t.train_batch_size, "train.dynamics_rows",
            f"must be in [1, train.train_batch_size={t.train_batch_size}]", t.dynamics_rows)
   _require(t.z_loss_weight >= 0, "train.z_loss_weight", "must be >= 0", t.z_loss_weight)
+
+
+def _validate_runtime(cfg) -> None:
+  """data, mesh, checkpoint, distributed, env, and the loss-spike keys."""
+  t, d = cfg.train, cfg.data
   _require(len(d.train_urls) > 0, "data.train_urls", "must name at least one source", list(d.train_urls))
   # Refused, not supported: the cache dir holds what must be local (tokenizers being trained, caches being built
   # with file locks and renames, a gs:// workdir's local mirror); caches on GCS are read in place as sources.
@@ -351,6 +369,10 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(dd.process_id >= -1, "distributed.process_id", "must be >= 0 (or -1 = detect)", dd.process_id)
   _require(cfg.env.host_device_count >= 0, "env.host_device_count", "must be >= 0", cfg.env.host_device_count)
 
+
+def _validate_budget(cfg) -> None:
+  """The run's length: steps from the budget, and warmup + decay inside them."""
+  m, o, t = cfg.model, cfg.optimizer, cfg.train
   from tinyjax import flops, model  # late: keeps `import tinyjax.config` free of jax/flax for data worker processes
   steps = num_train_steps(cfg, flops.param_counts(model.ModelConfig.from_config(m))["model_size"])
   _require(steps > 0, "train.chinchilla_multiple", "gives 0 steps at this batch and seq_len", t.chinchilla_multiple)
@@ -359,14 +381,16 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _require(warmup_steps(cfg, steps) + decay_steps(cfg, steps) <= steps, "optimizer.decay",
            f"warmup + decay must fit in the {steps} training steps", o.decay)
 
-  if num_devices is not None:
-    data = num_devices if cfg.mesh.data == -1 else cfg.mesh.data
-    _require(data <= num_devices and num_devices % data == 0, "mesh.data",
-             f"must divide the {num_devices} available devices", cfg.mesh.data)
-    _require(t.train_batch_size % data == 0, "train.train_batch_size",
-             f"must be divisible by the data-parallel size {data}", t.train_batch_size)
-    _require((t.train_batch_size // data) % max(t.grad_accum_steps, 1) == 0, "train.grad_accum_steps",
-             f"must divide the per-device batch {t.train_batch_size // data}", t.grad_accum_steps)
-    eval_bs = t.eval_batch_size or t.train_batch_size
-    _require(eval_bs % data == 0, "train.eval_batch_size",
-             f"must be divisible by the data-parallel size {data}", eval_bs)
+
+def _validate_devices(cfg, num_devices: int) -> None:
+  t = cfg.train
+  data = num_devices if cfg.mesh.data == -1 else cfg.mesh.data
+  _require(data <= num_devices and num_devices % data == 0, "mesh.data",
+           f"must divide the {num_devices} available devices", cfg.mesh.data)
+  _require(t.train_batch_size % data == 0, "train.train_batch_size",
+           f"must be divisible by the data-parallel size {data}", t.train_batch_size)
+  _require((t.train_batch_size // data) % max(t.grad_accum_steps, 1) == 0, "train.grad_accum_steps",
+           f"must divide the per-device batch {t.train_batch_size // data}", t.grad_accum_steps)
+  eval_bs = t.eval_batch_size or t.train_batch_size
+  _require(eval_bs % data == 0, "train.eval_batch_size",
+           f"must be divisible by the data-parallel size {data}", eval_bs)
