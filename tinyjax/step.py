@@ -134,13 +134,21 @@ class StepPlanner:
   def __init__(self, make_step, abstract_args, per_device_batch: int, configured: int):
     self.make_step, self.abstract_args = make_step, abstract_args
     self.per_device_batch, self.configured = per_device_batch, configured
-    self.executables, self.infos = {}, {}
+    self.executables, self.infos, self.errors = {}, {}, {}
 
   def info(self, accum: int) -> dict:
+    """XLA's figures of the step at `accum`; a compiler that refuses it for lack of memory (libtpu) gives its own
+    figure of what it would need, and its line in `errors`."""
     if accum not in self.infos:
-      with jax.set_mesh(self.abstract_args[-1].sharding.mesh):  # Pallas kernels and the fused loss run per shard
-        self.executables[accum] = self.make_step(accum).lower(*self.abstract_args).compile()
-      self.infos[accum] = memory.analysis(self.executables[accum])
+      try:
+        with jax.set_mesh(self.abstract_args[-1].sharding.mesh):  # Pallas kernels and the fused loss run per shard
+          self.executables[accum] = self.make_step(accum).lower(*self.abstract_args).compile()
+        self.infos[accum] = memory.analysis(self.executables[accum])
+      except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory refusal is a plan; the rest re-raised
+        refused = memory.compiler_oom(e)
+        if refused is None:
+          raise
+        self.infos[accum], self.errors[accum] = refused
     return self.infos[accum]
 
   def choose(self, total: float | None, platform: str) -> tuple[int, dict, dict]:
@@ -178,7 +186,8 @@ def plan_figures(planner: StepPlanner, attention: str, total: float, platform: s
   accum, auto, info, fit = planner.plan_for(total, platform, search)
   return {"accum": accum, "per_device_batch": planner.per_device_batch,
           "configured_grad_accum_steps": planner.configured, "grad_accum_steps": auto, "attention": attention,
-          **{f"{k}_gib": v for k, v in memory.gib(info).items()}, **fit}
+          **{f"{k}_gib": v for k, v in memory.gib(info).items()}, **fit,
+          **({"compiler_refused": planner.errors[accum]} if accum in planner.errors else {})}
 
 
 @dataclasses.dataclass(frozen=True)

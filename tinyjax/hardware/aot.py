@@ -81,8 +81,10 @@ def preflight(main_args: list[str], target_name: str) -> str:
   p = plan(cfg, target, search=False)
   t = cfg.train
   if p["fits"] is False:
+    needs = "at least " if "compiler_refused" in p else ""  # libtpu refused it: its temporaries alone
     raise ConfigError(
-        f"{target.name} cannot hold this run: the train step needs {p['peak_gib']} GiB per chip and {p['usable_gib']}"
+        f"{target.name} cannot hold this run: the train step needs {needs}{p['peak_gib']} GiB per chip and "
+        f"{p['usable_gib']}"
         f" GiB are usable ({p['compiler']}; config.train.train_batch_size={t.train_batch_size} over {p['chips']} "
         f"chips, grad_accum_steps={p['accum']}); set config.train.grad_accum_steps=0 (auto) or a larger value, "
         f"use a larger slice, {skip}")
@@ -155,11 +157,12 @@ def compile_for(cfg, target: targets.Target, search: bool = True) -> dict:
   planner = built.planner(cfg.train.train_batch_size)
   start = time.perf_counter()
   figures = step.plan_figures(planner, built.model.cfg.attention, target.memory_bytes, target.platform, search)
-  text = planner.executables[figures["accum"]].as_text()
+  compiled = planner.executables.get(figures["accum"])  # None: the compiler refused it (out of memory)
+  text = compiled.as_text() if compiled else ""
   return {"compiler": compiler_name(target, devices[0]), **target.describe(), "device_kind": devices[0].device_kind,
-          "mesh": {"data": data, "fsdp": bool(cfg.mesh.fsdp)}, **figures, "kernels": custom_calls(text),
-          "compile_s": round(time.perf_counter() - start, 1), "hlo_fingerprint": fingerprint(text),
-          "program": summary(text)}
+          "mesh": {"data": data, "fsdp": bool(cfg.mesh.fsdp)}, **figures,
+          "kernels": custom_calls(text) if compiled else None, "compile_s": round(time.perf_counter() - start, 1),
+          "hlo_fingerprint": fingerprint(text) if compiled else None, "program": summary(text)}
 
 
 def main(argv: list[str]) -> None:

@@ -8,6 +8,7 @@ smallest accumulation that fits. `--dry_run` prints the same plan for the device
 from __future__ import annotations
 
 import os
+import re
 
 from tinyjax import flops
 from tinyjax.config import ConfigError
@@ -86,6 +87,23 @@ def analysis(executable) -> dict:
          "code": ma.generated_code_size_in_bytes}
   out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"] + out["code"]
   return out
+
+
+_COMPILER_OOM = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory.*?required for HLO temporaries \(([\d.]+)([KMGT])\)")
+
+
+def compiler_oom(error: Exception) -> tuple[dict, str] | None:
+  """(figures, the compiler's line) when a compiler refused the program for lack of device memory, else None.
+
+  libtpu does not compile a program that cannot fit: it rematerialises what it can (tiny at 8,192 x 128 tokens per
+  chip compiled to 14.7 of a v5e's 16 GiB), then fails with RESOURCE_EXHAUSTED naming the temporaries it would need.
+  Those become the plan's temp and peak (arguments unknown: a lower bound)."""
+  match = _COMPILER_OOM.search(str(error))
+  if match is None:
+    return None
+  needed = float(match.group(1)) * {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[match.group(2)]
+  line = next((line for line in str(error).splitlines() if "RESOURCE_EXHAUSTED" in line), "").strip()
+  return {"argument": 0, "output": 0, "alias": 0, "temp": needed, "code": 0, "peak": needed}, line[:300]
 
 
 def fits(peak: float, total: float | None, platform: str) -> dict:

@@ -170,6 +170,7 @@ def supervise(index: int | None, count: int | None) -> None:
   sys.stderr.flush()
   read_fd, write_fd = os.pipe()
   parent, pid = os.getpid(), os.fork()
+  faults.forked(child=pid == 0)
   if pid == 0:
     os.close(read_fd)
     _die_with(parent)

@@ -220,15 +220,39 @@ class Signals:
     self._thread: threading.Thread | None = None
     self._count = 0  # stop signals the thread has seen
 
-  def install(self) -> None:
+  def install(self, keep_handlers: bool = False) -> None:
     if threading.current_thread() is not threading.main_thread():
       return  # Python lets only the main thread handle signals
     self._r, self._w = os.pipe()
     os.set_blocking(self._w, False)  # the C-level handler writes each signal's number here, never blocking
-    self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
-    self._previous_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+    if not keep_handlers:
+      self._previous = {s: signal.signal(s, self._record) for s in STOP_SIGNALS}
+    previous_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+    if not keep_handlers:
+      self._previous_fd = previous_fd
     self._thread = threading.Thread(target=self._watch, daemon=True, name="tinyjax-signals")
     self._thread.start()
+
+  def forked(self, child: bool) -> None:
+    """After os.fork (distributed.supervise): both processes share the wakeup pipe, but only the parent kept the
+    watcher thread, so the supervisor would act on the trainer's signals (measured: a SIGHUP forwarded to the trainer,
+    then its own SIGTERM notice, read by the supervisor as two signals: exit 129). The trainer gets a pipe and a
+    watcher of its own; the supervisor stops watching (it only forwards signals)."""
+    if self._thread is None:
+      return
+    old_r, old_w = self._r, self._w
+    if child:
+      os.close(old_r)
+      os.close(old_w)
+      self._thread = None
+      self.install(keep_handlers=True)
+    else:
+      signal.set_wakeup_fd(-1)
+      os.write(old_w, b"\0")  # ends the thread
+      self._thread.join()
+      os.close(old_r)
+      os.close(old_w)
+      self._thread = None
 
   def restore(self) -> None:
     if self._thread is None:
@@ -310,6 +334,12 @@ def handling_signals(during_setup: str | None = None, grace_s: float | None = No
     _ACTIVE = None
 
 
+def forked(child: bool) -> None:
+  """Tells the process's Signals about an os.fork (see Signals.forked)."""
+  if _ACTIVE is not None:
+    _ACTIVE.forked(child)
+
+
 def stop_point() -> None:
   """A safe point of setup (data build, restore, compile): raises StoppedInSetup once a stop signal has arrived."""
   if _ACTIVE is not None:
@@ -321,7 +351,7 @@ def received() -> str | None:
   return _ACTIVE.received if _ACTIVE is not None else None
 
 
-PARENT_PID_ENV = "TINYJAX_PARENT_PID"  # set by every process that imports tinyjax: the parent its workers watch
+PARENT_PID_ENV = "_TINYJAX_PARENT_PID"  # set by every process that imports tinyjax: the parent its workers watch
 _WATCHING = False  # this process watches its parent already
 
 
