@@ -49,7 +49,10 @@ def main() -> None:
     for target in targets.parse_list(args.targets):
       key = f"{name}/{target.name}"
       if key not in done:
-        done[key] = {"real": aot.plan(cfg, target), "proxy": plan.proxy_plan(cfg, mesh, target)}
+        proxy = next((d["proxy"] for k, d in done.items() if k.startswith(f"{name}/") and d["chips"] == target.chips),
+                     None)  # one CPU compile per share of the batch: the GPUs (and v4-8/v5p-8) share theirs
+        done[key] = {"real": aot.plan(cfg, target), "proxy": proxy or plan.proxy_plan(cfg, mesh, target),
+                     "chips": target.chips}
         done[key]["real"].pop("program")
         with open(args.out, "w") as f:
           json.dump(done, f, indent=1)
