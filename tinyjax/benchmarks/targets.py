@@ -23,15 +23,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def row(name: str, target: str, real: dict, proxy: dict) -> str:
-  fits = lambda p: {True: "yes", False: "**no**", None: "?"}[p["fits"]]
-  kernels = ", ".join(k for k in real["kernels"] if k in ("tpu_custom_call", "__gpu$xla.gpu.triton")) or "-"
+  verdict = lambda fits: {True: "yes", False: "**no**", None: "?"}[fits]
+  kernels = ", ".join(k for k in real["kernels"] or () if k in ("tpu_custom_call", "__gpu$xla.gpu.triton")) or "-"
+  proxy_fits = proxy["peak_gib"] <= real["usable_gib"]  # the proxy's figures against this target's usable memory
+  auto = real["grad_accum_steps"] if real["grad_accum_steps"] is not None else "-"
   return (f"| {name} | {target} | {real['per_device_batch']} | {real['temp_gib']:.2f} | {real['peak_gib']:.2f} | "
-          f"{real['usable_gib']:.1f} | {fits(real)} | {real['grad_accum_steps']} | {kernels} | {real['compile_s']:.0f} | "
-          f"{proxy['temp_gib']:.2f} | {proxy['peak_gib']:.2f} | {fits(proxy)} | {proxy['grad_accum_steps']} |")
+          f"{real['usable_gib']:.1f} | {verdict(real['fits'])} | {auto} | {kernels} | {real['compile_s']:.0f} | "
+          f"{proxy['temp_gib']:.2f} | {proxy['peak_gib']:.2f} | {verdict(proxy_fits)} |")
 
 
-HEADER = ("| config | target | batch/chip | temp GiB | peak GiB | usable GiB | fits | accum (auto) | kernel | compile s "
-          "| proxy temp | proxy peak | proxy fits | proxy accum |\n|" + "---|" * 14)
+HEADER = ("| config | target | batch/chip | temp GiB | peak GiB | usable GiB | fits | accum=0 picks | kernel | compile s "
+          "| CPU-proxy temp | CPU-proxy peak | CPU-proxy fits |\n|" + "---|" * 13)
 
 
 def main() -> None:
