@@ -5,35 +5,31 @@ import json
 import os
 
 import pytest
-from test_results import SHARED, make_workdir
 
 from tinyjax import compare
 from tinyjax.runtime import results
 
-RUNS_JSON = os.path.join(SHARED, "marin", "runs.json")
-LEADERBOARD = os.path.join(SHARED, "marin-leaderboard.json")
-MARIN_50M = os.path.join(SHARED, "marin", "llama_50m_muon_1x.speedrun_results.json")
 
 
 @pytest.fixture(scope="module")
-def run_50m(tmp_path_factory):
+def run_50m(tmp_path_factory, make_workdir):
   """configs/c4_50m.py with a final Paloma c4_en BPB of 1.40 (on a CPU: hardware FLOPs unknown)."""
   return make_workdir(tmp_path_factory.mktemp("w") / "c4_50m", "c4_50m", evals={"paloma/c4_en": [1.45, 1.40]})
 
 
 @pytest.fixture(scope="module")
-def run_tiny(tmp_path_factory):
+def run_tiny(tmp_path_factory, make_workdir):
   return make_workdir(tmp_path_factory.mktemp("w") / "tiny", "tiny", evals={"python_docs": [2.3, 1.9]})
 
 
-def test_every_format_loads():
-  table = compare.load_leaderboard([RUNS_JSON])
+def test_every_format_loads(marin):
+  table = compare.load_leaderboard([marin.runs])
   assert len(table) == 96 and all(r["total_tokens"] is None for r in table)  # runs.json has no token counts
-  enriched = compare.load_leaderboard([LEADERBOARD])
+  enriched = compare.load_leaderboard([marin.leaderboard])
   assert len(enriched) == 137
   h200 = next(r for r in enriched if r["run_name"] == "llama_50m_h200")
   assert (h200["total_tokens"], h200["hardware"], h200["training_time"]) == (996_147_200, "1x H200", 1556.5628195246245)
-  [one] = compare.load_leaderboard([MARIN_50M])
+  [one] = compare.load_leaderboard([marin.speedrun_50m])
   assert one == {"run_name": "llama_50m_muon_1x", "model_size": 50_874_048, "model_flops": 1.6698528441040896e17,
                  "bpb": 1.398867130279541, "training_hardware_flops": 1.1666472839337308e18,
                  "training_time": 1179.0270681492984, "total_tokens": 999_948_288, "num_chips": 1,
@@ -42,8 +38,8 @@ def test_every_format_loads():
   assert not any(r["flags"] for r in table + enriched), "the shipped tables are consistent"
 
 
-def test_directory_of_per_run_files(tmp_path):
-  with open(MARIN_50M) as f:
+def test_directory_of_per_run_files(marin, tmp_path):
+  with open(marin.speedrun_50m) as f:
     doc = json.load(f)
   for name in ("speedrun/a", "speedrun/b/c"):
     os.makedirs(tmp_path / name)
@@ -53,8 +49,8 @@ def test_directory_of_per_run_files(tmp_path):
   assert [r["run_name"] for r in rows] == ["a", "b/c"]  # Marin's run_name: the folder under the searched root
 
 
-def test_50m_neighbours_in_runs_json(run_50m):
-  [c] = compare.compare([run_50m], compare.load_leaderboard([RUNS_JSON]), near=3)
+def test_50m_neighbours_in_runs_json(marin, run_50m):
+  [c] = compare.compare([run_50m], compare.load_leaderboard([marin.runs]), near=3)
   got = [(r["run_name"], r["match"]) for r in c["neighbours"]]
   # By hand: ours 1.66985e17; llama_50m_gpu/h200 and olmo_50m_h200 are at 1.66351e17 (log10 distance 0.00165,
   # ties by name), llama_30m next at 8.70e16 (0.283); llama_50m_10xC (1.75e18, 1.020) is in by model size only.
@@ -66,8 +62,8 @@ def test_50m_neighbours_in_runs_json(run_50m):
   assert c["run"]["comparable"] and c["run"]["eval_set"] == "paloma/c4_en"
 
 
-def test_50m_neighbours_in_enriched_leaderboard(run_50m):
-  [c] = compare.compare([run_50m], compare.load_leaderboard([LEADERBOARD]), near=1)
+def test_50m_neighbours_in_enriched_leaderboard(marin, run_50m):
+  [c] = compare.compare([run_50m], compare.load_leaderboard([marin.leaderboard]), near=1)
   assert [(r["run_name"], r["match"]) for r in c["neighbours"]] == [
       ("llama_50m_muon_1x", "size+flops"), ("llama_50m_gpu", "size"), ("llama_50m_h200", "size"),
       ("llama_50m_10xC", "size")]
@@ -85,35 +81,36 @@ def test_nearest_in_flops_on_a_hand_made_board(run_50m):
     assert [r["run_name"] for r in c["neighbours"]] == names
 
 
-def test_non_paloma_eval_is_flagged(run_tiny, capsys):
-  [c] = compare.compare([run_tiny], compare.load_leaderboard([RUNS_JSON]), near=2)
+def test_non_paloma_eval_is_flagged(marin, run_tiny, capsys):
+  [c] = compare.compare([run_tiny], compare.load_leaderboard([marin.runs]), near=2)
   assert not c["run"]["comparable"] and c["run"]["eval_set"] == "python_docs" and c["run"]["bpb"] == 1.9
   assert len(c["neighbours"]) == 2 and all(r["delta_bpb"] is None for r in c["neighbours"])
-  compare.main([run_tiny, "--leaderboard", RUNS_JSON, "--near", "2"])
+  compare.main([run_tiny, "--leaderboard", marin.runs, "--near", "2"])
   out = capsys.readouterr().out
   assert "1.9000*" in out
   assert "tiny: BPB is on python_docs, not paloma/c4_en: not comparable with the leaderboard (no ΔBPB)" in out
 
 
-def test_cli_table_and_json(run_50m, run_tiny, capsys):
-  compare.main([run_50m, run_tiny, "--leaderboard", RUNS_JSON, "--leaderboard", MARIN_50M, "--near", "1", "--json"])
+def test_cli_table_and_json(marin, run_50m, run_tiny, capsys):
+  compare.main([run_50m, run_tiny, "--leaderboard", marin.runs, "--leaderboard", marin.speedrun_50m, "--near", "1",
+                "--json"])
   doc = json.loads(capsys.readouterr().out)
   assert doc["leaderboard_runs"] == 97
   assert [c["run"]["run_name"] for c in doc["comparisons"]] == ["c4_50m", "tiny"]
   assert doc["comparisons"][0]["neighbours"][0]["run_name"] == "llama_50m_muon_1x"
-  compare.main([run_50m, "--leaderboard", MARIN_50M])
+  compare.main([run_50m, "--leaderboard", marin.speedrun_50m])
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].split()[:5] == ["run", "match", "params", "c4_en", "BPB"]
   assert lines[2].split()[:6] == ["c4_50m", "ours", "50.9M", "1.4000", "-", "1.67e+17"]
   assert lines[3].split()[:6] == ["llama_50m_muon_1x", "size+flops", "50.9M", "1.3989", "+0.0011", "1.67e+17"]
 
 
-def test_default_is_the_published_table(run_50m, monkeypatch, capsys):
+def test_default_is_the_published_table(marin, run_50m, monkeypatch, capsys):
   asked = []
 
   def urlopen(url, timeout):
     asked.append(url)
-    with open(RUNS_JSON, "rb") as f:
+    with open(marin.runs, "rb") as f:
       return io.BytesIO(f.read())
   monkeypatch.setattr(compare.urllib.request, "urlopen", urlopen)
   compare.main([run_50m])
@@ -165,28 +162,31 @@ def test_missing_sources_and_cli_error_line(tmp_path, run_50m, capsys):
   assert capsys.readouterr().err == f"tinyjax: error: {tmp_path / 'bad.json'}: runs[0]: missing field 'run_name'\n"
 
 
-def _snapshot_row(name: str) -> dict:
-  with open(LEADERBOARD) as f:
+def _snapshot_row(marin, name: str) -> dict:
+  with open(marin.leaderboard) as f:
     return dict(next(r for r in json.load(f)["runs"] if r["run_name"] == name))
 
 
-def _contradictory_board(tmp_path) -> str:
+def _contradictory_board(marin, tmp_path) -> str:
   """Rows as Marin's history had them, next to one left as shipped."""
   # Issue #1767: a training time summed from sampled W&B history, and hardware FLOPs computed from it.
-  gpu = {**_snapshot_row("llama_50m_gpu"), "training_time_s": 72.0, "training_hardware_flops": 72.0 * 4 * 312e12}
-  v5p = {**_snapshot_row("adamw_llama_scaling/130m"), "num_chips": 32}  # before PR #1756
-  v5p_flops = {**_snapshot_row("muon_llama_scaling/130m"), "num_chips": None}
+  gpu = {**_snapshot_row(marin, "llama_50m_gpu"), "training_time_s": 72.0,
+         "training_hardware_flops": 72.0 * 4 * 312e12}
+  v5p = {**_snapshot_row(marin, "adamw_llama_scaling/130m"), "num_chips": 32}  # before PR #1756
+  v5p_flops = {**_snapshot_row(marin, "muon_llama_scaling/130m"), "num_chips": None}
   v5p_flops["training_hardware_flops"] = v5p_flops["training_time_s"] * 32 * 459e12  # counted as 32 chips
-  tokens = {**_snapshot_row("llama_50m_h200"), "num_train_steps": 7000}
-  below = {k: v for k, v in _snapshot_row("olmo_50m_h200").items() if k not in ("training_time_s", "hardware")}
+  tokens = {**_snapshot_row(marin, "llama_50m_h200"), "num_train_steps": 7000}
+  below = {k: v for k, v in _snapshot_row(marin, "olmo_50m_h200").items()
+           if k not in ("training_time_s", "hardware")}
   below["training_hardware_flops"] = below["model_flops"] / 2
   path = tmp_path / "board.json"
-  path.write_text(json.dumps({"runs": [gpu, v5p, v5p_flops, tokens, below, _snapshot_row("llama_50m_muon_1x")]}))
+  ours = _snapshot_row(marin, "llama_50m_muon_1x")
+  path.write_text(json.dumps({"runs": [gpu, v5p, v5p_flops, tokens, below, ours]}))
   return str(path)
 
 
-def test_contradictory_rows_are_flagged(tmp_path):
-  rows = {r["run_name"]: r["flags"] for r in compare.load_leaderboard([_contradictory_board(tmp_path)])}
+def test_contradictory_rows_are_flagged(marin, tmp_path):
+  rows = {r["run_name"]: r["flags"] for r in compare.load_leaderboard([_contradictory_board(marin, tmp_path)])}
   # 1.66350525825024e17 / (72 s x 4 chips x 312e12) = 1.851
   assert rows["llama_50m_gpu"] == ["implied MFU 185% > 100%: model FLOPs 1.66e+17 in 72 s on 4 chips of 312 TFLOP/s"]
   assert rows["adamw_llama_scaling/130m"] == [
@@ -203,8 +203,8 @@ def test_contradictory_rows_are_flagged(tmp_path):
       16, 64, 64, 8, 8, 1, None, None]
 
 
-def test_flags_in_the_table_and_json(tmp_path, run_50m, capsys):
-  board = _contradictory_board(tmp_path)
+def test_flags_in_the_table_and_json(marin, tmp_path, run_50m, capsys):
+  board = _contradictory_board(marin, tmp_path)
   compare.main([run_50m, "--leaderboard", board, "--near", "2"])
   out = capsys.readouterr().out.splitlines()
   names = [line.split()[0] for line in out[2:6]]

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from small_runs import small_cfg
 
 from tinyjax import config, dynamics, env, train
 from tinyjax.model import ModelConfig, Transformer
@@ -55,6 +54,7 @@ def _layer0_attention_logits(params, tokens_L, qk_norm):
   return s, mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_forward_statistics_equal_an_independent_computation(qk_norm):
   model = _model(qk_norm)
@@ -95,27 +95,29 @@ def test_tree_statistics_and_update_ratio():
   assert ratios["update_ratio/group/norm"] == pytest.approx(0.1)
 
 
-def _cfg(cache_dir):
-  return small_cfg(cache_dir, **{"train.dynamics_every": 2})
+@pytest.fixture(scope="module")
+def dynamics_cfg(small_cfg):
+  return lambda: small_cfg(**{"train.dynamics_every": 2})
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(dynamics_cfg, tmp_path_factory):
   """An 8-step run with dynamics every 2 steps, and the steps at which the dynamics variant ran."""
-  cache, workdir = str(tmp_path_factory.mktemp("cache")), tmp_path_factory.mktemp("full")
+  workdir = tmp_path_factory.mktemp("full")
   pushed, traced = [], []
   push, collect = dynamics.Log.push, dynamics.collect
   dynamics.Log.push = lambda self, step, values: (pushed.append(step), push(self, step, values))[1]
   dynamics.collect = lambda *a: (traced.append(1), collect(*a))[1]
   try:
-    train.run(_cfg(cache), str(workdir), env.record())
+    train.run(dynamics_cfg(), str(workdir), env.record())
   finally:
     dynamics.Log.push, dynamics.collect = push, collect
-  return cache, workdir, pushed, traced
+  return workdir, pushed, traced
 
 
+@pytest.mark.slow
 def test_dynamics_variant_runs_only_on_dynamics_steps(finished):
-  _, workdir, pushed, traced = finished
+  workdir, pushed, traced = finished
   assert pushed == [2, 4, 6, 8], "ordinary steps must never run the dynamics variant"
   assert traced == [1], "the dynamics variant is traced and compiled once"
   rows = dynamics.read(str(workdir))
@@ -125,16 +127,17 @@ def test_dynamics_variant_runs_only_on_dynamics_steps(finished):
           "grads/total/norm", "activations/layers_0/rms"} <= rows[0].keys()
 
 
-def test_resumed_dynamics_equal_uninterrupted(finished, tmp_path):
+@pytest.mark.slow
+def test_resumed_dynamics_equal_uninterrupted(finished, dynamics_cfg, tmp_path):
   """A run killed after step 8's dynamics row but before its final checkpoint: rerun resumes at step 4 and
   rewrites rows 6 and 8 once, with the same values (bitwise on CPU)."""
-  cache, full, _, _ = finished
+  full, _, _ = finished
   workdir = tmp_path / "w"
   shutil.copytree(full, workdir)
   shutil.rmtree(workdir / "checkpoints" / "8")
   with open(workdir / "dynamics.jsonl", "a") as f:
     f.write('{"step": 8, "torn')  # a kill mid-write
-  train.run(_cfg(cache), str(workdir), env.record())
+  train.run(dynamics_cfg(), str(workdir), env.record())
   assert dynamics.read(str(workdir)) == dynamics.read(str(full))
   from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
   acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0})
@@ -142,9 +145,10 @@ def test_resumed_dynamics_equal_uninterrupted(finished, tmp_path):
   assert [e.step for e in acc.Scalars("loss")] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_metrics(finished):
   from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
-  _, workdir, _, _ = finished
+  workdir, _, _ = finished
   acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0})
   acc.Reload()
   loss = {e.step: e.value for e in acc.Scalars("loss")}

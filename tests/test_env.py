@@ -1,28 +1,31 @@
 """config.env reaches the process before JAX starts, is recorded, and envdiff measures what a setting changes."""
 import gc
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tinyjax import config, env, envdiff, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.model.vocab_size=512", "--config.model.seq_len=32", "--config.train.train_batch_size=8",
          "--config.model.hidden_dim=64", "--config.model.intermediate_dim=128"]
 
 
-def dry_run(*args):
-  clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-  r = subprocess.run([sys.executable, "-m", "tinyjax.main", "--config=configs/tiny.py", "--dry_run", *args],
-                     cwd=ROOT, env=clean, capture_output=True, text=True, timeout=120)
-  assert r.returncode == 0, r.stderr
-  return json.loads(r.stdout)
+@pytest.fixture(scope="module")
+def dry_run(run_program, child_env):
+  """`python -m tinyjax.main --config=configs/tiny.py --dry_run ARGS` as a user runs it (no XLA_FLAGS or
+  JAX_PLATFORMS of the tests'): the plan it printed (the run checked to succeed), or with ok=False the process."""
+  def dry(*args, ok=True):
+    r = run_program("--config=configs/tiny.py", "--dry_run", *args, env=child_env(XLA_FLAGS=None, JAX_PLATFORMS=None),
+                    timeout=120)
+    if not ok:
+      return r
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+  return dry
 
 
-def test_env_fields_reach_the_process():
+@pytest.mark.slow  # a dry-run program (~6 s on 2 cores)
+def test_env_fields_reach_the_process(dry_run):
   plan = dry_run("--config.env.host_device_count=4", "--config.env.xla_python_client_allocator=platform",
                  "--config.env.xla_python_client_preallocate=false", "--config.env.tf_gpu_allocator=cuda_malloc_async",
                  "--config.env.libtpu_init_args=--xla_tpu_scoped_vmem_limit_kib=98304",
@@ -37,11 +40,22 @@ def test_env_fields_reach_the_process():
   assert plan["env"]["jax_config"]["jax_default_matmul_precision"] == "highest"
 
 
-def test_xla_flags_list_and_config_wins_over_environment():
+@pytest.mark.slow  # a dry-run program and XLA's flag probe (~8 s on 2 cores)
+def test_xla_flags_list_and_config_wins_over_environment(dry_run):
   plan = dry_run("--config.env.xla_flags=('--xla_force_host_platform_device_count=8',)",
                  "--config.env.host_device_count=2")
   assert plan["mesh"]["num_devices"] == 8, "a later --flag=value must replace an earlier one"
   assert plan["env"]["environment"]["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+
+
+@pytest.mark.slow  # two dry-run programs (~10 s on 2 cores)
+def test_a_requested_platform_that_is_absent_is_one_line_not_a_cpu_run(dry_run):
+  r = dry_run("--config.env.platform=tpu", ok=False)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines()[-1].startswith("tinyjax: error: config.env.platform='tpu'")
+  assert "Traceback" not in r.stderr
+  plan = dry_run("--config.env.platform=cpu")
+  assert plan["env"]["backend"] == "cpu" and plan["env"]["jax_config"]["jax_platforms"] == "cpu"
 
 
 def test_refused_after_backend_start():

@@ -1,11 +1,11 @@
-"""Bits-per-byte exactly as Marin defines it, on cases small enough to compute by hand."""
+"""Bits-per-byte exactly as Marin defines it, on cases small enough to compute by hand; the Evaluator's metric names."""
 import math
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tinyjax import evaluate
+from tinyjax import data, evaluate, sharding
 from tinyjax.kernels import loss
 
 
@@ -69,3 +69,15 @@ def test_accuracy_top5_and_perplexity_by_hand():
   hit = step({}, jnp.array([[0, 0, 0, 0]]), jnp.array([True]))
   both = evaluate.summarize([sums, hit])
   assert both["accuracy"] == pytest.approx(3 / 6) and both["top5_accuracy"] == pytest.approx(5 / 6)
+
+
+def test_evaluator_names_metrics_eval_name_bpb(small_cfg):
+  """Through evaluate.Evaluator with an all-zero-logit model on an eval set named like Marin's (with a '/'): keys
+  eval/paloma/c4_en/{loss,bpb,...}, and the loss is ln V nats per target token."""
+  cfg = small_cfg(**{"data.validation_urls": {"paloma/c4_en": ["builtin:python-docs/validation"]}})
+  ds = data.prepare(cfg)
+  assert set(ds.eval_caches) == {"paloma/c4_en"}, "eval-set names may contain '/' (Marin's paloma/<subset>)"
+  out = evaluate.Evaluator(FixedLogitsModel(512), ds, cfg, sharding.batch_sharding(sharding.make_mesh(cfg.mesh)))({})
+  assert {"eval/paloma/c4_en/loss", "eval/paloma/c4_en/bpb"} <= out.keys(), sorted(out)
+  assert out["eval/paloma/c4_en/loss"] == pytest.approx(np.log(512), rel=1e-5)
+  assert out["eval/paloma/c4_en/bytes"] > 0 and 0 < out["eval/paloma/c4_en/bpb_exact"] < 20

@@ -12,70 +12,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import export_support
+
 from tinyjax import cli, config, export, optim, step, train
 from tinyjax.config import ConfigError
 from tinyjax.data import tokenizer as tokenizers
 from tinyjax.model import ModelConfig, Transformer
-from tinyjax.runtime import checkpoint
 
-# GQA (4 query heads share 2 kv heads), fp32 compute so the parity bound is about the math, not bf16 rounding.
-GQA = ModelConfig(hidden_dim=64, intermediate_dim=128, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=32,
-                  vocab_size=320, compute_dtype="float32")
-TEXTS = ["The Python interpreter reads a line and runs it.", "A list comprehension builds a list from a loop.",
-         "Functions are defined with def and return values.", "import os, sys; print(sys.path)"] * 4
-
-
-def make_tokenizer(folder) -> tokenizers.Loaded:
-  """The builtin tokenizer recipe (tokenizer.train_bpe: byte-level BPE, BOS=0, EOS=1, BOS post-processor), trained
-  on a few lines so it takes milliseconds."""
-  folder.mkdir(parents=True, exist_ok=True)
-  (folder / "corpus.txt").write_text("\n".join(TEXTS) + "\n")
-  tok = tokenizers.train_bpe([str(folder / "corpus.txt")], 300)
-  (folder / "tokenizer.json").write_text(tok.to_str())
-  return tokenizers.load(str(folder), str(folder), [], GQA.vocab_size)
-
-
-def strong_params(c: ModelConfig, seed: int = 0) -> dict:
-  """Random params at unit scale: Levanter's init gives near-zero logits, which would make any parity test vacuous."""
-  model = Transformer(c, eos_id=1)
-  shapes = model.init(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"]
-  leaves, tree = jax.tree.flatten(shapes)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  def draw(key, x):
-    if x.ndim == 1:  # norm scales around 1
-      return 1.0 + 0.2 * jax.random.normal(key, x.shape, x.dtype)
-    return jax.random.normal(key, x.shape, x.dtype) * (1.0 if x.shape[0] == c.vocab_size else x.shape[0] ** -0.5)
-  return jax.tree.unflatten(tree, [draw(k, x) for k, x in zip(keys, leaves)])
-
-
-def tokens_without_eos(seed: int, shape) -> np.ndarray:
-  return np.asarray(jax.random.randint(jax.random.key(seed), shape, 2, GQA.vocab_size), np.int32)
+GQA = export_support.GQA
+tokens_without_eos = export_support.tokens_without_eos
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return make_tokenizer(tmp_path_factory.mktemp("tok"))
+  return export_support.make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def make_run(tok, c=GQA, seed=0) -> export.Run:
-  return export.Run("", 0, {}, c, strong_params(c, seed), tok)
+@pytest.fixture(scope="session")
+def make_run():
+  """make_run(tok, c=GQA, seed=0): an export.Run of unit-scale random params."""
+  return export_support.make_run
 
 
-def make_workdir(path, tok, c=GQA, step=5, tokenizer=None, cache_dir=None) -> dict:
-  """A real run directory: an Orbax checkpoint of a full TrainState written by checkpoint.Checkpointer."""
-  cfg = config.base()
-  for f in dataclasses.fields(ModelConfig):
-    cfg.model[f.name] = getattr(c, f.name)
-  cfg.data.tokenizer, cfg.data.cache_dir = tokenizer or tok.path, cache_dir or str(path / "cache")
-  cfg.train.num_train_steps = 10
-  model = Transformer(c, eos_id=tok.eos_id)
-  state = step.init_state(model, optim.make(cfg, 10), 0)
-  params = strong_params(c)
-  state = state.replace(params=params)
-  ckpt = checkpoint.Checkpointer(str(path), cfg)
-  ckpt.save(step, state, {})
-  ckpt.close()
-  return params
+@pytest.fixture(scope="session")
+def write_checkpoint():
+  """write_checkpoint(path, tok, c=GQA, step=5, tokenizer=None, cache_dir=None): a run directory with a real Orbax
+  checkpoint; returns its params."""
+  return export_support.write_checkpoint
 
 
 def hf_names(c: ModelConfig) -> dict:
@@ -96,7 +59,7 @@ def hf_names(c: ModelConfig) -> dict:
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_safetensors_names_shapes_dtypes(tmp_path, tok, tied):
+def test_safetensors_names_shapes_dtypes(tmp_path, tok, tied, make_run):
   safetensors = pytest.importorskip("safetensors")
   c = dataclasses.replace(GQA, tie_word_embeddings=tied)
   export.export(make_run(tok, c), str(tmp_path))
@@ -109,7 +72,7 @@ def test_safetensors_names_shapes_dtypes(tmp_path, tok, tied):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_export_import_is_bitwise_identity(tmp_path, tok, tied):
+def test_export_import_is_bitwise_identity(tmp_path, tok, tied, make_run):
   pytest.importorskip("safetensors")
   run = make_run(tok, dataclasses.replace(GQA, tie_word_embeddings=tied))
   export.export(run, str(tmp_path), max_shard_bytes=60_000)  # ~0.4 MB of weights: several shards plus an index
@@ -124,7 +87,7 @@ def test_export_import_is_bitwise_identity(tmp_path, tok, tied):
   assert (imported.bos_id, imported.eos_id) == (run.tok.bos_id, run.tok.eos_id)
 
 
-def test_bfloat16_export_rounds_once(tmp_path, tok):
+def test_bfloat16_export_rounds_once(tmp_path, tok, make_run):
   pytest.importorskip("safetensors")
   run = make_run(tok)
   export.export(run, str(tmp_path), dtype="bfloat16")
@@ -135,7 +98,7 @@ def test_bfloat16_export_rounds_once(tmp_path, tok):
   assert export.load_hf(str(tmp_path), "float32").params["norm"]["scale"].dtype == np.float32
 
 
-def test_transformers_loads_config_and_tokenizer(tmp_path, tok):
+def test_transformers_loads_config_and_tokenizer(tmp_path, tok, make_run):
   transformers = pytest.importorskip("transformers")
   pytest.importorskip("safetensors")
   export.export(make_run(tok), str(tmp_path))
@@ -157,7 +120,7 @@ def test_transformers_loads_config_and_tokenizer(tmp_path, tok):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_logits_match_transformers_pytorch_llama(tmp_path, tok, tied):
+def test_logits_match_transformers_pytorch_llama(tmp_path, tok, tied, make_run):
   """max |Δlogit| <= 1e-4 in fp32 on a GQA shape; every tensor of a sharded export loads with no missing/unexpected
   key."""
   torch = pytest.importorskip("torch")
@@ -197,12 +160,12 @@ def test_tokenizer_config_of_the_source_is_kept(tmp_path, tok):
       "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
 
 
-def test_qk_norm_model_refused_with_reason(tmp_path, tok):
+def test_qk_norm_model_refused_with_reason(tmp_path, tok, make_run):
   with pytest.raises(ConfigError, match="use_qk_norm.*LlamaForCausalLM has no q/k norm"):
     export.export(make_run(tok, dataclasses.replace(GQA, use_qk_norm=True)), str(tmp_path))
 
 
-def test_import_refuses_other_architectures(tmp_path, tok):
+def test_import_refuses_other_architectures(tmp_path, tok, make_run):
   pytest.importorskip("safetensors")
   export.export(make_run(tok), str(tmp_path))
   hf = json.loads((tmp_path / "config.json").read_text())
@@ -213,9 +176,9 @@ def test_import_refuses_other_architectures(tmp_path, tok):
     export.load_hf(str(tmp_path / "nowhere"))
 
 
-def test_cli_exports_a_checkpoint_and_init_from_loads_it(tmp_path, tok):
+def test_cli_exports_a_checkpoint_and_init_from_loads_it(tmp_path, tok, write_checkpoint):
   pytest.importorskip("safetensors")
-  params = make_workdir(tmp_path / "run", tok)
+  params = write_checkpoint(tmp_path / "run", tok)
   export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
   for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json", "special_tokens_map.json"):
@@ -237,8 +200,8 @@ def test_cli_exports_a_checkpoint_and_init_from_loads_it(tmp_path, tok):
     export.init_from(cfg, state, tx, shardings)
 
 
-def test_cli_errors_are_one_line(tmp_path, tok, capsys):
-  make_workdir(tmp_path / "run", tok, dataclasses.replace(GQA, use_qk_norm=True))
+def test_cli_errors_are_one_line(tmp_path, tok, capsys, write_checkpoint):
+  write_checkpoint(tmp_path / "run", tok, dataclasses.replace(GQA, use_qk_norm=True))
   run, out = str(tmp_path / "run"), str(tmp_path / "hf")
   for argv, message in [([run, "--out", out], "use_qk_norm=True cannot be exported"),
                         ([run, "--out", out, "--step", "9"], r"--step=9: .* steps \[5\]"),
@@ -253,7 +216,7 @@ def test_cli_errors_are_one_line(tmp_path, tok, capsys):
 
 
 @pytest.fixture(scope="module")
-def run_a(tok):
+def run_a(tok, make_run):
   return make_run(tok)  # strong_params dominates these tests' time: made once
 
 
@@ -284,10 +247,10 @@ def test_export_replaces_a_previous_export_whole(tmp_path, run_a):
   assert _files(out) == set(written)
 
 
-def test_export_refuses_a_folder_with_other_files(tmp_path, tok, capsys):
+def test_export_refuses_a_folder_with_other_files(tmp_path, tok, capsys, write_checkpoint):
   """Nothing of the user's is deleted: an --out holding other files is one line, exit 2, and stays as it was."""
   pytest.importorskip("safetensors")
-  make_workdir(tmp_path / "run", tok)
+  write_checkpoint(tmp_path / "run", tok)
   out = tmp_path / "hf"
   export.main([str(tmp_path / "run"), "--out", str(out)])
   (out / "notes.txt").write_text("mine")
@@ -314,7 +277,7 @@ def test_mixed_single_and_sharded_weights_are_refused(tmp_path, run_a):
     export.load_hf(str(tmp_path / "a"))
 
 
-def test_a_run_with_a_relative_cache_dir_exports_from_anywhere(tmp_path, tok, monkeypatch, capsys):
+def test_a_run_with_a_relative_cache_dir_exports_from_anywhere(tmp_path, tok, monkeypatch, capsys, write_checkpoint):
   """New runs save data.cache_dir resolved; a run saved with a relative one (older tinyjax) is found with
   --cache_dir, and without it the one line says so."""
   from tinyjax import sample  # noqa: PLC0415
@@ -326,7 +289,7 @@ def test_a_run_with_a_relative_cache_dir_exports_from_anywhere(tmp_path, tok, mo
   builtin = tokenizers._builtin_path("cache", list(cfg.data.train_urls), vocab)  # noqa: SLF001
   os.makedirs(os.path.dirname(builtin))
   shutil.copy(tok.path, builtin)
-  make_workdir(tmp_path / "run", tok, tokenizer="builtin", cache_dir="cache")
+  write_checkpoint(tmp_path / "run", tok, tokenizer="builtin", cache_dir="cache")
   elsewhere = tmp_path / "elsewhere"
   elsewhere.mkdir()
   monkeypatch.chdir(elsewhere)

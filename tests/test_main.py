@@ -1,20 +1,16 @@
 """The command line: --dry_run reproduces Marin's numbers; user mistakes are one line on stderr and exit code 2."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(scope="module")
+def run_main(run_program):
+  """python -m tinyjax.main in a user's environment (child_env: one CPU device, not the tests' 8)."""
+  return run_program
 
 
-def run_main(*args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI must not inherit the tests' 8 devices
-  return subprocess.run([sys.executable, "-m", "tinyjax.main", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=120)
-
-
+@pytest.mark.slow  # a c4-sized step compiled for the FLOP audit (~10 s each)
 # max_executed: issue 18's targets for the FLOP audit's executed / model matmul FLOPs (optimizer excluded).
 @pytest.mark.parametrize("name,model_size,steps,tokens,model_flops,max_executed", [
     ("c4_30m", 33_784_960, 4_577, 599_916_544, None, 1.02),
@@ -22,7 +18,7 @@ def run_main(*args):
     ("c4_75m", 73_273_600, 11_444, 1_499_987_968, None, 1.02),
     ("c4_130m", 154_147_328, 4_959, 2_599_944_192, 1.777337490915459e18, 0.95),  # Marin muon_llama_scaling/130m
 ])
-def test_dry_run_reproduces_marin(name, model_size, steps, tokens, model_flops, max_executed):
+def test_dry_run_reproduces_marin(run_main, name, model_size, steps, tokens, model_flops, max_executed):
   r = run_main(f"--config=configs/{name}.py", "--dry_run")
   assert r.returncode == 0, r.stderr
   plan = json.loads(r.stdout)
@@ -40,6 +36,8 @@ def test_dry_run_reproduces_marin(name, model_size, steps, tokens, model_flops, 
   assert audit["executed_over_model"] <= max_executed, audit
 
 
+# Each starts the CLI; config.validate's refusals are also caught in-process by tests/test_config.py's catalogue.
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["--config.model.nope=3"], "unknown config key config.model.nope"),
     (["--config.model.hidden_dim=abc"], "--config.model.hidden_dim=abc"),
@@ -54,7 +52,7 @@ def test_dry_run_reproduces_marin(name, model_size, steps, tokens, model_flops, 
     (["--config.train.train_batch_size=3", "--config.env.host_device_count=2"],
      "config.train.train_batch_size=3 is invalid: must be divisible by the data-parallel size 2"),
 ])
-def test_bad_input_is_one_line_exit_2(args, message):
+def test_bad_input_is_one_line_exit_2(run_main, args, message):
   r = run_main("--config=configs/c4_50m.py", "--dry_run", *args)
   assert r.returncode == 2, f"user mistakes exit 2, got {r.returncode}: {r.stderr}"
   lines = r.stderr.strip().splitlines()
@@ -62,7 +60,7 @@ def test_bad_input_is_one_line_exit_2(args, message):
   assert message in lines[0]
 
 
-def test_missing_config_file():
+def test_missing_config_file(run_main):
   r = run_main("--config=configs/missing.py")
   assert r.returncode == 2 and r.stderr.strip() == "tinyjax: error: --config=configs/missing.py: no such config file " \
       "(see configs/)"

@@ -24,6 +24,7 @@ def _tokens(seed, shape, vocab=97):
   return jax.random.randint(jax.random.key(seed), shape, 2, vocab)  # ids >= 2: no accidental EOS
 
 
+@pytest.mark.slow
 def test_logits_shape_dtype_finite():
   model, params = _init(dataclasses.replace(SMALL, compute_dtype="bfloat16"))
   logits = model.apply({"params": params}, _tokens(1, (3, 16)))
@@ -32,6 +33,7 @@ def test_logits_shape_dtype_finite():
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params)), "master params must stay fp32 (p=f32)"
 
 
+@pytest.mark.slow
 def test_causal_future_tokens_do_not_change_past_logits():
   model, params = _init(SMALL)
   a = _tokens(2, (1, 16))
@@ -80,6 +82,7 @@ def test_param_count_equals_tree(tied, qk_norm, kv):
   assert flops.param_counts(cfg)["model_size"] == actual, "Marin's formula disagrees with the parameter tree"
 
 
+@pytest.mark.slow
 def test_init_scales_match_levanter():
   cfg = ModelConfig(hidden_dim=64, intermediate_dim=256, num_layers=1, num_heads=2, num_kv_heads=2, seq_len=8,
                     vocab_size=2048)
@@ -97,6 +100,7 @@ def test_init_scales_match_levanter():
   np.testing.assert_array_equal(p["norm"]["scale"], np.ones(64))
 
 
+@pytest.mark.slow
 def test_remat_does_not_change_outputs():
   model, params = _init(SMALL)
   remat_model = Transformer(dataclasses.replace(SMALL, remat="block"), eos_id=EOS)

@@ -185,6 +185,31 @@ def test_muon_two_steps_match_numpy_levanter(coefficient_type, backend_steps, ne
     p64 = {k: p64[k] + want[k] for k in p64}
 
 
+@pytest.mark.parametrize("coefficient_type", ["simple", "quintic", "polar_express", "aol"])
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)])
+def test_newton_schulz_sets_equal_a_numpy_transcription(coefficient_type, shape):
+  """Levanter zeropower_via_newtonschulz5 in float64 NumPy: normalise by the Frobenius norm (+eps), iterate on the
+  wide orientation, X <- aX + (bA + cA^2)X with A = XX^T, the sets used cyclically (9 steps: past every set)."""
+  g = np.random.default_rng(0).standard_normal(shape)
+  x = g / (np.linalg.norm(g) + 1e-5)
+  x = x.T if shape[0] > shape[1] else x
+  sets = {"simple": [(3.4445, -4.7750, 2.0315)],
+          "quintic": [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+                      (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)],
+          "polar_express": [(8.2051, -22.9019, 16.4607), (4.0664, -2.8612, 0.5184), (3.9096, -2.8234, 0.5250),
+                            (3.2856, -2.4153, 0.4853), (2.2779, -1.6198, 0.3985), (1.8726, -1.2307, 0.3585),
+                            (1.8564, -1.2132, 0.3568), (1.8750, -1.2500, 0.3750)],
+          "aol": [(4.0098, -7.0585, 2.4635), (3.4585, -5.5479, 2.5959), (2.7573, -3.2939, 1.4254),
+                  (2.7215, -3.0494, 1.3169)]}[coefficient_type]
+  for i in range(9):
+    a, b, c = sets[i % len(sets)]
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  expected = x.T if shape[0] > shape[1] else x
+  got = np.asarray(optim.newton_schulz(np.asarray(g, np.float32), 9, coefficient_type, 1e-5), np.float64)
+  np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4)
+
+
 # ---------------- 4: clipping scope ----------------
 
 def test_clip_covers_adam_group_only_and_never_muon():

@@ -3,11 +3,8 @@ import os
 
 import matplotlib.image
 import pytest
-from test_results import SHARED, make_workdir
 
 from tinyjax import plot
-
-RUNS_JSON = os.path.join(SHARED, "marin", "runs.json")
 
 
 def test_pareto_front_hand_made():
@@ -22,7 +19,7 @@ def test_pareto_front_hand_made():
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, make_workdir):
   root = tmp_path_factory.mktemp("runs")
   out = []
   for name, batch in (("muon", 8), ("muon", 16), ("adamw", 8), ("adamw", 32)):
@@ -42,11 +39,12 @@ def _check_png(path, min_kb=15):
 
 @pytest.mark.parametrize("kind, extra", [
     ("curves", {"axis": "steps"}), ("curves", {"axis": "flops"}), ("batch", {"group_by": "optimizer.name"}),
-    ("flops", {"leaderboard": [RUNS_JSON]}), ("flops", {"leaderboard": [RUNS_JSON], "flops_axis": "hardware"}),
+    ("flops", {"leaderboard": ["runs.json"]}), ("flops", {"leaderboard": ["runs.json"], "flops_axis": "hardware"}),
     ("batch", {"group_by": "optimizer.name,train.train_batch_size"}), ("scaling", {"group_by": "model_size"}),
     ("scaling", {"axis": "tokens", "group_by": "optimizer.name"}),
 ])
-def test_every_kind_writes_a_png(runs, tmp_path, kind, extra):
+def test_every_kind_writes_a_png(runs, tmp_path, marin, kind, extra):
+  extra = {k: [marin.runs] if k == "leaderboard" else v for k, v in extra.items()}  # Marin's leaderboard table
   if extra.get("flops_axis") == "hardware":
     with pytest.raises(ValueError, match="nothing to plot"):  # CPU runs have no hardware FLOPs and no Marin rows
       plot.plot(runs, str(tmp_path / "x.png"), kind, flops_axis="hardware")
@@ -67,7 +65,7 @@ def test_cli(runs, tmp_path, capsys):
   assert capsys.readouterr().err.strip().endswith("none.json: no such file or directory")
 
 
-def test_sweep_figures_group_lines_and_fall_back_to_loss(runs, tmp_path):
+def test_sweep_figures_group_lines_and_fall_back_to_loss(runs, tmp_path, make_workdir):
   loaded = [plot.Run(w) for w in runs[:4]]
   assert [plot._group_label(r, "optimizer.name,train.train_batch_size") for r in loaded] == [
       "name=muon, train_batch_size=8", "name=muon, train_batch_size=16", "name=adamw, train_batch_size=8",

@@ -8,19 +8,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_export import GQA, make_run, make_tokenizer, make_workdir, tokens_without_eos
+
+import export_support
 
 from tinyjax import sample
 from tinyjax.model import Transformer
 
 
+GQA = export_support.GQA
+tokens_without_eos = export_support.tokens_without_eos
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-  return make_tokenizer(tmp_path_factory.mktemp("tok"))
+  return export_support.make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def make_run():
+  """make_run(tok, c=GQA, seed=0): an export.Run of unit-scale random params."""
+  return export_support.make_run
+
+
+@pytest.fixture(scope="session")
+def write_checkpoint():
+  """write_checkpoint(path, tok, c=GQA, step=5, ...): a run directory with a real Orbax checkpoint."""
+  return export_support.write_checkpoint
 
 
 @pytest.fixture(scope="module")
-def run(tok):
+def run(tok, make_run):
   return make_run(tok, seed=5)
 
 
@@ -42,6 +59,7 @@ def cached_logits(run, tokens_BL, prefill: int):
   return np.concatenate(outs, axis=1)
 
 
+@pytest.mark.slow
 def test_kv_cache_logits_equal_full_recompute(run):
   tokens = jnp.asarray(tokens_without_eos(1, (2, 20)))
   tokens = tokens.at[0, 9].set(run.tok.eos_id)  # a document boundary: the cache keeps model.py's EOS mask
@@ -65,6 +83,7 @@ def uncached_greedy(run, prompt_ids, n):
   return ids[len(prompt_ids):]
 
 
+@pytest.mark.slow
 def test_temperature_zero_equals_uncached_argmax_and_padding_is_invisible(run):
   prompts = ["The Python interpreter reads", "A list", "import os"]
   batch = sample.sample(run, prompts, max_new_tokens=12, temperature=0.0)
@@ -79,6 +98,7 @@ def test_temperature_zero_equals_uncached_argmax_and_padding_is_invisible(run):
   assert len(lengths) == 3, "the prompts must differ in length for the padding check to mean anything"
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_top_k_one_is_greedy(run):
   greedy = sample.sample(run, ["A list"], max_new_tokens=10, temperature=0.0)[0]["ids"]
   assert sample.sample(run, ["A list"], max_new_tokens=10, temperature=1.5, top_k=1, seed=3)[0]["ids"] == greedy
@@ -99,7 +119,8 @@ def test_filter_logits_top_k_and_top_p():
   assert keep(0, 1.0) == [True, True, True, True]
 
 
-def test_stops_at_eos_as_uncached_decoding_does(tok):
+@pytest.mark.slow
+def test_stops_at_eos_as_uncached_decoding_does(tok, make_run):
   run = make_run(tok, seed=5)
   prompt_ids = run.tok.tokenizer.encode("A list").ids
   g = uncached_greedy(run, prompt_ids, 3)[2]  # the third greedy token
@@ -117,8 +138,9 @@ def test_stops_at_eos_as_uncached_decoding_does(tok):
   assert (np.asarray(new)[:, len(ref) - 1:] == run.tok.eos_id).all(), "finished rows are padded with EOS"
 
 
-def test_cli_and_samples_after_training(tmp_path, tok, capsys):
-  make_workdir(tmp_path / "run", tok)
+@pytest.mark.slow
+def test_cli_and_samples_after_training(tmp_path, tok, write_checkpoint, capsys):
+  write_checkpoint(tmp_path / "run", tok)
   sample.main([str(tmp_path / "run"), "--prompt", "The Python", "--prompt", "A", "--max_new_tokens", "5",
                "--temperature", "0", "--json"])
   out = json.loads(capsys.readouterr().out)

@@ -1,15 +1,10 @@
 """The stability finder: LR-sensitivity and boundary math, recommendation, divergence detection, names, one real sweep."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tinyjax import stability
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def rec(lr, final, status="completed", initial=7.0, step=None, quantity=None):
   div = {"step": step, "quantity": quantity, "message": ""} if status == "diverged" else None
@@ -125,10 +120,10 @@ def test_plot_writes_png(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def cli_run(*args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, like a user's shell
-  return subprocess.run([sys.executable, "-m", "tinyjax.stability", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+@pytest.fixture(scope="module")
+def cli_run(run_program):
+  """python -m tinyjax.stability in a user's environment (child_env: one CPU device)."""
+  return lambda *args: run_program(*args, module="tinyjax.stability")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -138,14 +133,17 @@ def cli_run(*args):
     (["--lrs", "1e-3", "--vary", "model.nope=1,2"], "unknown config key config.model.nope"),
     ([], "--lrs is required"),
 ])
-def test_user_mistakes_are_one_line_exit_2(tmp_path, args, message):
-  r = cli_run("--config=configs/stability_tiny.py", f"--workdir-root={tmp_path}", *args)
-  assert r.returncode == 2 and r.stderr.startswith("tinyjax: error: ") and message in r.stderr, r.stderr
+def test_user_mistakes_are_one_line_exit_2(tmp_path, args, message, capsys):
+  """In-process (stability.main is what `python -m tinyjax.stability` runs): the CLI's one-line stop."""
+  with pytest.raises(SystemExit) as e:
+    stability.main(["--config=configs/stability_tiny.py", f"--workdir-root={tmp_path}", *args])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.startswith("tinyjax: error: ") and message in err, err
   assert not os.listdir(tmp_path), "nothing runs before the arguments are checked"
 
 
 @pytest.mark.slow
-def test_end_to_end_stops_the_diverged_run(tmp_path):
+def test_end_to_end_stops_the_diverged_run(cli_run, tmp_path):
   """Two real runs (tiny shapes, 60 steps): AdamW at lr 1e-3 trains; at 10 it blows up and is stopped early."""
   args = ["--config=configs/stability_tiny.py", "--lrs", "1e-3,10", "--steps", "60", f"--workdir-root={tmp_path}",
           "--set", "model.hidden_dim=32", "--set", "model.intermediate_dim=64", "--set", "train.log_every=2"]

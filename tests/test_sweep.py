@@ -4,14 +4,13 @@ import csv
 import json
 import os
 import shlex
-import subprocess
 import sys
 
 import matplotlib.image
 import pytest
-from test_results import make_workdir
 
 from tinyjax import sweep
+from tinyjax.launch import commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = os.path.join(ROOT, "configs", "sweeps")
@@ -70,7 +69,7 @@ def test_tiny_scaling_grid():
 
 
 def test_names_are_filesystem_safe_and_collisions_rejected(tmp_path, capsys):
-  assert sweep.point_name({"data.train_urls": "hf://a b/c*", "x": 1}) == "train_urls-hf___a_b_c__x-1"
+  assert commands.run_name({"data.train_urls": "hf://a b/c*", "x": 1}) == "train_urls-hf___a_b_c__x-1"  # sweep's rule
   bad = tmp_path / "dup.py"
   bad.write_text("def get_sweep():\n  return {'config': 'configs/tiny.py', 'axes': "
                  "[[{'train.seed': 1}, {'model.seed': 1}]]}\n")
@@ -192,7 +191,7 @@ def _eval_steps(overrides: dict) -> list[int]:
   return [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
 
 
-def _fake_sweep(tmp_path):
+def _fake_sweep(tmp_path, make_workdir):
   """The tiny grid's six points as finished workdirs with made-up BPBs, evaluated at the steps the sweep's own
   config makes the trainer evaluate at (make_workdir spaces evals evenly: the same steps here)."""
   points = _points("tiny")
@@ -209,11 +208,11 @@ def _fake_sweep(tmp_path):
   return points
 
 
-def test_tiny_sweep_curves_figure_draws_curves_clear_of_the_legend(tmp_path):
+def test_tiny_sweep_curves_figure_draws_curves_clear_of_the_legend(tmp_path, make_workdir):
   """curves.png of configs/sweeps/tiny.py: every run's BPB is a curve over several token counts (the points train
   equal tokens, so final evals alone would stack at one x), and no drawn point lies under the legend."""
   from tinyjax import plot  # noqa: PLC0415
-  points = _fake_sweep(tmp_path)
+  points = _fake_sweep(tmp_path, make_workdir)
   assert [len(_eval_steps(p.overrides)) for p in points] == [8, 8, 4, 4, 2, 2]
   spec = next(f for f in sweep.load(os.path.join(SWEEPS, "tiny.py"))["figures"] if f["kind"] == "curves")
   fig = plot.figure([plot.Run(str(tmp_path / p.name)) for p in points], "curves", axis=spec["x"])
@@ -234,8 +233,8 @@ def test_tiny_sweep_curves_figure_draws_curves_clear_of_the_legend(tmp_path):
   plot.plt.close(fig)
 
 
-def test_report_table_and_figures(tmp_path, capsys):
-  points = _fake_sweep(tmp_path)
+def test_report_table_and_figures(tmp_path, make_workdir, capsys):
+  points = _fake_sweep(tmp_path, make_workdir)
   info_path = tmp_path / points[-1].name / "run_info.json"
   info_path.write_text(json.dumps({**json.loads(info_path.read_text()), "status": "preempted"}))
   assert sweep.main([os.path.join(SWEEPS, "tiny.py"), "--report", "--root", str(tmp_path)]) == 0
@@ -256,7 +255,7 @@ def test_report_table_and_figures(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_tiny_sweep_end_to_end(tmp_path):
+def test_tiny_sweep_end_to_end(tmp_path, run_program):
   """Two real points x 6 steps: run, rerun (both skipped), report."""
   sweep_file = tmp_path / "two.py"
   sweep_file.write_text(
@@ -267,13 +266,11 @@ def test_tiny_sweep_end_to_end(tmp_path):
       "          'axes': [[{'train.train_batch_size': 4}, {'train.train_batch_size': 8}]],\n"
       "          'figures': [{'kind': 'batch', 'group_by': 'optimizer.name'},\n"
       "                      {'kind': 'scaling', 'group_by': 'model_size', 'x': 'tokens'}]}\n")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the runs must not inherit the tests' 8 devices
-  cmd = [sys.executable, "-m", "tinyjax.sweep", str(sweep_file), "--root", str(tmp_path / "runs")]
-  first = subprocess.run(cmd + ["--launch", "local"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  args = [sweep_file, "--root", tmp_path / "runs"]  # child_env: the runs do not inherit the tests' 8 devices
+  first = run_program(*args, "--launch", "local", module="tinyjax.sweep", timeout=600)
   assert first.returncode == 0, first.stderr[-2000:]
   assert first.stdout.count(": new") == 2
-  again = subprocess.run(cmd + ["--launch", "local", "--report"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+  again = run_program(*args, "--launch", "local", "--report", module="tinyjax.sweep")
   assert again.returncode == 0, again.stderr[-2000:]
   assert again.stdout.count("completed, skipped") == 2 and "running" not in again.stdout
   with open(tmp_path / "runs" / "report.csv") as f:

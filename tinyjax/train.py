@@ -96,6 +96,8 @@ def run(cfg, workdir: str, env_record: dict) -> dict:
         if s.ckpt:
           s.ckpt.close()
         return _finish(s, s.state, {"step": s.start})  # a stop after the final checkpoint may have left some records
+      if s.ckpt:
+        s.ckpt.check_space(s.state)  # room for the next checkpoint, before any step (else a refusal mid-run)
       state, last = _loop(s)
       return _finish(s, state, last)
     finally:

@@ -1,8 +1,6 @@
 """Targets by name, deviceless compiles with the TPU and GPU compilers, envdiff on a target, and plugin isolation."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -11,7 +9,7 @@ from tinyjax.config import ConfigError
 from tinyjax.hardware import aot, targets
 from tinyjax.kernels import attention
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GIB = 2 ** 30
 
 
@@ -80,6 +78,7 @@ def _config(name: str, *overrides: str):
   return cli.load_config([f"--config={ROOT}/configs/{name}.py", *overrides])
 
 
+@pytest.mark.slow
 def test_missing_compiler_gives_labelled_cpu_proxy_figures(monkeypatch, capsys):
   """Without libtpu the plan still answers, from this machine's compiler, and says so (stderr note + label)."""
   monkeypatch.setattr(targets, "compiler_installed", lambda platform: False)
@@ -95,12 +94,11 @@ def test_missing_compiler_gives_labelled_cpu_proxy_figures(monkeypatch, capsys):
     plan.dry_run(cfg, None, {}, False, "v5p-8")
 
 
-def test_compile_only_plugins_stay_unloaded_in_a_cpu_run():
+def test_compile_only_plugins_stay_unloaded_in_a_cpu_run(run_program, child_env):
   """The compile extras install libtpu and the CUDA PJRT plugin; a run on a machine without TPU/GPU loads neither."""
   code = ("import json, jax; from tinyjax import config, env; r = env.apply(config.base().env); jax.devices(); "
           "print(json.dumps([r.get('skipped_plugins', []), jax.default_backend()]))")
-  child = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child, capture_output=True, text=True, timeout=120)
+  r = run_program(code=code, env=child_env(JAX_PLATFORMS=None, XLA_FLAGS=None), timeout=120)
   installed = [p for p in ("tpu", "cuda") if targets.compiler_installed(p)]
   assert r.returncode == 0, r.stderr
   assert json.loads(r.stdout.splitlines()[-1]) == [installed, "cpu"]

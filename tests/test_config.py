@@ -4,7 +4,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -106,17 +105,24 @@ def _write(tmp, name, text):
   return str(path)
 
 
-def _main(args, cwd=ROOT, timeout=300, launcher=("-m", "tinyjax.main"), **env):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
-  return subprocess.run([sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+@pytest.fixture(scope="module")
+def main(run_program, child_env):
+  """main(args, launcher=("-m", "tinyjax.main") or ("-c", CODE), cwd=, timeout=, **env): a tinyjax program in a user's
+  environment (child_env: one CPU device) with `env` changes."""
+  def run(args, cwd=ROOT, timeout=300, launcher=("-m", "tinyjax.main"), **env):
+    how = {"module": launcher[1]} if launcher[0] == "-m" else {"code": launcher[1]}
+    return run_program(*args, cwd=cwd, env=child_env(**env), timeout=timeout, **how)
+  return run
 
 
-def _one_line(proc, code, expected):
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert proc.returncode == code, proc.stderr[-2000:]
-  assert len(lines) == 1 and lines[0].startswith("tinyjax: error: ") and expected in lines[0], proc.stderr[-2000:]
-  assert "Traceback" not in proc.stdout + proc.stderr
+@pytest.fixture(scope="module")
+def error_line(one_line):
+  """one_line's one-line stop, which must also be a `tinyjax: error: ` line."""
+  def check(proc, code, expected):
+    line = one_line(proc, code, expected)
+    assert line.startswith("tinyjax: error: "), proc.stderr[-2000:]
+    return line
+  return check
 
 
 # Mistakes caught by the flag parser or before any training (one short subprocess each).
@@ -130,36 +136,38 @@ PARSER = [
     (["--config={tiny}", "--config.model.hidden_dim=abc"], "hidden_dim"),
     (["--config={tiny}", "stray"], "unexpected argument 'stray'"),
     (["--config={tiny}", "--config.env.platform=tpu"], "config.env.platform='tpu'"),
-    (["--config={tiny}", "--config.env.xla_flags=('--xla_bogus_flag=1',)"], "unknown XLA flag --xla_bogus_flag=1"),
+    pytest.param(["--config={tiny}", "--config.env.xla_flags=('--xla_bogus_flag=1',)"], "unknown XLA flag --xla_bogus_flag=1",
+                 marks=pytest.mark.slow),  # starts JAX (~3 s)
     (["--config={tiny}", "--config.env.matmul_precision=x"], "unknown config key"),
-    (["--config={tiny}", "--config.optimizer.warmup=600"], "config.optimizer.warmup=600"),
+    pytest.param(["--config={tiny}", "--config.optimizer.warmup=600"], "config.optimizer.warmup=600",
+                 marks=pytest.mark.slow),  # also in VALIDATE, in-process
 ]
 
 
-@pytest.mark.parametrize("args,expected", PARSER, ids=[p[1][:40] for p in PARSER])
-def test_parser_and_startup_mistakes(args, expected, tmp_path):
+@pytest.mark.parametrize("args,expected", PARSER, ids=[getattr(p, "values", p)[1][:40] for p in PARSER])
+def test_parser_and_startup_mistakes(args, expected, tmp_path, main, error_line):
   files = {"syntax": _write(tmp_path, "syntax.py", "def get_config(:\n"), "noget": _write(tmp_path, "noget.py", "X=1\n"),
            "raising": _write(tmp_path, "raising.py", "def get_config():\n  raise RuntimeError('boom')\n"),
            "tiny": TINY}
   args = [a.format(**files) for a in args] + [f"--workdir={tmp_path / 'w'}"]
-  _one_line(_main(args), 2, expected)
+  error_line(main(args), 2, expected)
   assert not (tmp_path / "w" / "checkpoints").exists()  # nothing was started
 
 
 @pytest.mark.parametrize("launcher", [("-m", "tinyjax.main"), ("-m", "tinyjax.data")])
-def test_gcs_cache_dir_is_refused_before_anything_is_created(launcher, tmp_path):
+def test_gcs_cache_dir_is_refused_before_anything_is_created(launcher, tmp_path, main, error_line):
   """data.cache_dir=gs://... once made a local folder named gs: and ended in a traceback."""
   args = [f"--config={TINY}", "--config.data.cache_dir=gs://bucket/dir"]
   args += ["--workdir=gs://bucket/run"] if launcher[1] == "tinyjax.main" else []
-  _one_line(_main(args, cwd=tmp_path, launcher=launcher), 2, "config.data.cache_dir='gs://bucket/dir' is invalid")
+  error_line(main(args, cwd=tmp_path, launcher=launcher), 2, "config.data.cache_dir='gs://bucket/dir' is invalid")
   assert os.listdir(tmp_path) == []
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, main):
   """One small finished run (checkpoints 2 and 4) that the damage cases copy."""
   workdir = tmp_path_factory.mktemp("catalogue") / "w"
-  proc = _main([f"--config={TINY}", *SMALL, f"--workdir={workdir}"])
+  proc = main([f"--config={TINY}", *SMALL, f"--workdir={workdir}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
@@ -213,50 +221,34 @@ SLOW_DAMAGE = [  # these restore a checkpoint first (~10 s each on 2 cores)
 ]
 
 
-def _damage_case(trained, tmp_path, damage, extra, code, expected):
+def _damage_case(main, error_line, trained, tmp_path, damage, extra, code, expected):
   w = tmp_path / "w"
   shutil.copytree(trained, w)
   (tmp_path / "file").write_text("x")
   if damage:
     damage(w)
   before = _digest(w)
-  proc = _main([f"--config={TINY}", *SMALL, *[a.format(tmp=tmp_path) for a in extra], f"--workdir={w}"])
+  proc = main([f"--config={TINY}", *SMALL, *[a.format(tmp=tmp_path) for a in extra], f"--workdir={w}"])
   while _HELD:
     _HELD.pop().release()
-  _one_line(proc, code, expected)
+  error_line(proc, code, expected)
   assert _digest(w) == before  # checkpoints, metrics, config and records untouched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage,extra,code,expected", DAMAGE, ids=[d[3][:40] for d in DAMAGE])
-def test_damaged_workdir_is_refused_and_left_intact(trained, tmp_path, damage, extra, code, expected):
-  _damage_case(trained, tmp_path, damage, extra, code, expected)
+def test_damaged_workdir_is_refused_and_left_intact(main, error_line, trained, tmp_path, damage, extra, code,
+                                                    expected):
+  _damage_case(main, error_line, trained, tmp_path, damage, extra, code, expected)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage,extra,code,expected", SLOW_DAMAGE, ids=[d[3][:40] for d in SLOW_DAMAGE])
-def test_damaged_workdir_after_restore(trained, tmp_path, damage, extra, code, expected):
-  _damage_case(trained, tmp_path, damage, extra, code, expected)
+def test_damaged_workdir_after_restore(main, error_line, trained, tmp_path, damage, extra, code, expected):
+  _damage_case(main, error_line, trained, tmp_path, damage, extra, code, expected)
 
 
-# A full disk (item 11): a small tmpfs holds the workdir. Needs root to mount (skipped otherwise).
-@pytest.fixture
-def small_disk(tmp_path):
-  """mount(size) mounts (or, again, resizes keeping the files) a tmpfs at the returned path."""
-  point = tmp_path / "disk"
-  point.mkdir()
-  mounted = []
-
-  def mount(size):
-    opts = f"remount,size={size}" if mounted else f"size={size}"
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True, text=True,
-                          check=False)
-    if proc.returncode:
-      pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()[:100]}")
-    mounted.append(size)
-    return point
-  yield mount
-  if mounted:
-    subprocess.run(["umount", str(point)], check=False)
+# A full disk (item 11): a small tmpfs holds the workdir (conftest's small_disk: needs root, skipped otherwise).
 
 
 def _stable_rows(workdir):
@@ -266,35 +258,35 @@ def _stable_rows(workdir):
 
 
 # As if the disk filled up while the save ran: the space check before the save sees room (Orbax's write then fails).
-_NO_SPACE_CHECK = ("import runpy, sys; from tinyjax import checkpoint; "
+_NO_SPACE_CHECK = ("import runpy, sys; from tinyjax.runtime import checkpoint; "
                    "checkpoint.Checkpointer._free_bytes = lambda self: None; "
                    "sys.argv = ['tinyjax.main'] + sys.argv[1:]; runpy.run_module('tinyjax.main', run_name='__main__')")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("during_save", [False, True], ids=["seen-before-the-save", "write-fails-during-the-save"])
-def test_disk_full_is_one_line_and_the_run_resumes_exactly(trained, small_disk, during_save):
+def test_disk_full_is_one_line_and_the_run_resumes_exactly(main, error_line, trained, small_disk, during_save):
   # 15 MB: room for checkpoint 2 (~10 MB on disk) but not also checkpoint 4.
   w = small_disk("15m") / "w"
   args = [f"--config={TINY}", *SMALL, f"--workdir={w}"]
   if during_save:
-    proc = _main(args, launcher=("-c", _NO_SPACE_CHECK))
-    _one_line(proc, 2, "disk full: checkpoint step 4 could not be written to")
+    proc = main(args, launcher=("-c", _NO_SPACE_CHECK))
+    error_line(proc, 2, "disk full: checkpoint step 4 could not be written to")
     assert "(No space left on device)" in proc.stderr
   else:
-    proc = _main(args)
-    _one_line(proc, 2, "disk full: checkpoint step 4 needs about")
+    proc = main(args)
+    error_line(proc, 2, "disk full: checkpoint step 4 needs about")
   assert "the last complete checkpoint, step 2, is intact" in proc.stderr
   assert sorted(os.listdir(w / "checkpoints")) == ["2"]  # no half-written step 4 left behind
   assert json.loads((w / "run_info.json").read_text())["status"] == "disk_full"
   small_disk("40m")  # space freed: the same command resumes from step 2 and ends as the uninterrupted run did
-  assert _main(args).returncode == 0
+  assert main(args).returncode == 0
   assert _stable_rows(w) == _stable_rows(trained)
 
 
 # The disk fills up completely the moment the save of step 4 starts (the run waits for the test to fill it): the
 # save, TensorBoard, metrics.jsonl and run_info.json writes all fail.
-_FILL_DURING_SAVE = ("import os, runpy, sys, time; from tinyjax import checkpoint; "
+_FILL_DURING_SAVE = ("import os, runpy, sys, time; from tinyjax.runtime import checkpoint; "
                      "checkpoint.Checkpointer._free_bytes = lambda self: None; real = checkpoint.Checkpointer.save\n"
                      "def save(self, step, state, meta):\n"
                      "  if step == 4:\n"
@@ -306,15 +298,15 @@ _FILL_DURING_SAVE = ("import os, runpy, sys, time; from tinyjax import checkpoin
 
 
 @pytest.mark.slow
-def test_disk_filling_up_during_a_save_is_one_line_and_the_run_resumes_exactly(trained, small_disk, tmp_path):
+def test_disk_filling_up_during_a_save_is_one_line_and_the_run_resumes_exactly(main, error_line, trained, small_disk,
+                                                                              run_program, child_env, tmp_path):
   """Before: the TensorBoard writer thread died with ENOSPC, the loop blocked for minutes on its queue, a first
   SIGTERM did nothing, and `<step>.orbax-checkpoint-tmp` stayed behind."""
   w = small_disk("40m") / "w"
   args = [f"--config={TINY}", *SMALL, f"--workdir={w}"]
   fill_now, filled = tmp_path / "fill-now", tmp_path / "filled"
-  proc = subprocess.Popen([sys.executable, "-c", _FILL_DURING_SAVE, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu", "FILL_NOW": str(fill_now), "FILLED": str(filled)})
+  proc = run_program(*args, code=_FILL_DURING_SAVE, popen=True,
+                     env=child_env(FILL_NOW=str(fill_now), FILLED=str(filled)))
   while not fill_now.exists() and proc.poll() is None:
     time.sleep(0.01)
   with open(w.parent / "filler", "wb") as f:  # every byte left
@@ -327,34 +319,36 @@ def test_disk_filling_up_during_a_save_is_one_line_and_the_run_resumes_exactly(t
   filled.touch()
   out, err = proc.communicate(timeout=300)
   proc.stdout = proc.stderr = None
-  _one_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 2,
+  error_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 2,
             "disk full: checkpoint step 4 could not be written to")
   assert "the last complete checkpoint, step 2, is intact" in err
   assert sorted(os.listdir(w / "checkpoints")) == ["2"]  # no half-written step 4 left behind
   os.remove(w.parent / "filler")  # space freed: the same command resumes from step 2 and ends as uninterrupted
-  assert _main(args).returncode == 0
+  assert main(args).returncode == 0
   assert _stable_rows(w) == _stable_rows(trained)
 
 
-def test_no_room_for_one_checkpoint_is_refused_before_training(small_disk):
+@pytest.mark.slow
+def test_no_room_for_one_checkpoint_is_refused_before_training(main, error_line, small_disk):
   w = small_disk("6m") / "w"  # a checkpoint of this state needs ~14 MB
-  _one_line(_main([f"--config={TINY}", *SMALL, f"--workdir={w}"]), 2, "free but a checkpoint of this run needs about")
+  error_line(main([f"--config={TINY}", *SMALL, f"--workdir={w}"]), 2, "free but a checkpoint of this run needs about")
   assert not (w / "metrics.jsonl").exists() and os.listdir(w / "checkpoints") == []
 
 
-def test_full_disk_while_writing_metrics_is_one_line(small_disk):
+@pytest.mark.slow
+def test_full_disk_while_writing_metrics_is_one_line(main, error_line, small_disk):
   w = small_disk("20k") / "w"  # checkpoints off: the small files themselves fill it
-  proc = _main([f"--config={TINY}", *SMALL, "--config.checkpoint.enabled=False", f"--workdir={w}"])
-  _one_line(proc, 2, "disk full (No space left on device) writing")
+  proc = main([f"--config={TINY}", *SMALL, "--config.checkpoint.enabled=False", f"--workdir={w}"])
+  error_line(proc, 2, "disk full (No space left on device) writing")
   assert not [n for n in os.listdir(w) if n.endswith(".tmp")]  # no partial run_info.json.tmp
 
 
 @pytest.mark.slow
-def test_offline_hub_tokenizer_is_one_line_without_retry_warnings(tmp_path):
+def test_offline_hub_tokenizer_is_one_line_without_retry_warnings(main, error_line, tmp_path):
   """No network (a closed local port as the hub): huggingface_hub retries ~25 s, and its warnings stay quiet."""
-  proc = _main([f"--config={TINY}", *SMALL, "--config.data.tokenizer=marin-community/marin-tokenizer",
+  proc = main([f"--config={TINY}", *SMALL, "--config.data.tokenizer=marin-community/marin-tokenizer",
                 f"--config.data.cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'w'}"],
                HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
-  _one_line(proc, 2, "config.data.tokenizer='marin-community/marin-tokenizer': not 'builtin', not an existing path, "
+  error_line(proc, 2, "config.data.tokenizer='marin-community/marin-tokenizer': not 'builtin', not an existing path, "
                      "and downloading it from the HF hub failed")
   assert not os.listdir(tmp_path / "cache" / "tokenizers" / "hub" / "marin-community--marin-tokenizer")  # no debris

@@ -1,85 +1,31 @@
 """speedrun_results.json: Marin's 50m entry reproduced from configs/c4_50m.py, CPU peaks unknown, last eval wins.
-
-Workdirs are built by writing config.json, run_info.json (tinyjax.plan.describe, as the trainer does) and a
-synthetic metrics.jsonl: no training. `make_workdir` is shared with test_compare.py and test_plot.py.
-"""
-import importlib.util
+Workdirs are written without training (conftest's make_workdir)."""
 import json
 import os
 
 import pytest
 
-from tinyjax import plan, sharding
 from tinyjax.runtime import results
 
-REPO = os.path.join(os.path.dirname(__file__), "..")
-# shared/ beside the checkout (CI, /work/main); SHARED_DIR names it from a checkout elsewhere (a worktree)
-SHARED = os.environ.get("SHARED_DIR") or os.path.join(os.path.dirname(__file__), "..", "..", "shared")
-MARIN_50M = os.path.join(SHARED, "marin", "llama_50m_muon_1x.speedrun_results.json")
 
-
-def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-def make_workdir(path, config="tiny", edit=None, evals=None, device_kind=None, step_time=0.1,
-                 compile_time=5.0, extra_info=None, steps=None) -> str:
-  """A finished run's workdir files. evals: {eval set name: [bpb at each eval]} (evals every steps/len steps)."""
-  cfg = load_config(config)
-  cfg.mesh.data = 1  # one device (conftest fakes 8 CPU devices)
-  if edit:
-    edit(cfg)
-  info = plan.describe(cfg, sharding.make_mesh(cfg.mesh), {"environment": {"XLA_FLAGS": "x"}, "jax_config": {}})
-  if device_kind:
-    info["mesh"]["device_kind"] = device_kind
-  info.update(extra_info or {})
-  total, per_step = info["num_train_steps"], info["tokens_per_step"]
-  done = steps or total
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  with open(os.path.join(path, "run_info.json"), "w") as f:
-    json.dump(info, f, sort_keys=True)
-  evals = {"python_docs": [2.5, 2.0]} if evals is None else evals
-  eval_steps = {name: [total * (i + 1) // len(v) for i in range(len(v))] for name, v in evals.items()}
-  every = max(done // 10, 1)
-  log_steps = {1, done, *range(every, done + 1, every)} | {s for v in eval_steps.values() for s in v if s <= done}
-  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
-    for step in sorted(log_steps):
-      row = {"step": step, "loss": 8.0 - 4.0 * step / total, "learning_rate": 0.02, "adam_lr": 0.004,
-             "grad_norm": 1.0, "tokens": step * per_step, "training_time": compile_time + step_time * (step - 1)}
-      if step > 1 and step_time:
-        row["tokens_per_second"] = per_step / step_time
-      f.write(json.dumps(row) + "\n")
-      for name, values in evals.items():
-        if step in eval_steps[name]:
-          bpb = values[eval_steps[name].index(step)]
-          f.write(json.dumps({"step": step, f"eval/{name}/bpb": bpb, f"eval/{name}/bpb_exact": bpb * 0.99,
-                              f"eval/{name}/loss": bpb * 2.0, f"eval/{name}/tokens": 1000,
-                              f"eval/{name}/bytes": 4000}) + "\n")
-  return str(path)
-
-
-def marin_50m() -> dict:
-  with open(MARIN_50M) as f:
+@pytest.fixture(scope="module")
+def marin_50m(marin) -> dict:
+  with open(marin.speedrun_50m) as f:
     return json.load(f)["runs"][0]["run_info"]
 
 
 @pytest.fixture(scope="module")
-def c4_50m(tmp_path_factory):
+def c4_50m(tmp_path_factory, make_workdir, marin_50m):
   """configs/c4_50m.py on an H200 with Marin's step time and a Paloma c4_en eval."""
-  marin = marin_50m()
+  marin = marin_50m
   path = make_workdir(tmp_path_factory.mktemp("c4_50m"), "c4_50m", device_kind="NVIDIA H200",
                       evals={"paloma/c4_en": [1.5, 1.42, 1.401]}, compile_time=marin["training_time"], step_time=0.0,
                       extra_info={"versions": {"jax": "0.10.2"}})
   return results.write_results(path)["runs"][0]["run_info"], path
 
 
-def test_reproduces_marin_50m_sizes_and_flops(c4_50m):
-  ours, marin = c4_50m[0], marin_50m()
+def test_reproduces_marin_50m_sizes_and_flops(c4_50m, marin_50m):
+  ours, marin = c4_50m[0], marin_50m
   assert ours["model_size"] == marin["model_size"] == 50_874_048
   assert ours["total_tokens"] == marin["total_tokens"] == 999_948_288
   assert ours["model_flops"] == marin["model_flops"] == 1.6698528441040896e17
@@ -92,8 +38,8 @@ def test_reproduces_marin_50m_sizes_and_flops(c4_50m):
   assert ours["training_hardware_flops"] == marin["training_hardware_flops"] == 1.1666472839337308e18
 
 
-def test_marin_schema_and_config_names(c4_50m):
-  ours, marin = c4_50m[0], marin_50m()
+def test_marin_schema_and_config_names(c4_50m, marin_50m):
+  ours, marin = c4_50m[0], marin_50m
   assert set(marin) <= set(ours), set(marin) - set(ours)
   for key in ("hidden_dim", "intermediate_dim", "num_layers", "num_heads", "num_kv_heads", "seq_len",
               "tie_word_embeddings", "use_qk_norm", "layer_norm_epsilon", "rope", "activation_function",
@@ -121,7 +67,7 @@ def test_file_is_sorted_and_last_eval_is_reported(c4_50m):
   assert extra["notes"] == []
 
 
-def test_cpu_run_states_unknown_peak_and_non_paloma_eval(tmp_path):
+def test_cpu_run_states_unknown_peak_and_non_paloma_eval(tmp_path, make_workdir):
   info = results.write_results(make_workdir(tmp_path, "tiny", evals={"python_docs": [2.4, 2.1]}))
   info = info["runs"][0]["run_info"]
   assert info["device_flops"] is None and info["training_hardware_flops"] is None
@@ -137,7 +83,7 @@ def test_cpu_run_states_unknown_peak_and_non_paloma_eval(tmp_path):
   assert info["tinyjax"]["tokens_per_second_overall"] == pytest.approx(500 * 2048 / (5.0 + 49.9))
 
 
-def test_gpu_mfu_and_incomplete_run(tmp_path):
+def test_gpu_mfu_and_incomplete_run(tmp_path, make_workdir):
   info = results.write_results(make_workdir(tmp_path, "tiny", device_kind="NVIDIA H100 80GB HBM3", steps=250))
   info = info["runs"][0]["run_info"]
   assert info["device_flops"] == 989.5e12
@@ -146,7 +92,7 @@ def test_gpu_mfu_and_incomplete_run(tmp_path):
   assert any("incomplete run: 250 of 500" in n for n in info["tinyjax"]["notes"])
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tmp_path, capsys, make_workdir):
   path = make_workdir(tmp_path / "run", "tiny")
   results.main([path])
   assert "model_size 2,000,000" in capsys.readouterr().out

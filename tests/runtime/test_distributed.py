@@ -1,16 +1,15 @@
 """The supervisor of a multi-process run (distributed.supervise): JAX's C++ abort for a lost peer becomes one line and
 exit 4; everything else (exit codes, deaths by signal, native log lines, signals sent to the run) passes through.
-The trainers' own lost-host exits are in test_multiprocess.py."""
+The trainers' own lost-host exits are in test_distributed_processes.py."""
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tinyjax.runtime import faults
+
 # What jaxlib 0.10.2 printed when it aborted process 0 after process 1 stopped sending heartbeats (abridged: the
 # full report also holds the stack trace and faulthandler's dump).
 JAX_ABORT = (b"E1202 07:36:40.656894   20047 coordination_service.cc:1549] [115] Use error polling to propagate the "
@@ -43,16 +42,17 @@ if what == "signals":
 """
 
 
-def supervised(what: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-c", CHILD, what], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+@pytest.fixture
+def supervised(run_program):
+  """supervised(what): the trainer stand-in under distributed.supervise (stdout and stderr piped, text)."""
+  return lambda what: run_program(what, code=CHILD, popen=True)
 
 
-def test_jax_abort_for_a_lost_peer_is_one_line_and_exit_4_with_the_report_kept():
+def test_jax_abort_for_a_lost_peer_is_one_line_and_exit_4_with_the_report_kept(supervised):
   p = supervised("jax_abort")
   out, err = p.communicate(timeout=120)
-  lines = err.decode().splitlines()
-  assert p.returncode == 4 and len(lines) == 1, (p.returncode, err)
+  lines = err.splitlines()
+  assert p.returncode == faults.EXIT_LOST_HOST and len(lines) == 1, (p.returncode, err)
   assert lines[0].startswith("tinyjax: error: lost host: process 0 of 2: process 1 stopped sending heartbeats "
                              "to JAX's coordination service (JAX's report: "), lines
   report = lines[0].split("JAX's report: ")[1].split(")")[0]
@@ -62,22 +62,22 @@ def test_jax_abort_for_a_lost_peer_is_one_line_and_exit_4_with_the_report_kept()
 
 
 @pytest.mark.slow
-def test_other_ends_pass_through_unchanged():
+def test_other_ends_pass_through_unchanged(supervised):
   crash = supervised("crash")
   _, err = crash.communicate(timeout=120)
-  assert crash.returncode == -signal.SIGABRT and err == NATIVE_WARNING, (crash.returncode, err)
+  assert crash.returncode == -signal.SIGABRT and err == NATIVE_WARNING.decode(), (crash.returncode, err)
   exit3 = supervised("exit3")
   _, err = exit3.communicate(timeout=120)
   assert exit3.returncode == 3, (exit3.returncode, err)
-  assert err == NATIVE_WARNING + b"tinyjax: diverged: non-finite loss at step 7\n", err  # in order, none lost
+  assert err == NATIVE_WARNING.decode() + "tinyjax: diverged: non-finite loss at step 7\n", err  # in order, none lost
 
 
 @pytest.mark.slow
-def test_signals_reach_the_trainer_and_it_dies_with_its_supervisor():
+def test_signals_reach_the_trainer_and_it_dies_with_its_supervisor(supervised):
   p = supervised("signals")
   child = int(p.stdout.readline().split()[1])
   p.send_signal(signal.SIGTERM)  # a preemption notice goes to the process the launcher started
-  assert p.wait(timeout=60) == 75 and p.stdout.read() == b"child got SIGTERM\n"
+  assert p.wait(timeout=60) == 75 and p.stdout.read() == "child got SIGTERM\n"
   p = supervised("signals")
   child = int(p.stdout.readline().split()[1])
   p.kill()  # the host is gone: the trainer must not outlive the process the launcher sees
@@ -92,8 +92,9 @@ def test_signals_reach_the_trainer_and_it_dies_with_its_supervisor():
 # a lost peer, and it aborts the survivor, which must still end in one line and exit 4.
 IDLE = """
 import sys, time
-from tinyjax import config
+from tinyjax import config, env
 from tinyjax.runtime import distributed
+env.apply(config.base().env)  # as main does first (without it JAX's plugins print their own lines)
 d = config.base().distributed
 d.coordinator_address, d.num_processes, d.process_id = sys.argv[1], 2, int(sys.argv[2])
 d.heartbeat_timeout_s = 10  # the test's bound; the default (100 s) is the same path, 90 s slower
@@ -107,13 +108,11 @@ time.sleep(600)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("victim,bound_s", [(1, 10 + 10), (0, 10)])
-def test_a_peer_lost_outside_any_collective_is_one_line_and_exit_4(victim, bound_s):
+def test_a_peer_lost_outside_any_collective_is_one_line_and_exit_4(run_program, victim, bound_s):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     address = f"127.0.0.1:{s.getsockname()[1]}"
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen([sys.executable, "-c", IDLE, address, str(i)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in (0, 1)]
+  procs = [run_program(address, i, code=IDLE, popen=True) for i in (0, 1)]
   try:
     assert [p.stdout.readline() for p in procs] == ["ready\n", "ready\n"]
     killed = time.monotonic()
@@ -121,7 +120,7 @@ def test_a_peer_lost_outside_any_collective_is_one_line_and_exit_4(victim, bound
     survivor = procs[1 - victim]
     rc, err = survivor.wait(timeout=120), survivor.stderr.read()
     elapsed = time.monotonic() - killed
-    assert rc == 4 and len(err.splitlines()) == 1, (rc, err)
+    assert rc == faults.EXIT_LOST_HOST and len(err.splitlines()) == 1, (rc, err)
     expected = ("the coordinator (process 0) stopped answering" if victim == 0 else
                 "process 1 stopped sending heartbeats")
     assert err.startswith(f"tinyjax: error: lost host: process {1 - victim} of 2: {expected}"), err

@@ -1,10 +1,12 @@
-"""The workdir lock under contention: processes acquiring at the same instant, on a fresh directory and over a lock
-left by a dead trainer, never give two holders. The contenders import only tinyjax.runtime.workdir (no jax): ~3 s in all."""
+"""The workdir lock (tinyjax/runtime/workdir.py): a second trainer is refused and a dead one's stale lock taken over;
+under contention, processes acquiring at the same instant, on a fresh directory and over a lock left by a dead
+trainer, never give two holders (the contenders import only tinyjax.runtime.workdir, no jax: ~3 s in all)."""
 import multiprocessing
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,3 +62,25 @@ def test_simultaneous_acquires_give_exactly_one_holder(tmp_path, stale):
   bad = [(r, o) for r, o in enumerate(rounds) if sorted(o) != [HELD] + [REFUSED] * (CONTENDERS - 1)]
   assert not bad, f"{len(bad)} of {ROUNDS} rounds without exactly one holder (1 held, 2 refused, 3 error): {bad[:5]}"
   assert not any(os.path.exists(os.path.join(d, workdirs.LOCK)) for d in dirs)  # every holder released it
+
+
+@pytest.mark.slow  # two trainer processes (~15 s on 2 cores)
+def test_a_second_trainer_is_refused_and_a_stale_lock_is_taken_over(small_args, run_program, rows, tmp_path):
+  args = [*small_args, f"--workdir={tmp_path}", "--config.train.num_train_steps=100000"]
+  first = run_program(*args, popen=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 240
+    while not rows(tmp_path) and time.time() < deadline:
+      time.sleep(0.2)
+    second = run_program(*args, timeout=240)
+    assert second.returncode == 2 and "in use by another tinyjax run" in second.stderr, second.stderr[-2000:]
+    assert rows(tmp_path), "the refused trainer must not touch the running one's files"
+  finally:
+    first.kill()  # kill -9: the lock stays behind, stale
+    first.wait()
+  assert (tmp_path / workdirs.LOCK).exists()
+  lock = workdirs.Lock(str(tmp_path), str(tmp_path))
+  lock.acquire()
+  assert lock.held
+  lock.release()
+  assert not (tmp_path / workdirs.LOCK).exists()

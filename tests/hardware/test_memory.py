@@ -2,15 +2,12 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tinyjax import config, sharding, step
 from tinyjax.hardware import memory
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2 ** 30
 
 
@@ -47,6 +44,7 @@ def _planner(grad_accum_steps, device_memory_gb=0.0):
   return step.build(cfg, mesh, eos_id=1).planner(8)
 
 
+@pytest.mark.slow
 def test_auto_accumulation_is_the_smallest_that_fits():
   probe = _planner(0)
   peaks = {a: probe.info(a)["peak"] for a in (1, 2, 4)}
@@ -58,13 +56,14 @@ def test_auto_accumulation_is_the_smallest_that_fits():
   assert accum == 1 and fit["fits"] is False, "an explicit accumulation is reported, not changed"
 
 
-def _main(*args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, "-m", "tinyjax.main", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+@pytest.fixture(scope="module")
+def _main(run_program):
+  """python -m tinyjax.main in a user's environment (child_env: one CPU device, not the tests' 8)."""
+  return run_program
 
 
-def test_run_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path):
+@pytest.mark.slow
+def test_run_that_cannot_fit_is_refused_before_anything_is_allocated(_main, tmp_path):
   r = _main("--config=configs/tiny.py", "--config.train.device_memory_gb=0.001", f"--workdir={tmp_path}/w")
   assert r.returncode == 2, r.stderr
   lines = [line for line in r.stderr.strip().splitlines() if line.startswith("tinyjax: error:")]
@@ -75,7 +74,7 @@ def test_run_that_cannot_fit_is_refused_before_anything_is_allocated(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,per_device_batch", [("c4_50m", 128), ("c4_130m", 8)])
-def test_dry_run_memory_plan_fits_marins_hardware(name, per_device_batch):
+def test_dry_run_memory_plan_fits_marins_hardware(_main, name, per_device_batch):
   """The issue's targets: compiled temp <= 16 GiB per device for c4_50m at 128 x 1024 and c4_130m at 8 x 4096
   (today's blockwise kernels on CPU), and `fits` on every listed device with no accumulation."""
   r = _main(f"--config=configs/{name}.py", "--dry_run")

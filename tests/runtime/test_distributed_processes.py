@@ -1,34 +1,25 @@
-"""Several processes on this machine form one run the way a cluster starts them: SLURM's environment (srun) with
-no tinyjax-specific flags, CPU collectives (gloo), 1 or 2 fake devices per process; and what a lost process does to
-the others."""
+"""tinyjax/runtime/distributed.py with real trainers: several processes on this machine form one run the way a
+cluster starts them: SLURM's environment (srun) with no tinyjax-specific flags, CPU collectives (gloo), 1 or 2 fake
+devices per process; a stop signal to one of them, and what a lost process does to the others. (The supervisor
+alone: test_distributed.py.)"""
 import json
 import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tinyjax import config
-from tinyjax.runtime import metrics
+from tinyjax.runtime import faults, metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/tiny.py", "--config.model.hidden_dim=32", "--config.model.intermediate_dim=64",
         "--config.model.num_layers=2", "--config.model.seq_len=32", "--config.model.vocab_size=512",
         "--config.model.compute_dtype=float32", "--config.train.train_batch_size=8", "--config.train.log_every=1",
         "--config.train.steps_per_eval=1000", "--config.train.max_eval_batches=1",
         "--config.checkpoint.save_interval_steps=4"]
-
-
-def _env(devices: int, slurm: dict | None, cache: str) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "XLA_FLAGS"))}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # as conftest.py: compiles in half the time (38 s -> 21 s)
-  return {**env, **(slurm or {})}
-
 
 STARTED: list[subprocess.Popen] = []
 
@@ -44,20 +35,26 @@ def _no_leftovers():
       p.wait()
 
 
-def launch(workdir, cache, steps: int, processes: int, devices: int, *extra):
-  """Starts the run's processes (a 2-task SLURM step when processes > 1); returns the Popen objects."""
-  job = str(random.randrange(10_000, 99_999))
-  args = [sys.executable, "-m", "tinyjax.main", *ARGS, f"--config.train.num_train_steps={steps}",
-          f"--config.data.cache_dir={cache}", f"--workdir={workdir}", *extra]
-  procs = []
-  for i in range(processes):
-    slurm = None if processes == 1 else {"SLURM_JOB_ID": job, "SLURM_NTASKS": str(processes),
+@pytest.fixture(scope="module")
+def launch(run_program, child_env, token_cache):
+  """launch(workdir, steps, processes, devices, *extra): starts the run's processes (a 2-task SLURM step when
+  processes > 1), each with `devices` fake CPU devices, on the session's token cache; returns the Popen objects."""
+  def start(workdir, steps: int, processes: int, devices: int, *extra):
+    job = str(random.randrange(10_000, 99_999))
+    args = [*ARGS, f"--config.train.num_train_steps={steps}", f"--config.data.cache_dir={token_cache}",
+            f"--workdir={workdir}", *extra]
+    procs = []
+    for i in range(processes):
+      slurm = {} if processes == 1 else {"SLURM_JOB_ID": job, "SLURM_NTASKS": str(processes),
                                          "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
                                          "SLURM_STEP_NODELIST": "localhost"}
-    env = {**_env(devices, slurm, cache), "TMPDIR": os.path.dirname(workdir)}  # lost-host reports in pytest's tmp
-    procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  STARTED.extend(procs)
-  return procs
+      env = child_env(XLA_FLAGS=f"{child_env()['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}",
+                      JAX_DISABLE_MOST_OPTIMIZATIONS="1",  # as conftest.py: compiles in half the time (38 s -> 21 s)
+                      TMPDIR=os.path.dirname(workdir), **slurm)  # lost-host reports in pytest's tmp
+      procs.append(run_program(*args, env=env, popen=True))
+    STARTED.extend(procs)
+    return procs
+  return start
 
 
 def finish(procs, timeout=300):
@@ -77,11 +74,6 @@ def same_run(a, b, rel=1e-5):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
 def jit_cache(tmp_path_factory):
   """A persistent XLA cache shared by this module's runs: each topology compiles once (measured: 51 s -> 6.5 s from
   start to the first step of a run on the loaded 2-core machine)."""
@@ -93,17 +85,17 @@ def final_sha256(workdir) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_process(cache, jit_cache, tmp_path_factory):
+def two_process(launch, jit_cache, tmp_path_factory):
   """An uninterrupted 2 processes x 2 devices run, 8 steps, checkpoints at 4 and 8: (workdir, [(rc, out, err)])."""
   workdir = tmp_path_factory.mktemp("two_process")
-  return workdir, finish(launch(workdir, cache, 8, 2, 2, jit_cache))
+  return workdir, finish(launch(workdir, 8, 2, 2, jit_cache))
 
 
 @pytest.fixture(scope="module")
-def single(cache, tmp_path_factory):
+def single(launch, tmp_path_factory):
   """The reference: 1 process x 4 devices, 8 steps."""
   workdir = tmp_path_factory.mktemp("single")
-  (rc, _, err), = finish(launch(workdir, cache, 8, 1, 4))
+  (rc, _, err), = finish(launch(workdir, 8, 1, 4))
   assert rc == 0, err
   return workdir
 
@@ -122,18 +114,18 @@ def test_slurm_environment_forms_one_two_process_run(single, two_process):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: re-sent as JAX's SIGTERM notice
-def test_stop_signal_to_one_process_checkpoints_both_and_resumes(cache, jit_cache, single, tmp_path, sig):
-  procs = launch(tmp_path, cache, 8, 2, 2, jit_cache)
+def test_stop_signal_to_one_process_checkpoints_both_and_resumes(launch, jit_cache, single, tmp_path, sig):
+  procs = launch(tmp_path, 8, 2, 2, jit_cache)
   deadline = time.time() + 240
   while not any(r.get("step", 0) >= 3 for r in metrics.read(str(tmp_path))) and time.time() < deadline:
     time.sleep(0.2)
   procs[1].send_signal(sig)  # e.g. one TPU VM host gets the maintenance notice, or loses its ssh session
   results = finish(procs)
-  assert [rc for rc, _, _ in results] == [75, 75], [err[-2000:] for _, _, err in results]
+  assert [rc for rc, _, _ in results] == [faults.EXIT_PREEMPTED] * 2, [err[-2000:] for _, _, err in results]
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   preempted = [r["step"] for r in metrics.read(str(tmp_path)) if r.get("event") == "preempted"]
   assert steps and preempted and preempted[-1] in steps, (steps, preempted)  # both stopped at one checkpointed step
-  results = finish(launch(tmp_path, cache, 8, 2, 2, jit_cache))
+  results = finish(launch(tmp_path, 8, 2, 2, jit_cache))
   assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
   assert same_run(tmp_path, single), "the resumed 2-process run must end where the uninterrupted one does"
 
@@ -186,7 +178,7 @@ def kill_and_judge(procs, victim: int, heartbeat_s: float) -> tuple[str, float]:
   err = procs[survivor].stderr.read()
   assert procs[victim].wait(timeout=60) == -signal.SIGKILL
   ours = [line for line in err.splitlines() if line.startswith("tinyjax")]
-  assert rc == 4 and len(ours) == 1, (rc, err[-4000:])
+  assert rc == faults.EXIT_LOST_HOST and len(ours) == 1, (rc, err[-4000:])
   assert ours[0].startswith(f"tinyjax: error: lost host: process {survivor} of 2: "), ours
   assert "rerun the same command to resume" in ours[0], ours
   if "JAX's report: " in ours[0]:  # JAX aborted the survivor: what it said is kept
@@ -206,10 +198,10 @@ LOST_HOST_SCENARIOS = [pytest.param(1, False, 1, id="1dev-worker"), pytest.param
 
 @pytest.mark.slow
 @pytest.mark.parametrize("devices,save,victim", LOST_HOST_SCENARIOS)
-def test_a_lost_process_makes_the_other_exit_4_with_one_line(cache, jit_cache, tmp_path, devices, save, victim):
+def test_a_lost_process_makes_the_other_exit_4_with_one_line(launch, jit_cache, tmp_path, devices, save, victim):
   defaults = victim == 0 or HEARTBEAT_S is None  # the coordinator lost: entirely default timeouts
   heartbeat = config.base().distributed.heartbeat_timeout_s if defaults else HEARTBEAT_S
-  procs = launch(tmp_path, cache, 8, 2, devices, jit_cache,  # 8 steps, as two_process: its compiled step is reused
+  procs = launch(tmp_path, 8, 2, devices, jit_cache,  # 8 steps, as two_process: its compiled step is reused
                  f"--config.checkpoint.save_interval_steps={4 if save else 0}",
                  *([] if defaults else [f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}"]))
   wait_for(saving(tmp_path) if save else logged(tmp_path, 3), procs)
@@ -219,27 +211,27 @@ def test_a_lost_process_makes_the_other_exit_4_with_one_line(cache, jit_cache, t
 
 
 @pytest.mark.slow
-def test_rerun_after_a_lost_host_resumes_to_the_uninterrupted_hash(cache, jit_cache, two_process, tmp_path):
+def test_rerun_after_a_lost_host_resumes_to_the_uninterrupted_hash(launch, jit_cache, two_process, tmp_path):
   """The coordinator is lost while the final checkpoint is written (step 4's is committed before step 8's starts):
   the rerun resumes from step 4 and ends bitwise where the uninterrupted run does."""
-  procs = launch(tmp_path, cache, 8, 2, 2, jit_cache)
+  procs = launch(tmp_path, 8, 2, 2, jit_cache)
   wait_for(saving(tmp_path, 8), procs)
   _, elapsed = kill_and_judge(procs, 0, config.base().distributed.heartbeat_timeout_s)  # default timeouts
   print(f"lost host [2 devices/process, final checkpoint being written, process 0 killed, default timeouts]: the "
         f"survivor exited 4 after {elapsed:.1f}s")
-  results = finish(launch(tmp_path, cache, 8, 2, 2, jit_cache))
+  results = finish(launch(tmp_path, 8, 2, 2, jit_cache))
   assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
   assert "resuming from checkpoint at step 4/8" in results[0][1]
   assert final_sha256(tmp_path) == final_sha256(two_process[0])
 
 
 @pytest.mark.slow
-def test_a_stuck_process_is_caught_by_the_watchdog_in_the_final_checkpoint_wait(cache, jit_cache, two_process,
+def test_a_stuck_process_is_caught_by_the_watchdog_in_the_final_checkpoint_wait(launch, jit_cache, two_process,
                                                                                  tmp_path):
   """Process 1's trainer stops (SIGSTOP: alive, silent on every socket) while the final checkpoint is written;
   process 0 waits for it and must leave after distributed.step_timeout_s, well before JAX's heartbeat timeout.
   (`two_process` first: its run fills the XLA cache, so no compile counts against the 15 s.)"""
-  procs = launch(tmp_path, cache, 8, 2, 2, jit_cache, "--config.distributed.step_timeout_s=15")
+  procs = launch(tmp_path, 8, 2, 2, jit_cache, "--config.distributed.step_timeout_s=15")
   wait_for(saving(tmp_path, 8), procs)
   supervisor = procs[1].pid
   with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
@@ -248,6 +240,7 @@ def test_a_stuck_process_is_caught_by_the_watchdog_in_the_final_checkpoint_wait(
   os.kill(trainer, signal.SIGSTOP)
   rc = procs[0].wait(timeout=config.base().distributed.heartbeat_timeout_s + 60)
   elapsed, err = time.monotonic() - stopped, procs[0].stderr.read()
-  assert rc == 4 and len([line for line in err.splitlines() if line.startswith("tinyjax")]) == 1, (rc, err[-4000:])
+  assert rc == faults.EXIT_LOST_HOST and len([line for line in err.splitlines() if line.startswith("tinyjax")]) == 1, \
+      (rc, err[-4000:])
   assert "lost host: process 0 of 2: no training step or checkpoint wait finished for" in err, err[-4000:]
   assert elapsed < config.base().distributed.heartbeat_timeout_s, elapsed

@@ -1,21 +1,20 @@
-"""Fault test: SIGKILL at 5 random moments (one during an async save) never loses more than the checkpoint
+"""Checkpoints under SIGKILL (tinyjax/runtime/checkpoint.py): 5 random moments (one during an async save) never loses more than the checkpoint
 interval, and the run still ends bitwise identical to an uninterrupted one. Slow (~2-3 min): marked `slow`."""
 import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 60
 
 
 def command(workdir, cache_dir):
-  return [sys.executable, "-m", "tinyjax.main", "--config=configs/tiny.py", f"--workdir={workdir}",
+  """`python -m tinyjax.main` arguments of the run (tiny.py's body at vocab 512: the session's token cache fits it)."""
+  return ["--config=configs/tiny.py", f"--workdir={workdir}",
           f"--config.data.cache_dir={cache_dir}", "--config.model.vocab_size=512", "--config.model.seq_len=32",
           "--config.train.train_batch_size=8", f"--config.train.num_train_steps={STEPS}",
           "--config.train.log_every=1", "--config.train.steps_per_eval=30", "--config.train.max_eval_batches=2",
@@ -28,17 +27,20 @@ def final(workdir):
   return {r["step"]: r["loss"] for r in rows if "loss" in r}, [r["param_sha256"] for r in rows if "param_sha256" in r]
 
 
+def completed(run_program, *args):
+  proc = run_program(*args, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.slow
-def test_sigkill_five_times_then_identical(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  cache_dir = str(tmp_path / "cache")
-  subprocess.run(command(tmp_path / "ref", cache_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+def test_sigkill_five_times_then_identical(run_program, token_cache, tmp_path):
+  cache_dir = token_cache
+  completed(run_program, *command(tmp_path / "ref", cache_dir))
   rng = random.Random(0)
   workdir = tmp_path / "killed"
   kills = []
   for attempt in range(5):
-    proc = subprocess.Popen(command(workdir, cache_dir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = run_program(*command(workdir, cache_dir), popen=True, stderr=subprocess.DEVNULL)
     target = rng.randint(2, 9)  # kill a few logged steps after (re)start, at a random moment
     seen = 0
     for line in proc.stdout:
@@ -52,7 +54,7 @@ def test_sigkill_five_times_then_identical(tmp_path):
           break
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"attempt {attempt} ended before it was killed"
-  subprocess.run(command(workdir, cache_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+  completed(run_program, *command(workdir, cache_dir))
   losses, sha = final(workdir)
   ref_losses, ref_sha = final(tmp_path / "ref")
   assert losses == ref_losses, f"loss curve differs after kills at {kills}"
@@ -87,9 +89,9 @@ def _records(workdir):
     return rows, _stable(json.load(f))
 
 
-def _kill_when(cmd, env, ready):
-  """Runs cmd and SIGKILLs it the moment ready() holds (polled every ms); returns what ready() saw."""
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_when(run_program, args, ready):
+  """Runs the program and SIGKILLs it the moment ready() holds (polled every ms); returns what ready() saw."""
+  proc = run_program(*args, popen=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   while proc.poll() is None:
     seen = ready()
     if seen:
@@ -101,10 +103,9 @@ def _kill_when(cmd, env, ready):
 
 
 @pytest.mark.slow
-def test_sigkill_in_a_save_tmp_folder_and_after_the_final_checkpoint(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  cache_dir = str(tmp_path / "cache")
-  subprocess.run(command(tmp_path / "ref", cache_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+def test_sigkill_in_a_save_tmp_folder_and_after_the_final_checkpoint(run_program, token_cache, tmp_path):
+  cache_dir = token_cache
+  completed(run_program, *command(tmp_path / "ref", cache_dir))
   workdir = tmp_path / "killed"
   ckpts = workdir / "checkpoints"
 
@@ -115,9 +116,9 @@ def test_sigkill_in_a_save_tmp_folder_and_after_the_final_checkpoint(tmp_path):
   def final_committed():
     return (ckpts / str(STEPS) / "commit_success.txt").exists() and [str(STEPS)]
 
-  assert _kill_when(command(workdir, cache_dir), env, in_tmp)
-  assert _kill_when(command(workdir, cache_dir), env, final_committed)
-  subprocess.run(command(workdir, cache_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+  assert _kill_when(run_program, command(workdir, cache_dir), in_tmp)
+  assert _kill_when(run_program, command(workdir, cache_dir), final_committed)
+  completed(run_program, *command(workdir, cache_dir))
   rows, results = _records(workdir)
   ref_rows, ref_results = _records(tmp_path / "ref")
   assert [r for r in rows if "param_sha256" in r] == [r for r in ref_rows if "param_sha256" in r]
