@@ -22,6 +22,9 @@ Fixtures (their helpers live in support.py, which only this file imports):
   small_disk     small_disk(size) -> a tmpfs of that size (needs root; skipped otherwise)
   gcs            a local Cloud Storage emulator (gcsfs filesystem with one bucket)
   repo, shared, marin   the checkout root, shared/ beside it, and Marin's published figures in it
+  tok / make_run / write_checkpoint   export and sample tests (tests/export_support.py): a tokenizer trained in
+                 milliseconds, make_run(tok, c=GQA, seed=0) of unit-scale params, write_checkpoint(path, tok, ...) a
+                 run directory holding a real Orbax checkpoint
 """
 import os
 import shutil
@@ -38,7 +41,7 @@ import support
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _XLA_CACHE = tempfile.mkdtemp(prefix="tinyjax-tests-xla-")
-#os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE  # read by this process's jax and by every child's
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE  # read by this process's jax and by every child's
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
 
 import jax  # noqa: E402  (must follow the environment above)
@@ -178,6 +181,24 @@ def small_disk(tmp_path):
   yield mount
   if mounted:
     subprocess.run(["umount", str(point)], check=False)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  import export_support  # noqa: PLC0415
+  return export_support.make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def make_run():
+  import export_support  # noqa: PLC0415
+  return export_support.make_run
+
+
+@pytest.fixture(scope="session")
+def write_checkpoint():
+  import export_support  # noqa: PLC0415
+  return export_support.write_checkpoint
 
 
 GCS_BUCKET = "tinyjax-test"

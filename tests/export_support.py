@@ -1,6 +1,6 @@
-"""Builders that tests/test_export.py and tests/test_sample.py share (each module exposes them through its own
-fixtures): a GQA model config, a tokenizer trained in milliseconds, parameters at unit scale, and a run directory
-holding a real Orbax checkpoint."""
+"""Builders that tests/test_export.py and tests/test_sample.py share (conftest.py exposes them as fixtures: tok,
+make_run, write_checkpoint): a GQA model config, a tokenizer trained in milliseconds, parameters at unit scale, and a
+run directory holding a real Orbax checkpoint."""
 import dataclasses
 
 import jax

@@ -23,24 +23,6 @@ GQA = export_support.GQA
 tokens_without_eos = export_support.tokens_without_eos
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  return export_support.make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="session")
-def make_run():
-  """make_run(tok, c=GQA, seed=0): an export.Run of unit-scale random params."""
-  return export_support.make_run
-
-
-@pytest.fixture(scope="session")
-def write_checkpoint():
-  """write_checkpoint(path, tok, c=GQA, step=5, tokenizer=None, cache_dir=None): a run directory with a real Orbax
-  checkpoint; returns its params."""
-  return export_support.write_checkpoint
-
-
 def hf_names(c: ModelConfig) -> dict:
   """LlamaForCausalLM's tensors (transformers models/llama/modeling_llama.py), torch (out, in) layout."""
   D, F, K, V = c.hidden_dim, c.intermediate_dim, c.head_dim, c.vocab_size

@@ -20,23 +20,6 @@ tokens_without_eos = export_support.tokens_without_eos
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  return export_support.make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="session")
-def make_run():
-  """make_run(tok, c=GQA, seed=0): an export.Run of unit-scale random params."""
-  return export_support.make_run
-
-
-@pytest.fixture(scope="session")
-def write_checkpoint():
-  """write_checkpoint(path, tok, c=GQA, step=5, ...): a run directory with a real Orbax checkpoint."""
-  return export_support.write_checkpoint
-
-
-@pytest.fixture(scope="module")
 def run(tok, make_run):
   return make_run(tok, seed=5)
 

@@ -12,6 +12,8 @@ their C4 cache built once, and Levanter caches written directly with tensorstore
   good_lines     good_lines(n): n JSONL records of random-word documents
   write_c4 / write_lines   a C4 shard; raw lines (optionally gzipped)
   levanter_cache levanter_cache(path, docs): a finished Levanter cache (store and ledger) written without tinyjax
+  root / ds / tok   the session token cache (conftest's token_cache), its data.prepare (built-in corpus, vocab 512)
+                 and its tokenizer
 """
 import gzip
 import json
@@ -155,3 +157,21 @@ def levanter_cache(levanter_store, write_ledger):
     write_ledger(path, len(docs), len(flat), "meta-llama/Meta-Llama-3.1-8B", 400, False, shards=("shard_0",))
     return flat
   return write
+
+
+@pytest.fixture(scope="session")
+def root(token_cache):
+  return token_cache
+
+
+@pytest.fixture(scope="session")
+def ds(root):
+  cfg = config.base()
+  cfg.data.cache_dir, cfg.model.vocab_size = str(root), 512
+  return data.prepare(cfg)
+
+
+@pytest.fixture(scope="session")
+def tok(ds, root):
+  from tinyjax.data import tokenizer  # noqa: PLC0415
+  return tokenizer.load(ds.tokenizer_path, str(root), ["builtin:python-docs/train"], 512)

@@ -9,7 +9,7 @@ import pytest
 import tensorstore as ts
 
 from tinyjax import config, data
-from tinyjax.data import cache, corpus, tokenizer as tokenizers
+from tinyjax.data import cache, corpus
 
 TRAIN, VALID = "builtin:python-docs/train", "builtin:python-docs/validation"
 VOCAB = 512  # the session token cache's builtin tokenizer
@@ -21,21 +21,6 @@ def make_cfg(root):
   cfg.data.cache_dir = str(root)
   cfg.model.vocab_size, cfg.model.seq_len, cfg.train.train_batch_size = VOCAB, 64, 8
   return cfg
-
-
-@pytest.fixture(scope="module")
-def root(token_cache):
-  return token_cache
-
-
-@pytest.fixture(scope="module")
-def ds(root):
-  return data.prepare(make_cfg(root))
-
-
-@pytest.fixture(scope="module")
-def tok(ds, root):
-  return tokenizers.load(ds.tokenizer_path, str(root), [TRAIN], VOCAB)
 
 
 def test_cache_stream_equals_encoded_documents(ds, tok):

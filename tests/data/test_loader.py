@@ -22,21 +22,6 @@ def make_cfg(root, seq_len=64, batch=8, **train):
   return cfg
 
 
-@pytest.fixture(scope="module")
-def root(token_cache):
-  return token_cache
-
-
-@pytest.fixture(scope="module")
-def ds(root):
-  return data.prepare(make_cfg(root))
-
-
-@pytest.fixture(scope="module")
-def tok(ds, root):
-  return tokenizers.load(ds.tokenizer_path, str(root), [TRAIN], VOCAB)
-
-
 def stream(path):
   c = cache.TokenCache(path)
   return c.read(0, c.num_tokens)

@@ -11,7 +11,7 @@ import pytest
 from jax import export
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinyjax import audit, config, sharding, step
+from tinyjax import audit, sharding, step
 from tinyjax.kernels import attention
 
 
@@ -116,31 +116,20 @@ def test_auto_picks_per_platform():
     attention.resolve("flash", "cpu", 128)
 
 
-def _tiny_cfg(**model):
-  cfg = config.base()
-  m = cfg.model
-  m.hidden_dim, m.intermediate_dim, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 2, 4, 2
-  m.seq_len, m.vocab_size, m.compute_dtype = 64, 384, "float32"
-  for key, value in model.items():
-    m[key] = value
-  cfg.train.train_batch_size, cfg.train.num_train_steps = 4, 10
-  return cfg
-
-
 def _step_temp_bytes(cfg) -> int:
   built = step.build(cfg, sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1)), eos_id=1)
   return built.planner(cfg.train.train_batch_size).info(1)["temp"]
 
 
 @pytest.mark.slow
-def test_step_memory_is_linear_in_seq_len_with_no_BLV_buffer():
+def test_step_memory_is_linear_in_seq_len_with_no_BLV_buffer(kernel_cfg):
   """Compile only (XLA's buffer assignment): doubling seq_len at most ~doubles temp memory with blockwise attention
   and loss (the reference attention's [L, L] scores grow 4x), and the whole temp is smaller than ONE fp32 [B, L, V]
   logits array."""
   temps = {}
   for impl, block in (("blockwise", 128), ("reference", 0)):
     for L in (512, 1024):
-      cfg = _tiny_cfg(attention=impl, loss_block_size=block, seq_len=L, vocab_size=8192, attention_block=128)
+      cfg = kernel_cfg(attention=impl, loss_block_size=block, seq_len=L, vocab_size=8192, attention_block=128)
       temps[impl, L] = _step_temp_bytes(cfg)
   assert temps["blockwise", 1024] / temps["blockwise", 512] < 2.3
   assert temps["reference", 1024] / temps["reference", 512] > 2.5
@@ -149,10 +138,10 @@ def test_step_memory_is_linear_in_seq_len_with_no_BLV_buffer():
 
 @pytest.mark.parametrize("platform,impl,marker", [("tpu", "splash", "tpu_custom_call"),
                                                   ("cuda", "pallas_gpu", "__gpu$xla.gpu.triton")])
-def test_train_step_exports_for_accelerators(platform, impl, marker):
+def test_train_step_exports_for_accelerators(platform, impl, marker, kernel_cfg):
   """jax.export of the real train step for TPU and CUDA on this CPU machine; the module holds the kernel's custom
   call (Mosaic on TPU; Triton on CUDA, whose call jax.export accepts only when listed in disabled_checks)."""
-  cfg = _tiny_cfg(attention=impl, seq_len=256, compute_dtype="bfloat16")
+  cfg = kernel_cfg(attention=impl, seq_len=256, compute_dtype="bfloat16")
   built = step.build(cfg, sharding.make_mesh(dataclasses.make_dataclass("M", [("data", int)])(1)), eos_id=1)
   checks = [export.DisabledSafetyCheck.custom_call(marker)] if platform == "cuda" else []
   exported = export.export(built.make(1), platforms=[platform], disabled_checks=checks)(

@@ -11,20 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from tinyjax import config, sharding, step
+from tinyjax import sharding, step
 from tinyjax.kernels import loss
 from tinyjax.model import ModelConfig, Transformer, next_token_loss
-
-
-def _tiny_cfg(**model):
-  cfg = config.base()
-  m = cfg.model
-  m.hidden_dim, m.intermediate_dim, m.num_layers, m.num_heads, m.num_kv_heads = 32, 64, 2, 4, 2
-  m.seq_len, m.vocab_size, m.compute_dtype = 64, 384, "float32"
-  for key, value in model.items():
-    m[key] = value
-  cfg.train.train_batch_size, cfg.train.num_train_steps = 4, 10
-  return cfg
 
 
 def _doc_tokens(B=4, L=64, V=384, seed=4):
@@ -41,10 +30,10 @@ def _loss_fn(model):
 
 
 @functools.lru_cache(maxsize=None)
-def _training_loss_and_grads(block: int, loss_impl: str):
+def _training_loss_and_grads(kernel_cfg, block: int, loss_impl: str):
   """Loss, NLL and gradients of the train step's loss (z-loss 1e-3) on _doc_tokens, with blockwise attention (block 16)."""
   tokens = _doc_tokens()
-  cfg = _tiny_cfg(loss_block_size=block, loss_impl=loss_impl, attention="blockwise", attention_block=16)
+  cfg = kernel_cfg(loss_block_size=block, loss_impl=loss_impl, attention="blockwise", attention_block=16)
   model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
   params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
   return jax.jit(jax.value_and_grad(_loss_fn(model), has_aux=True))(params, tokens)
@@ -52,11 +41,11 @@ def _training_loss_and_grads(block: int, loss_impl: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_impl", ["fused", "blockwise"])
-def test_training_loss_equals_unblocked_reference_in_fp32(loss_impl):
+def test_training_loss_equals_unblocked_reference_in_fp32(loss_impl, kernel_cfg):
   """Loss, z-loss and every gradient of the real loss function (several documents per row): the fused /
   rematerialised loss in blocks of 48 tokens (not dividing B*L) vs the unblocked reference, <= 1e-5 relative."""
-  (total0, nll0), g0 = _training_loss_and_grads(0, "fused")  # loss_block_size 0: unblocked, JAX's autodiff
-  (total1, nll1), g1 = _training_loss_and_grads(48, loss_impl)
+  (total0, nll0), g0 = _training_loss_and_grads(kernel_cfg, 0, "fused")  # loss_block_size 0: unblocked, JAX's autodiff
+  (total1, nll1), g1 = _training_loss_and_grads(kernel_cfg, 48, loss_impl)
   assert float(total1) == pytest.approx(float(total0), rel=1e-5)
   assert float(nll1) == pytest.approx(float(nll0), rel=1e-5)
   assert float(total0 - nll0) > 0, "the z-loss term is part of the comparison"
@@ -142,12 +131,12 @@ def _one_step(cfg, data_devices: int, fsdp: bool, tokens, in_mesh: bool):
 
 
 @pytest.mark.slow
-def test_fused_loss_per_shard_under_an_fsdp_mesh():
+def test_fused_loss_per_shard_under_an_fsdp_mesh(kernel_cfg):
   """Loss and gradients of the train step's loss with FSDP-sharded params and a batch split over 8 devices, traced inside
   the mesh: the fused loss runs per shard (shard_map: each device scans its own 2 blocks of 48 tokens, one
   all-reduce of the sums and the lm_head gradient) and equals the unsharded computation."""
   tokens = _doc_tokens(B=8)
-  cfg = _tiny_cfg(loss_block_size=48)
+  cfg = kernel_cfg(loss_block_size=48)
   model = Transformer(ModelConfig.from_config(cfg.model), eos_id=1)
   params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
   grad_fn = jax.value_and_grad(_loss_fn(model), has_aux=True)
@@ -165,12 +154,12 @@ def test_fused_loss_per_shard_under_an_fsdp_mesh():
 
 
 @pytest.mark.slow
-def test_fused_loss_per_shard_under_fsdp_with_accumulation():
+def test_fused_loss_per_shard_under_fsdp_with_accumulation(kernel_cfg):
   """FSDP over 8 devices with 2 microbatches, traced inside the mesh: the fused loss runs per batch shard
   (shard_map; each device scans its own 2 blocks of 48 tokens, the sums and the lm_head gradient are all-reduced
   once) and the step's loss, gradient norm and updated params equal one device's."""
   tokens = _doc_tokens(B=16)
-  cfg = _tiny_cfg(loss_block_size=48)
+  cfg = kernel_cfg(loss_block_size=48)
   # Adam's first update is ~sign(g) wherever |g| << epsilon: a 1e-9 gradient's fp32 summation order (8 shards vs
   # one) would move its parameter by a whole learning rate. epsilon 1e-3 keeps the update linear in such g.
   cfg.optimizer.epsilon = 1e-3
