@@ -18,7 +18,7 @@ LOG_DIR = "~/tinyjax_logs"  # one log file per worker: <log name>-<worker hostna
 EXIT_PREEMPTED = 75  # tinyjax.runtime.faults.EXIT_PREEMPTED: checkpointed on SIGTERM, rerun to resume
 EXIT_LOST_HOST = 4  # tinyjax.runtime.distributed.EXIT_LOST_HOST: another worker's process is gone, rerun to resume
 PYTHON = "3.11"  # the workers' venv: the Python tinyjax is developed and tested on (pyproject: >= 3.11)
-UV = "uv==0.13.8"  # from PyPI; the version tests/test_launch.py runs the setup script with
+UV = "uv==0.13.8"  # from PyPI; the version tests/launch/test_tpu.py runs the setup script with
 UV_HOME = "~/.tinyjax-uv"  # a venv of the image's python3 that holds uv
 
 # Runtime (software) versions by accelerator family, from the Cloud TPU docs' "TPU software versions" table.

@@ -118,7 +118,7 @@ class Lock:
 
   flock makes taking it atomic: of any number of processes trying at once exactly one gets it, fresh or over a file
   left behind (the former create-then-write-JSON scheme gave two holders in 37 and 107 of 200 such rounds:
-  tests/test_workdir_lock.py), and the kernel drops it when its holder dies, however (kill -9 included), so a lock is
+  tests/runtime/test_workdir.py), and the kernel drops it when its holder dies, however (kill -9 included), so a lock is
   never stale. The JSON in the file (host, pid, start time) only names the holder in messages. A second trainer is
   refused with one line. Shared storage: Linux maps flock onto the server's POSIX locks on NFS (v4, or v3 with lockd),
   but a FUSE mount such as gcsfuse locks within one machine only, so a file naming another host is still refused
