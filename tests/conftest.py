@@ -3,9 +3,7 @@
 Before JAX starts: 8 fake CPU devices (sharding tests), fast XLA compiles (flax lm1b's jax_disable_most_optimizations),
 and one persistent XLA compilation cache for the session, shared with the programs the tests start: a train step
 compiled once is loaded by every later run of the same shapes (a small in-process run: 7.0 s -> 3.2 s on the 2-core
-machine). The programs the tests start also compile with XLA:CPU's legacy fusion emitters (support.FAST_COMPILE:
-their small step in 2.1 s instead of 4.4 s); this process keeps the default ones, whose fp32 rounding the numerical
-tests' tolerances were set against.
+machine). The programs the tests start get one CPU device and XLA's default flags (support.child_env).
 
 Fixtures (their helpers live in support.py, which only this file imports):
   token_cache    the session's data.cache_dir (builtin corpus, tokenizer and caches built once)
@@ -14,6 +12,7 @@ Fixtures (their helpers live in support.py, which only this file imports):
   train_run      train_run(cfg, workdir, stop_at=, sig=, nan_at=): train.run in-process, optionally stopped or fed NaN
   reference_run  the small config's uninterrupted 8-step run (read-only: copy it to change it)
   run_program    run_program(*args, module="tinyjax.main", env=, popen=): a tinyjax program as a user starts it
+  shipped_dry_run  shipped_dry_run(name): a shipped config's --dry_run plan, one program per config per session
   child_env      child_env(**changes): that program's environment (1 CPU device, the session's XLA cache)
   one_line       one_line(proc, code, expected): the one-line stop of a user mistake
   rows / stable_rows / final_sha   a workdir's metrics rows; without events and timing fields; its param_sha256s
@@ -26,6 +25,7 @@ Fixtures (their helpers live in support.py, which only this file imports):
                  milliseconds, make_run(tok, c=GQA, seed=0) of unit-scale params, write_checkpoint(path, tok, ...) a
                  run directory holding a real Orbax checkpoint
 """
+import json
 import os
 import shutil
 import socket
@@ -111,6 +111,21 @@ def reference_run(small_cfg, tmp_path_factory):
 @pytest.fixture(scope="session")
 def run_program():
   return support.run_program
+
+
+@pytest.fixture(scope="session")
+def shipped_dry_run():
+  """shipped_dry_run(name) -> the plan `python -m tinyjax.main --config=configs/NAME.py --dry_run` printed (exit 0
+  checked); each config's program runs once per session (a c4 step's CPU compile is up to a minute)."""
+  plans = {}
+
+  def plan(name: str) -> dict:
+    if name not in plans:
+      r = support.run_program(f"--config=configs/{name}.py", "--dry_run")
+      assert r.returncode == 0, r.stderr[-3000:]
+      plans[name] = json.loads(r.stdout)
+    return plans[name]
+  return plan
 
 
 @pytest.fixture(scope="session")

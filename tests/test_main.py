@@ -1,6 +1,4 @@
 """The command line: --dry_run reproduces Marin's numbers; user mistakes are one line on stderr and exit code 2."""
-import json
-
 import pytest
 
 
@@ -18,10 +16,8 @@ def run_main(run_program):
     ("c4_75m", 73_273_600, 11_444, 1_499_987_968, None, 1.02),
     ("c4_130m", 154_147_328, 4_959, 2_599_944_192, 1.777337490915459e18, 0.95),  # Marin muon_llama_scaling/130m
 ])
-def test_dry_run_reproduces_marin(run_main, name, model_size, steps, tokens, model_flops, max_executed):
-  r = run_main(f"--config=configs/{name}.py", "--dry_run")
-  assert r.returncode == 0, r.stderr
-  plan = json.loads(r.stdout)
+def test_dry_run_reproduces_marin(shipped_dry_run, name, model_size, steps, tokens, model_flops, max_executed):
+  plan = shipped_dry_run(name)
   assert plan["model_size"] == model_size, "Marin's total_trainable_params must match exactly"
   assert plan["num_train_steps"] == steps and plan["total_tokens"] == tokens, "Marin's 20*P//(B*S) step rule"
   assert plan["model_flops"] == pytest.approx(3 * plan["flops_per_token"] * tokens, rel=1e-12)

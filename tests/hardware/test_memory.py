@@ -1,6 +1,5 @@
 """The memory plan: device table, XLA's compiled figures, auto accumulation, and the refusal before allocating."""
 import dataclasses
-import json
 import os
 
 import pytest
@@ -56,15 +55,9 @@ def test_auto_accumulation_is_the_smallest_that_fits():
   assert accum == 1 and fit["fits"] is False, "an explicit accumulation is reported, not changed"
 
 
-@pytest.fixture(scope="module")
-def _main(run_program):
-  """python -m tinyjax.main in a user's environment (child_env: one CPU device, not the tests' 8)."""
-  return run_program
-
-
 @pytest.mark.slow
-def test_run_that_cannot_fit_is_refused_before_anything_is_allocated(_main, tmp_path):
-  r = _main("--config=configs/tiny.py", "--config.train.device_memory_gb=0.001", f"--workdir={tmp_path}/w")
+def test_run_that_cannot_fit_is_refused_before_anything_is_allocated(run_program, tmp_path):
+  r = run_program("--config=configs/tiny.py", "--config.train.device_memory_gb=0.001", f"--workdir={tmp_path}/w")
   assert r.returncode == 2, r.stderr
   lines = [line for line in r.stderr.strip().splitlines() if line.startswith("tinyjax: error:")]
   assert len(lines) == 1 and "GiB per device" in lines[0] and "grad_accum_steps=0" in lines[0], r.stderr
@@ -74,12 +67,10 @@ def test_run_that_cannot_fit_is_refused_before_anything_is_allocated(_main, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,per_device_batch", [("c4_50m", 128), ("c4_130m", 8)])
-def test_dry_run_memory_plan_fits_marins_hardware(_main, name, per_device_batch):
+def test_dry_run_memory_plan_fits_marins_hardware(shipped_dry_run, name, per_device_batch):
   """The issue's targets: compiled temp <= 16 GiB per device for c4_50m at 128 x 1024 and c4_130m at 8 x 4096
   (today's blockwise kernels on CPU), and `fits` on every listed device with no accumulation."""
-  r = _main(f"--config=configs/{name}.py", "--dry_run")
-  assert r.returncode == 0, r.stderr
-  plan = json.loads(r.stdout)["memory"]
+  plan = shipped_dry_run(name)["memory"]
   assert plan["per_device_batch"] == per_device_batch and plan["grad_accum_steps"] == 1
   assert plan["attention"] == "blockwise"
   assert plan["compiled_gib"]["temp"] <= 16, plan["compiled_gib"]
