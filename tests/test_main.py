@@ -2,12 +2,6 @@
 import pytest
 
 
-@pytest.fixture(scope="module")
-def run_main(run_program):
-  """python -m tinyjax.main in a user's environment (child_env: one CPU device, not the tests' 8)."""
-  return run_program
-
-
 @pytest.mark.slow  # a c4-sized step compiled for the FLOP audit (~10 s each)
 # max_executed: issue 18's targets for the FLOP audit's executed / model matmul FLOPs (optimizer excluded).
 @pytest.mark.parametrize("name,model_size,steps,tokens,model_flops,max_executed", [
@@ -48,15 +42,15 @@ def test_dry_run_reproduces_marin(shipped_dry_run, name, model_size, steps, toke
     (["--config.train.train_batch_size=3", "--config.env.host_device_count=2"],
      "config.train.train_batch_size=3 is invalid: must be divisible by the data-parallel size 2"),
 ])
-def test_bad_input_is_one_line_exit_2(run_main, args, message):
-  r = run_main("--config=configs/c4_50m.py", "--dry_run", *args)
+def test_bad_input_is_one_line_exit_2(run_program, args, message):
+  r = run_program("--config=configs/c4_50m.py", "--dry_run", *args)
   assert r.returncode == 2, f"user mistakes exit 2, got {r.returncode}: {r.stderr}"
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and "Traceback" not in r.stderr, f"expected one line, got: {r.stderr}"
   assert message in lines[0]
 
 
-def test_missing_config_file(run_main):
-  r = run_main("--config=configs/missing.py")
+def test_missing_config_file(run_program):
+  r = run_program("--config=configs/missing.py")
   assert r.returncode == 2 and r.stderr.strip() == "tinyjax: error: --config=configs/missing.py: no such config file " \
       "(see configs/)"

@@ -12,8 +12,8 @@ their C4 cache built once, and Levanter caches written directly with tensorstore
   good_lines     good_lines(n): n JSONL records of random-word documents
   write_c4 / write_lines   a C4 shard; raw lines (optionally gzipped)
   levanter_cache levanter_cache(path, docs): a finished Levanter cache (store and ledger) written without tinyjax
-  root / ds / tok   the session token cache (conftest's token_cache), its data.prepare (built-in corpus, vocab 512)
-                 and its tokenizer
+  root / ds / cache_tok   the session token cache (conftest's token_cache), its data.prepare (built-in corpus,
+                 vocab 512) and its tokenizer (not conftest's `tok`, the export tests' toy tokenizer)
 """
 import gzip
 import json
@@ -172,6 +172,6 @@ def ds(root):
 
 
 @pytest.fixture(scope="session")
-def tok(ds, root):
+def cache_tok(ds, root):
   from tinyjax.data import tokenizer  # noqa: PLC0415
   return tokenizer.load(ds.tokenizer_path, str(root), ["builtin:python-docs/train"], 512)

@@ -23,9 +23,9 @@ def make_cfg(root):
   return cfg
 
 
-def test_cache_stream_equals_encoded_documents(ds, tok):
+def test_cache_stream_equals_encoded_documents(ds, cache_tok):
   docs = list(corpus.documents(VALID))
-  encoded = tok.encode_batch(docs)
+  encoded = cache_tok.encode_batch(docs)
   c = cache.TokenCache(ds.eval_caches["python_docs"])
   assert c.num_docs == len(docs) and c.num_tokens == sum(map(len, encoded))
   np.testing.assert_array_equal(c.read(0, c.num_tokens), np.concatenate(encoded),

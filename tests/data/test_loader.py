@@ -29,30 +29,30 @@ def stream(path):
 
 # ---- tokenizer ----
 
-def test_tokenizer_encodes_as_levanter(tok):
+def test_tokenizer_encodes_as_levanter(cache_tok):
   """Levanter BatchTokenizer: the post-processor adds BOS; EOS is appended as TEXT " " + eos_token."""
-  assert (tok.append_bos, tok.append_eos) == (False, True), "builtin BPE adds BOS itself, like Llama-3"
+  assert (cache_tok.append_bos, cache_tok.append_eos) == (False, True), "builtin BPE adds BOS itself, like Llama-3"
   docs = list(corpus.documents(VALID))[:20] + ["naïve café — 日本語 ✓\n\ttabs  and  spaces "]
-  for doc, ids in zip(docs, tok.encode_batch(docs)):
-    assert ids[0] == tok.bos_id == 0 and ids[-1] == tok.eos_id == 1, "documents must be [BOS] ... [EOS]"
-    assert tok.tokenizer.decode(ids.tolist()) == doc + " ", "byte-level BPE must round-trip doc + ' ' (then EOS)"
-    expected = [0] + tok.tokenizer.encode(doc + " ", add_special_tokens=False).ids + [1]
+  for doc, ids in zip(docs, cache_tok.encode_batch(docs)):
+    assert ids[0] == cache_tok.bos_id == 0 and ids[-1] == cache_tok.eos_id == 1, "documents must be [BOS] ... [EOS]"
+    assert cache_tok.tokenizer.decode(ids.tolist()) == doc + " ", "byte-level BPE must round-trip doc + ' ' (then EOS)"
+    expected = [0] + cache_tok.tokenizer.encode(doc + " ", add_special_tokens=False).ids + [1]
     assert ids.tolist() == expected, "not BOS + encode(text + ' ') + EOS"
-  assert tok.vocab_size == VOCAB, "builtin tokenizer should fill cfg.model.vocab_size"
+  assert cache_tok.vocab_size == VOCAB, "builtin tokenizer should fill cfg.model.vocab_size"
 
 
-def test_byte_lengths_follow_marin_rule(tok):
-  t = tok.tokenizer
+def test_byte_lengths_follow_marin_rule(cache_tok):
+  t = cache_tok.tokenizer
   lengths = tokenizers.byte_lengths(t, VOCAB + 8)
   assert lengths.dtype == np.int32 and lengths.shape == (VOCAB + 8,)
-  assert lengths[tok.bos_id] == 0 and lengths[tok.eos_id] == 0, "special tokens carry no bytes"
+  assert lengths[cache_tok.bos_id] == 0 and lengths[cache_tok.eos_id] == 0, "special tokens carry no bytes"
   assert (lengths[VOCAB:] == 0).all(), "ids past the tokenizer (embedding padding) carry no bytes"
   # Byte-level BPE spells "\n" as "Ċ" and a leading space as "Ġ".
   for piece, expected in [(".", 1), ("a", 1), ("Ċ", 1), ("Ġthe", 4), ("ing", 3)]:
     i = t.token_to_id(piece)
     assert i is not None and lengths[i] == expected, f"{piece!r} should count {expected} bytes (leading space kept)"
   text = "The quick brown fox jumps over the lazy dog.\n    It isn't here; see also: foo_bar(x=1)."
-  ids = tok.encode_batch([text])[0]
+  ids = cache_tok.encode_batch([text])[0]
   assert lengths[ids].sum() == len(text.encode()) + 1, "bytes of an ASCII document (+ the ' ' before EOS) must " \
       "equal its UTF-8 length"
 
