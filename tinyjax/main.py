@@ -13,6 +13,8 @@ from tinyjax.runtime import faults
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdir/<config name>).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the planned run as JSON and exit; allocates nothing.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", "", "With --dry_run: also write each compiled step's optimized HLO module "
+                               "to DIR/NAME.hlo.txt (NAME: the target, or 'local' for this machine's).")
 _TARGET = flags.DEFINE_string("target", "", "With --dry_run: compile for these targets with their own compilers "
                               "(h100, h200, a100-40gb, a100-80gb, 8xh100, v4-8, v5p-32, v5e-8, v6e-8, ...).")
 
@@ -33,9 +35,9 @@ def main(argv: list[str]) -> None:
     import jax
     config.validate(cfg, num_devices=jax.device_count())
     from tinyjax import plan, sharding, train
-    if _DRY_RUN.value or _TARGET.value:
-      print(json.dumps(plan.dry_run(cfg, sharding.make_mesh(cfg.mesh), env_record, _DRY_RUN.value, _TARGET.value),
-                       indent=2))
+    if _DRY_RUN.value or _TARGET.value or _HLO_DIR.value:
+      print(json.dumps(plan.dry_run(cfg, sharding.make_mesh(cfg.mesh), env_record, _DRY_RUN.value, _TARGET.value,
+                                    _HLO_DIR.value), indent=2))
       return
     if jax.process_index() == 0:
       print(env.summary(env_record), flush=True)

@@ -16,6 +16,10 @@ import jax.numpy as jnp
 
 from tinyjax.kernels import attention, loss
 
+# The name scope of the lm_head and loss in compiled programs' op metadata (hardware/roofline.py's parts; Flax's
+# module names name the rest: self_attn, mlp, q_proj, ..., the norms).
+LOSS_SCOPE = "lm_head_loss"
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -209,11 +213,12 @@ class Transformer(nn.Module):
     if features:
       return x_BLD, head_DV
     head_DV = head_DV.astype(c.compute_dtype)
-    if targets_BL is None:
-      return jnp.dot(x_BLD, head_DV).astype(jnp.float32)
-    if c.loss_block_size == 0:
-      return loss.reference_stats(x_BLD, head_DV, targets_BL)
-    return loss.token_stats(x_BLD, head_DV, targets_BL, c.loss_block_size)
+    with jax.named_scope(LOSS_SCOPE):
+      if targets_BL is None:
+        return jnp.dot(x_BLD, head_DV).astype(jnp.float32)
+      if c.loss_block_size == 0:
+        return loss.reference_stats(x_BLD, head_DV, targets_BL)
+      return loss.token_stats(x_BLD, head_DV, targets_BL, c.loss_block_size)
 
 
 def targets_and_mask(tokens_BL):
@@ -238,8 +243,9 @@ def next_token_loss(model: Transformer, params, tokens_BL, z_loss_weight: float)
   n = mask_BL.sum()
   if c.loss_impl == "fused" and c.loss_block_size:
     x_BLD, head_DV = model.apply({"params": params}, tokens_BL, features=True)
-    total, nll = loss.fused_loss(x_BLD, head_DV, targets_BL, mask_BL, z_loss_weight, c.loss_block_size,
-                                 c.compute_dtype)
+    with jax.named_scope(LOSS_SCOPE):
+      total, nll = loss.fused_loss(x_BLD, head_DV, targets_BL, mask_BL, z_loss_weight, c.loss_block_size,
+                                   c.compute_dtype)
     return total / n, nll / n
   stats = model.apply({"params": params}, tokens_BL, targets_BL)
   nll = (stats["nll"] * mask_BL).sum() / n

@@ -7,7 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from tinyjax import config, flops, optim, sharding, step
-from tinyjax.hardware import memory, targets
+from tinyjax.hardware import memory, roofline, targets
 from tinyjax.model import ModelConfig, Transformer
 
 
@@ -57,7 +57,15 @@ def one_device_mesh(mesh) -> Mesh:
   return Mesh(np.asarray(mesh.devices.flat[:1]), (sharding.DATA,), axis_types=(AxisType.Auto,))
 
 
-def memory_plan(cfg, mesh) -> dict:
+def local_roofline(executable, model_cfg, batch: int, data_size: int, device) -> dict:
+  """The roofline of the step compiled for this machine's device, against its own peaks (targets.local_chip: a
+  known accelerator's data sheet, or this CPU measured)."""
+  chip, source = targets.local_chip(device)
+  out = roofline.step_report(executable.as_text(), model_cfg, batch, data_size, chip, device.platform)
+  return {**out, "chip_source": source}
+
+
+def memory_plan(cfg, mesh, hlo_dir: str = "") -> dict:
   """The --dry_run memory plan of this machine's compiler: analytic parts, XLA's compiled figures (the real step,
   compiled, never run), and fits per device (GiB). With train.plan_num_devices = N the step is compiled on one local
   device for batch / N rows (what each of N data-parallel devices holds); otherwise on this mesh."""
@@ -77,6 +85,12 @@ def memory_plan(cfg, mesh) -> dict:
          "compiled_gib": {**memory.gib(info), "backend": device.platform},
          "devices": {f"local ({device.device_kind})": {**fit, "grad_accum_steps": accum}},
          "data_parallel_devices": data_size}
+  executable = planner.executables.get(accum)
+  if executable is not None:
+    out["roofline"] = local_roofline(executable, model_cfg, cfg.train.train_batch_size, data_size, device)
+    if hlo_dir:
+      from tinyjax.hardware import aot  # noqa: PLC0415
+      aot.write_module(hlo_dir, "local", executable.as_text())
   for name, (kind, platform) in memory.PLAN_DEVICES.items():  # the local compile's figures against each device
     a, i, f = planner.choose(memory.device_memory(kind), platform)
     out["devices"][name] = {**f, "grad_accum_steps": a, "peak_gib": round(i["peak"] / memory.GIB, 3),
@@ -92,20 +106,22 @@ def proxy_plan(cfg, mesh, target) -> dict:
   planner = built.planner(cfg.train.train_batch_size // target.chips)
   return {"compiler": f"cpu-proxy ({jax.default_backend()} compiler, jax {jax.__version__}; "
                       f"{targets.install_hint(target.platform)} for the target's own)",
-          **target.describe(), **step.plan_figures(planner, built.model.cfg.attention, target.memory_bytes, target.platform), "kernels": None}
+          **target.describe(), **step.plan_figures(planner, built.model.cfg.attention, target.memory_bytes, target.platform), "kernels": None,
+          "roofline": None, "roofline_note": f"needs {target.name}'s own compiled module: "
+                                             f"{targets.install_hint(target.platform)}"}
 
 
-def dry_run(cfg, mesh, env_record: dict, dry: bool, target_names: str) -> dict:
+def dry_run(cfg, mesh, env_record: dict, dry: bool, target_names: str, hlo_dir: str = "") -> dict:
   """The --dry_run JSON: the planned run and its memory plan, from this machine's compiler or, with --target, from
   each target's own (a CPU proxy, labelled, where that compiler is not installed)."""
   if not dry:
-    raise config.ConfigError(f"--target={target_names} plans a run: add --dry_run (the run itself uses the devices "
-                             "it finds)")
+    flag = f"--target={target_names}" if target_names else f"--hlo_dir={hlo_dir}"
+    raise config.ConfigError(f"{flag} plans a run: add --dry_run (the run itself uses the devices it finds)")
   chosen = targets.parse_list(target_names)
   if chosen:
     from tinyjax.hardware import aot  # noqa: PLC0415
-    memory_block = {"targets": aot.plans(cfg, chosen, proxy=lambda t: proxy_plan(cfg, mesh, t))}
+    memory_block = {"targets": aot.plans(cfg, chosen, proxy=lambda t: proxy_plan(cfg, mesh, t), hlo_dir=hlo_dir)}
   else:
-    memory_block = memory_plan(cfg, mesh)
+    memory_block = memory_plan(cfg, mesh, hlo_dir)
   from tinyjax import audit  # noqa: PLC0415
   return {**describe(cfg, mesh, env_record), "memory": memory_block, "flop_audit": audit.flop_audit(cfg, mesh)}

@@ -50,6 +50,11 @@ class StepSettings:
     return cls(cfg.train.z_loss_weight, cfg.train.dynamics_rows, lambda step: optim.learning_rates(opt, step))
 
 
+# Name scopes of the update's parts in compiled programs' op metadata (hardware/roofline.py attributes kernels by
+# them): the optimizer's transform and apply, and the non-finite guard with its norms.
+OPTIMIZER_SCOPE, GUARD_SCOPE = "optimizer", "guard"
+
+
 def _all_finite(tree) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
@@ -93,22 +98,25 @@ def make_train_step(model, tx, settings: StepSettings, state_shardings, batch_sh
 
   def step(state: TrainState, tokens_BL):
     grads, loss = grads_and_loss(state.params, tokens_BL)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    candidate = optax.apply_updates(state.params, updates)
-    candidate_norm = optax.tree.norm(candidate)  # an update can overflow with finite grads (e.g. a huge LR)
-    state_ok = jnp.isfinite(candidate_norm) & _all_finite(opt_state)  # nothing non-finite may reach a checkpoint
-    what = jnp.where(jnp.isfinite(loss), 0, 1) + jnp.where(jnp.isfinite(grad_norm), 0, 2)
-    what = what + jnp.where(state_ok | (what > 0), 0, 4)  # 4: only the update itself went non-finite
-    bad = what > 0
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
-    first = bad & (state.first_bad_step < 0)
-    new = TrainState(
-        step=state.step + 1, params=keep(candidate, state.params),
-        opt_state=keep(opt_state, state.opt_state), bad_steps=state.bad_steps + bad.astype(jnp.int32),
-        first_bad_step=jnp.where(first, state.step + 1, state.first_bad_step),
-        bad_what=jnp.where(first, what, state.bad_what))
-    param_norm = jnp.where(bad, optax.tree.norm(state.params), candidate_norm)
+    with jax.named_scope(GUARD_SCOPE):
+      grad_norm = optax.tree.norm(grads)
+    with jax.named_scope(OPTIMIZER_SCOPE):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      candidate = optax.apply_updates(state.params, updates)
+    with jax.named_scope(GUARD_SCOPE):
+      candidate_norm = optax.tree.norm(candidate)  # an update can overflow with finite grads (e.g. a huge LR)
+      state_ok = jnp.isfinite(candidate_norm) & _all_finite(opt_state)  # nothing non-finite may reach a checkpoint
+      what = jnp.where(jnp.isfinite(loss), 0, 1) + jnp.where(jnp.isfinite(grad_norm), 0, 2)
+      what = what + jnp.where(state_ok | (what > 0), 0, 4)  # 4: only the update itself went non-finite
+      bad = what > 0
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+      first = bad & (state.first_bad_step < 0)
+      new = TrainState(
+          step=state.step + 1, params=keep(candidate, state.params),
+          opt_state=keep(opt_state, state.opt_state), bad_steps=state.bad_steps + bad.astype(jnp.int32),
+          first_bad_step=jnp.where(first, state.step + 1, state.first_bad_step),
+          bad_what=jnp.where(first, what, state.bad_what))
+      param_norm = jnp.where(bad, optax.tree.norm(state.params), candidate_norm)
     out = {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
            "bad_steps": new.bad_steps, "first_bad_step": new.first_bad_step, "bad_what": new.bad_what,
            **settings.learning_rates(state.step)}

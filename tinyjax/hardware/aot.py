@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from tinyjax.config import ConfigError
-from tinyjax.hardware import targets
+from tinyjax.hardware import roofline, targets
 from tinyjax.runtime import faults
 
 # A compile-only child: CPU is the only backend it starts; no GCE metadata queries (libtpu would ask the metadata
@@ -34,12 +34,13 @@ CHILD_ENV = {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "JAX_SKIP_CUDA_C
              "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
-def plan(cfg, target: targets.Target, search: bool = True) -> dict:
-  """The target's memory plan from its own compiler, computed in a child process (see compile_for)."""
+def plan(cfg, target: targets.Target, search: bool = True, hlo_dir: str = "") -> dict:
+  """The target's memory plan and roofline from its own compiler, computed in a child process (see compile_for);
+  with `hlo_dir` the optimized module is also written to HLO_DIR/NAME.hlo.txt."""
   with tempfile.TemporaryDirectory(prefix="tinyjax-aot-") as tmp:
     request = os.path.join(tmp, "request.pkl")
     with open(request, "wb") as f:
-      pickle.dump({"cfg": cfg, "target": target, "search": search}, f)
+      pickle.dump({"cfg": cfg, "target": target, "search": search, "hlo_dir": hlo_dir}, f)
     proc = subprocess.run([sys.executable, "-m", "tinyjax.hardware.aot", request], capture_output=True, text=True,
                           env={**os.environ, **CHILD_ENV}, check=False)
   lines = proc.stdout.strip().splitlines()
@@ -52,12 +53,12 @@ def plan(cfg, target: targets.Target, search: bool = True) -> dict:
   return result
 
 
-def plans(cfg, names: list[targets.Target], proxy=None) -> dict:
+def plans(cfg, names: list[targets.Target], proxy=None, hlo_dir: str = "") -> dict:
   """{name: plan} for each target: its own compiler's where installed, else `proxy(target)` (labelled)."""
   out = {}
   for target in names:
     if targets.compiler_installed(target.platform):
-      out[target.name] = plan(cfg, target)
+      out[target.name] = plan(cfg, target, hlo_dir=hlo_dir)
     elif proxy is not None:
       print(f"tinyjax: note: the {target.platform.upper()} compiler is not installed: {target.name} figures are CPU "
             f"proxies ({targets.install_hint(target.platform)} for the real ones)", file=sys.stderr, flush=True)
@@ -141,7 +142,31 @@ def _topology(target: targets.Target):
     return topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology=target.topology)
 
 
-def compile_for(cfg, target: targets.Target, search: bool = True) -> dict:
+def write_module(hlo_dir: str, name: str, text: str) -> str:
+  """HLO_DIR/NAME.hlo.txt: a compiled module's optimized text, for the checks and tools that read it."""
+  os.makedirs(hlo_dir, exist_ok=True)
+  path = os.path.join(hlo_dir, f"{name}.hlo.txt")
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
+def compiler_estimate(compiled) -> dict | None:
+  """XLA's own cost analysis of a compiled module where the compiler gives one (libtpu: optimal_seconds; the CUDA
+  plugin gives nothing), labelled: its while-loop bodies count once, not times their trip counts."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - a backend without a cost model
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+  if not cost:
+    return None
+  keys = ("optimal_seconds", "flops", "bytes accessed", "transcendentals")
+  return {**{k.replace(" ", "_"): cost[k] for k in keys if k in cost},
+          "caveat": "XLA cost_analysis: while-loop bodies counted once (not times their trip counts)"}
+
+
+def compile_for(cfg, target: targets.Target, search: bool = True, hlo_dir: str = "") -> dict:
   """In the child: the step compiled for `target` at the configured accumulation (0 = auto), the accumulation
   grad_accum_steps=0 would pick (with `search`; beyond a configured one that does not fit, each candidate is one
   more compile), and the figures, kernels and fingerprint of the compiled module."""
@@ -159,10 +184,17 @@ def compile_for(cfg, target: targets.Target, search: bool = True) -> dict:
   figures = step.plan_figures(planner, built.model.cfg.attention, target.memory_bytes, target.platform, search)
   compiled = planner.executables.get(figures["accum"])  # None: the compiler refused it (out of memory)
   text = compiled.as_text() if compiled else ""
+  compile_s = round(time.perf_counter() - start, 1)
+  if compiled and hlo_dir:
+    write_module(hlo_dir, target.name, text)
+  line = roofline.step_report(text, built.model.cfg, cfg.train.train_batch_size, data, target.chip,
+                              target.platform) if compiled else None
+  if line is not None:
+    line["compiler_estimate"] = compiler_estimate(compiled)
   return {"compiler": compiler_name(target, devices[0]), **target.describe(), "device_kind": devices[0].device_kind,
           "mesh": {"data": data, "fsdp": bool(cfg.mesh.fsdp)}, **figures,
-          "kernels": custom_calls(text) if compiled else None, "compile_s": round(time.perf_counter() - start, 1),
-          "hlo_fingerprint": fingerprint(text) if compiled else None, "program": summary(text)}
+          "kernels": custom_calls(text) if compiled else None, "compile_s": compile_s,
+          "hlo_fingerprint": fingerprint(text) if compiled else None, "program": summary(text), "roofline": line}
 
 
 def main(argv: list[str]) -> None:
@@ -175,7 +207,7 @@ def main(argv: list[str]) -> None:
   env.apply_jax_options(cfg.env)  # the process environment (XLA_FLAGS, LIBTPU_INIT_ARGS, ...) came from the parent
   jax.config.update("jax_platforms", "cpu")
   try:
-    result = compile_for(cfg, request["target"], request["search"])
+    result = compile_for(cfg, request["target"], request["search"], request.get("hlo_dir", ""))
   except ConfigError as e:
     result = {"error": f"{request['target'].name}: {e}"}
   print(json.dumps(result), flush=True)

@@ -63,6 +63,15 @@ def _block(seq_len: int, block: int) -> int:
   return max(b for b in range(1, min(block, seq_len) + 1) if seq_len % b == 0)
 
 
+KERNEL_BLOCKS = {"splash": 512, "pallas_gpu": 128}  # the key/query block each Pallas kernel is given (at most)
+
+
+def causal_fraction(impl: str, seq_len: int, block: int = 512) -> float:
+  """Share of the (query block, key block) pairs a causal kernel computes: (n + 1) / 2n of n x n blocks."""
+  n = seq_len // _block(seq_len, KERNEL_BLOCKS.get(impl, block))
+  return (n + 1) / (2 * n)
+
+
 def batch_shards() -> int:
   """How many shards the mesh in context (jax.set_mesh) splits the batch into; 1 without one."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -227,7 +236,7 @@ def splash(q_BLGRK, k_BLGK, v_BLGK, seg_BL, interpret: bool = False):
     splash_attention_mask as sm,  # noqa: PLC0415
   )
   B, L, G, R, K = q_BLGRK.shape
-  block = _block(L, 512)
+  block = _block(L, KERNEL_BLOCKS["splash"])
   sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   mask = sm.MultiHeadMask([sm.CausalMask((L, L)) for _ in range(R)])
@@ -246,7 +255,7 @@ def pallas_gpu(q_BLGRK, k_BLGK, v_BLGK, seg_BL, interpret: bool = False):
   """GPU (Triton) flash attention with segment ids; the kernel indexes k/v by query head, so K/V are repeated."""
   from jax.experimental.pallas.ops.gpu import attention as ga  # noqa: PLC0415
   B, L, G, R, K = q_BLGRK.shape
-  block = _block(L, 128)
+  block = _block(L, KERNEL_BLOCKS["pallas_gpu"])
   q_BLHK = q_BLGRK.reshape(B, L, G * R, K)
   k_BLHK, v_BLHK = jnp.repeat(k_BLGK, R, axis=2), jnp.repeat(v_BLGK, R, axis=2)
   sizes = ga.BlockSizes(block_q=block, block_k=block, block_q_dkv=block, block_kv_dkv=block, block_q_dq=block,
