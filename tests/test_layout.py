@@ -6,7 +6,8 @@ import os
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tinyjax")
-LOWER = ("tinyjax.data", "tinyjax.runtime", "tinyjax.hardware.memory", "tinyjax.hardware.targets")
+LOWER = ("tinyjax.data", "tinyjax.runtime", "tinyjax.hardware.memory", "tinyjax.hardware.targets",
+         "tinyjax.hardware.roofline")
 UPPER = ("tinyjax.train", "tinyjax.step", "tinyjax.main", "tinyjax.plan", "tinyjax.evaluate", "tinyjax.compare",
          "tinyjax.plot", "tinyjax.sweep", "tinyjax.stability", "tinyjax.envdiff", "tinyjax.export", "tinyjax.sample")
 DECLARATION_TABLES = {"tinyjax.config.base"}

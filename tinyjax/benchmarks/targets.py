@@ -4,7 +4,8 @@ python -m tinyjax.benchmarks.targets [--configs tiny,c4_50m] [--targets h100,v5p
 
 For each config x target: the target's plan (tinyjax/aot.py: libtpu or the CUDA plugin, in a child process) and the
 CPU-proxy plan (this machine's compiler, one chip's share of the batch). Prints a markdown table (BUILD_NOTES.md's)
-and keeps every plan in --out, which a rerun reuses (a full table is dozens of compiles).
+and keeps every plan in --out, which a rerun reuses (a full table is dozens of compiles). The roofline columns
+(hardware/roofline.py) are per chip and per step, from the target's own optimized module.
 """
 from __future__ import annotations
 
@@ -29,11 +30,20 @@ def row(name: str, target: str, real: dict, proxy: dict) -> str:
   auto = real["grad_accum_steps"] if real["grad_accum_steps"] is not None else "-"
   return (f"| {name} | {target} | {real['per_device_batch']} | {real['temp_gib']:.2f} | {real['peak_gib']:.2f} | "
           f"{real['usable_gib']:.1f} | {verdict(real['fits'])} | {auto} | {kernels} | {real['compile_s']:.0f} | "
-          f"{proxy['temp_gib']:.2f} | {proxy['peak_gib']:.2f} | {verdict(proxy_fits)} |")
+          f"{proxy['temp_gib']:.2f} | {proxy['peak_gib']:.2f} | {verdict(proxy_fits)} | {speed(real.get('roofline'))}")
+
+
+def speed(line: dict | None) -> str:
+  """The roofline columns: HBM GB per chip per step, bound ms, MFU ceiling, tokens/s at the bound, loss share."""
+  if not line:
+    return "- | - | - | - | - |"
+  return (f"{line['hbm_bytes'] / 1e9:.1f} | {line['bound_s'] * 1e3:.1f} | {line['mfu_ceiling']:.3f} | "
+          f"{line['tokens_per_s_bound'] / 1e3:,.0f}k | {line['by_part']['loss']['share']:.2f} |")
 
 
 HEADER = ("| config | target | batch/chip | temp GiB | peak GiB | usable GiB | fits | accum=0 picks | kernel | compile s "
-          "| CPU-proxy temp | CPU-proxy peak | CPU-proxy fits |\n|" + "---|" * 13)
+          "| CPU-proxy temp | CPU-proxy peak | CPU-proxy fits | HBM GB/step | bound ms | MFU ceiling | tokens/s at bound "
+          "| loss share |\n|" + "---|" * 18)
 
 
 def main() -> None:
@@ -50,7 +60,7 @@ def main() -> None:
     cfg = cli.load_config([f"--config={REPO}/configs/{name}.py"])
     for target in targets.parse_list(args.targets):
       key = f"{name}/{target.name}"
-      if key not in done:
+      if key not in done or "roofline" not in done[key]["real"]:  # plans kept from before the roofline: redone
         proxy = next((d["proxy"] for k, d in done.items() if k.startswith(f"{name}/") and d["chips"] == target.chips),
                      None)  # one CPU compile per share of the batch: the GPUs (and v4-8/v5p-8) share theirs
         done[key] = {"real": aot.plan(cfg, target), "proxy": proxy or plan.proxy_plan(cfg, mesh, target),
