@@ -163,6 +163,9 @@ def base() -> mlc.ConfigDict:
   t.tensorboard = True  # mirror metrics and dynamics to TensorBoard event files in workdir/tensorboard
   t.sample_prompts = ()  # after the run, print one sample per prompt and write workdir/samples.json (sample.py)
   t.wandb_project = ""  # "" = off; else log to this Weights & Biases project (pip install 'tinyjax[wandb]')
+  # "START:STOP": trace steps START+1..STOP (jax.profiler, into workdir/profile) and print their measured time per
+  # part of the model beside the roofline's bound (runtime/profile.py); "" or "0:0" = off
+  t.profile_steps = ""
 
   c.checkpoint = k = mlc.ConfigDict()
   k.enabled = True  # save checkpoints (Orbax) in workdir/checkpoints and auto-resume from the latest
@@ -224,6 +227,16 @@ def base() -> mlc.ConfigDict:
   e.compilation_cache_dir = config_dict.placeholder(str)  # persistent XLA compilation cache (Marin sets one)
   e.gc_policy = "default"  # Python GC in the loop: "default" | "freeze" (gc.freeze after setup) | "disable"
   return c
+
+
+def profile_window(spec: str) -> tuple[int, int] | None:
+  """train.profile_steps as (START, STOP), None when off ("" or "0:0"); ValueError unless 0 <= START < STOP."""
+  if spec in ("", "0:0"):
+    return None
+  start, stop = (int(part) for part in spec.split(":"))  # ValueError: not two whole numbers
+  if not 0 <= start < stop:
+    raise ValueError(spec)
+  return start, stop
 
 
 def _fraction_or_steps(value: float, total: int) -> int:
@@ -338,6 +351,11 @@ def _validate_train(t) -> None:
   _require(1 <= t.dynamics_rows <= t.train_batch_size, "train.dynamics_rows",
            f"must be in [1, train.train_batch_size={t.train_batch_size}]", t.dynamics_rows)
   _require(t.z_loss_weight >= 0, "train.z_loss_weight", "must be >= 0", t.z_loss_weight)
+  try:
+    profile_window(t.profile_steps)
+  except ValueError:
+    _require(False, "train.profile_steps", 'must be "START:STOP" with whole numbers 0 <= START < STOP (traces '
+             'steps START+1..STOP), or "" / "0:0" (off)', t.profile_steps)
 
 
 def _validate_runtime(cfg) -> None:
@@ -380,6 +398,25 @@ def _validate_budget(cfg) -> None:
            o.warmup)
   _require(warmup_steps(cfg, steps) + decay_steps(cfg, steps) <= steps, "optimizer.decay",
            f"warmup + decay must fit in the {steps} training steps", o.decay)
+  window = profile_window(t.profile_steps)
+  _require(window is None or window[1] <= steps, "train.profile_steps",
+           f"STOP must be <= the run's {steps} training steps", t.profile_steps)
+  clash = _profile_clash(cfg, *window) if window else ""
+  _require(not clash, "train.profile_steps", f"{clash}, which would count as the train step's "
+           "time; choose a window without one", t.profile_steps)
+
+
+def _profile_clash(cfg, start: int, stop: int) -> str:
+  """What else would run inside a profile window (steps start+1..stop; an eval or save after step stop is outside)."""
+  t, k = cfg.train, cfg.checkpoint
+  for what, key, every, last in (("is a dynamics step", "train.dynamics_every", t.dynamics_every, stop),
+                                 ("runs an eval", "train.steps_per_eval", t.steps_per_eval, stop - 1),
+                                 ("saves a checkpoint", "checkpoint.save_interval_steps",
+                                  k.save_interval_steps if k.enabled else 0, stop - 1)):
+    n = (start // every + 1) * every if every else None
+    if n is not None and n <= last:
+      return f"step {n} {what} ({key}={every})"
+  return ""
 
 
 def _validate_devices(cfg, num_devices: int) -> None:

@@ -24,6 +24,7 @@ from tinyjax.runtime import (
   faults,
   files,
   metrics,
+  profile,
   record,
   results,
   tracking,
@@ -210,17 +211,22 @@ def _loop(s: Setup) -> tuple[Any, dict]:
   every, dyn_step = cfg.train.dynamics_every, _dynamics_step(s)
   dyn_log = dynamics.Log(s.wd.local, s.start, [tracker])
   batches = data.train_batches(s.ds, cfg, s.start, jax.process_index(), jax.process_count())
+  prof = profile.Profiler.open(cfg.train.profile_steps, s.wd, s.start)  # None when off
   status, watchdog = "failed", distributed.Watchdog(cfg.distributed.step_timeout_s)  # a lost host must not hang us
   gc_policy(cfg.env.gc_policy)
   try:
     signals.stop_point()  # inside the try: a stop here is recorded in run_info.json ("preempted")
     signals.phase = "loop"  # a signal from here on: checkpoint at the next step boundary
     for n in range(s.start + 1, s.total + 1):  # `n` counts completed updates
+      if prof:
+        prof.before(n, state)
       if every and n % every == 0:
         state, out = dyn_step(state, sharding.to_global(next(batches), batch_sh))
         dyn_log.push(n, out.pop("dynamics"))  # fetched at the next dynamics step or the end
       else:
         state, out = s.train_step(state, sharding.to_global(next(batches), batch_sh))
+      if prof:
+        prof.after(n, (state, out))
       guard.check(log.push(n, out))  # fetches the previous log step only: the dispatch queue never stalls
       if n % cfg.train.steps_per_eval == 0 or n == s.total:
         guard.check(log.flush())
@@ -230,6 +236,8 @@ def _loop(s: Setup) -> tuple[Any, dict]:
     guard.check(log.flush())
     if s.ckpt:
       s.ckpt.wait()  # the final checkpoint is committed before the run is recorded as completed
+    if prof:
+      prof.report(s.train_step, s.built.model.cfg, cfg.train.train_batch_size, batch_sh.mesh)
     status = "running"  # _finish marks it completed once the last records are written
   except Exception as e:
     end = faults.ending(e)
@@ -239,7 +247,7 @@ def _loop(s: Setup) -> tuple[Any, dict]:
       distributed.leave_lost_host(end.evidence)
     raise
   finally:  # the watchdog stays on through the final checkpoint's close, which also waits on every process
-    _close_all([dyn_log.flush, tracker.close, lambda: setattr(signals, "phase", "done"),
+    _close_all([prof.close if prof else None, dyn_log.flush, tracker.close, lambda: setattr(signals, "phase", "done"),
                 lambda: gc_policy("default"), s.ckpt.close if s.ckpt else None, watchdog.stop,
                 None if status == "running" else lambda: record.finish(s.wd.local, s.info, status), s.wd.push])
   return state, log.last
