@@ -78,3 +78,8 @@ def test_dry_run_memory_plan_fits_marins_hardware(shipped_dry_run, name, per_dev
   assert all(d["fits"] for d in plan["devices"].values()), plan["devices"]
   assert set(plan["analytic_gib"]) == {"params", "optimizer_state", "gradients", "activations", "loss_buffers",
                                       "total"}
+  # The roofline of the CPU-compiled step (one device's program) counts the matmul FLOPs the audit traces.
+  line, audit = plan["roofline"], shipped_dry_run(name)["flop_audit"]
+  assert line["chip_source"].startswith("measured on this CPU") and line["unknown_trip_counts"] == 0
+  traced = audit["executed_flops_per_step"] + audit["optimizer_flops_per_step"]
+  assert line["flops"] * plan["data_parallel_devices"] == pytest.approx(traced, rel=0.01)

@@ -203,3 +203,17 @@ def test_the_cpu_step_module_counts_the_flops_the_audit_traces(small_cfg):
   assert rep["flops"] == pytest.approx(expected, rel=0.01)
   assert rep["unknown_trip_counts"] == 0
   assert rep["by_part"]["loss"]["flops"] > 0 and rep["by_part"]["optimizer"]["hbm_bytes"] > 0
+
+
+def test_an_async_slice_into_on_chip_memory_reads_its_slice_once():
+  """libtpu's slice-start copies part of an HBM array into on-chip memory (S(3)); its slice-done is free."""
+  text = """HloModule async
+
+ENTRY %main (w: f32[128,1024]) -> f32[32,1024] {
+  %w = f32[128,1024]{1,0:T(8,128)} parameter(0)
+  %s = ((f32[128,1024]{1,0:T(8,128)}), f32[32,1024]{1,0:T(8,128)S(3)}, s32[]{:S(2)}) slice-start(%w), slice={[0:32], [0:1024]}
+  ROOT %d = f32[32,1024]{1,0:T(8,128)S(3)} slice-done(%s)
+}
+"""
+  (k,) = roofline.kernels(text)[0]
+  assert (k.name, k.hbm_bytes) == ("s", 32 * 1024 * 4)

@@ -7,6 +7,7 @@ out (the fused loss's whole scan) and returns nothing for the CUDA plugin. Count
   kernel      every instruction that launches work: a fusion, a custom call (cuBLAS, Pallas/Mosaic, Triton), a
               collective, a copy, a dot or convolution left unfused, any other unfused op. Parameters, constants,
               tuples, get-tuple-element, bitcasts and async *-done halves are free.
+  async ops   counted at their start (copy-start, slice-start: the HBM side of what they move); *-done is free.
   loops       a while loop's body and condition count times the trip count (the compiler's known_trip_count, else
               the condition's `i < N` constant); a call counts its callee once; a conditional its costliest branch.
   HBM bytes   each distinct operand read once plus the result written, in arrays' logical sizes; a fusion parameter
@@ -428,6 +429,13 @@ def _plain_bytes(ins: Instruction, comp: Computation) -> float:
   if ins.opcode == "copy-start":
     leaves = ins.results[:2]  # (destination, source, context)
     return sum(a.hbm_bytes for a in leaves)
+  if ins.opcode == "slice-start":  # ((operand), destination, context): reads the slice, writes the destination
+    source = comp.by_name.get(ins.operands[0]) if ins.operands else None
+    dest = ins.results[-2] if len(ins.results) >= 2 else None
+    if dest is None:
+      return 0.0
+    in_hbm = source is None or not source.results or source.results[0].memory_space == 0
+    return (dest.bytes if in_hbm else 0.0) + dest.hbm_bytes
   if ins.opcode in SLICING:
     return 2.0 * sum(a.hbm_bytes for a in ins.results)
   reads = sum(a.hbm_bytes for arrays_ in _operand_arrays(ins, comp).values() for a in arrays_)
@@ -461,7 +469,7 @@ def kernels(hlo_text: str, devices: int = 1, seq_len: int = 0, causal_fraction: 
 
   def walk(comp: Computation, trips: int, sink: list[Kernel]):
     for ins in comp.instructions:
-      if ins.opcode in FREE:
+      if ins.opcode in FREE or ins.opcode.endswith("-done"):  # an async op's cost is counted at its start
         continue
       if ins.opcode == "while":
         n = trip_count(ins, comps)
