@@ -72,7 +72,8 @@ def marin_row(run: dict) -> dict:
           + (f" ({', '.join(o.split('--config.')[1] for o in ours['overrides'])})" if ours["overrides"] else ""),
           "marin_step_s": measured, "bound_s": line["bound_s"], "bound_over_marin": line["bound_s"] / measured,
           "mfu_ceiling": line["mfu_ceiling"], "marin_tokens_per_s": run["train_batch_size"] * run["seq_len"] / measured,
-          "tokens_per_s_bound": line["tokens_per_s_bound"], "loss_share": line["by_part"]["loss"]["share"]}
+          "tokens_per_s_bound": line["tokens_per_s_bound"], "hbm_gb": line["hbm_bytes"] / 1e9,
+          "by_part": {p: v["share"] for p, v in line["by_part"].items()}}
 
 
 def tables(cpu: list[dict], marin: list[dict]) -> str:
