@@ -33,7 +33,7 @@ VALIDATE = [
     ("model.attention", "magic", "config.model.attention"),
     ("model.attention_block", 0, "config.model.attention_block"),
     ("model.loss_block_size", -1, "config.model.loss_block_size"),
-    ("model.loss_impl", "liger", "config.model.loss_impl='liger' is invalid: allowed: fused, blockwise"),
+    ("model.loss_impl", "liger", "config.model.loss_impl='liger' is invalid: allowed: auto, fused, blockwise, pallas_tpu, pallas_gpu"),
     ("optimizer.name", "sgd", "config.optimizer.name='sgd' is invalid"),
     ("optimizer.lr_schedule", "step", "config.optimizer.lr_schedule"),
     ("optimizer.coefficient_type", "septic", "config.optimizer.coefficient_type"),

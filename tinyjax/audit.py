@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from tinyjax import flops, sharding, step
+from tinyjax.kernels import loss
 from tinyjax.model import ModelConfig
 
 PALLAS_ATTENTION = ("splash", "pallas_gpu")  # opaque custom calls: counted as blockwise, which skips the same blocks
@@ -68,10 +69,21 @@ def jaxpr_flops(jaxpr) -> int:
 
 def counted_model(model_cfg: ModelConfig, platform: str) -> ModelConfig:
   """The model the audit traces: the Pallas attention kernels are opaque custom calls, so they are counted as the
-  blockwise attention, which skips the same fully masked causal blocks (attention.py)."""
+  blockwise attention, which skips the same fully masked causal blocks (attention.py); the Pallas loss as the XLA
+  fused loss, whose three lm_head matmuls it also does (`pallas_recompute_flops` adds its two recomputes)."""
   if model_cfg.attention_impl(platform) in PALLAS_ATTENTION:
-    return dataclasses.replace(model_cfg, attention="blockwise")
+    model_cfg = dataclasses.replace(model_cfg, attention="blockwise")
+  if model_cfg.loss_kernel(platform) in loss.PALLAS:
+    model_cfg = dataclasses.replace(model_cfg, loss_impl="fused", kernel_interpret=False)
   return model_cfg
+
+
+def pallas_recompute_flops(model_cfg: ModelConfig, platform: str, tokens: int) -> int:
+  """The lm_head matmuls the Pallas loss adds to the fused loss's three: its logits, recomputed twice (once for the
+  hidden states' gradient, once for the lm_head's), 2·tokens·D·V each."""
+  if model_cfg.loss_kernel(platform) not in loss.PALLAS or not model_cfg.loss_block_size:
+    return 0
+  return 2 * 2 * tokens * model_cfg.hidden_dim * model_cfg.vocab_size
 
 
 def flop_audit(cfg, mesh) -> dict:
@@ -80,7 +92,8 @@ def flop_audit(cfg, mesh) -> dict:
   as 1) and scaled to the whole step; the --dry_run JSON's "flop_audit"."""
   data_size = cfg.train.plan_num_devices or mesh.shape[sharding.DATA]
   platform = mesh.devices.flat[0].platform
-  model_cfg = counted_model(ModelConfig.from_config(cfg.model), platform)
+  configured = ModelConfig.from_config(cfg.model)
+  model_cfg = counted_model(configured, platform)
   per_device = cfg.train.train_batch_size // data_size
   accum = max(cfg.train.grad_accum_steps, 1)
   one = sharding.make_mesh(types.SimpleNamespace(data=1))  # one device's share, traced (never compiled)
@@ -89,12 +102,13 @@ def flop_audit(cfg, mesh) -> dict:
   tokens = jax.ShapeDtypeStruct((per_device, model_cfg.seq_len), jnp.int32)
   step_fn, tx = built.make(accum), built.tx
   total = data_size * jaxpr_flops(jax.make_jaxpr(step_fn)(shapes, tokens))
+  total += pallas_recompute_flops(configured, platform, cfg.train.train_batch_size * model_cfg.seq_len)
   optimizer = jaxpr_flops(jax.make_jaxpr(tx.update)(shapes.params, shapes.opt_state, shapes.params))
   executed = total - data_size * optimizer  # every data-parallel device runs the whole update
   model_flops = flops.model_flops(model_cfg, cfg.train.train_batch_size * model_cfg.seq_len)
   return {
       "attention": model_cfg.attention_impl(platform),
-      "loss_impl": model_cfg.loss_impl if model_cfg.loss_block_size else "unblocked",
+      "loss_impl": configured.loss_kernel(platform) if model_cfg.loss_block_size else "unblocked",
       "per_device_batch": per_device, "data_parallel_devices": data_size, "grad_accum_steps": accum,
       "executed_flops_per_step": executed,
       "optimizer_flops_per_step": data_size * optimizer,

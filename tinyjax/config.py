@@ -21,10 +21,10 @@ COEFFICIENT_TYPES = ("simple", "quintic", "polar_express", "aol")  # Levanter op
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "block")
 ATTENTION = ("auto", "reference", "blockwise", "splash", "pallas_gpu")  # = kernels.attention.IMPLEMENTATIONS
-LOSS_IMPL = ("fused", "blockwise")  # = kernels.loss.IMPLEMENTATIONS
+LOSS_IMPL = ("auto", "fused", "blockwise", "pallas_tpu", "pallas_gpu")  # = kernels.loss.IMPLEMENTATIONS
 # model keys that change how the model is computed, not what it is: a run may resume with other values.
 EXECUTION_ONLY_MODEL_KEYS = ("remat", "attention", "attention_block", "loss_block_size", "loss_impl",
-                             "init_from")
+                             "kernel_interpret", "init_from")
 
 
 # Marin experiments/llama.py shapes: (hidden_dim, intermediate_dim, num_layers, num_heads, num_kv_heads, seq_len).
@@ -114,8 +114,11 @@ def base() -> mlc.ConfigDict:
   m.attention_block = 512  # key-block length of the blockwise attention (memory O(seq_len x block) per head)
   m.loss_block_size = 2048  # tokens per lm_head + loss block (no [B, L, V] logits); 0 = unblocked (tests)
   # "fused": the lm_head's gradients formed blockwise in the forward pass (3 lm_head matmuls, as Marin credits);
-  # "blockwise": a rematerialised scan that recomputes each block's logits in the backward (4; Levanter's blocking)
-  m.loss_impl = "fused"
+  # "blockwise": a rematerialised scan that recomputes each block's logits in the backward (4; Levanter's blocking);
+  # "pallas_tpu" / "pallas_gpu": Pallas kernels that keep the logits on chip (kernels/pallas_loss.py: 4 matmuls,
+  # no [tokens, V] array in HBM); "auto": pallas_tpu on TPU, pallas_gpu on GPU, fused on CPU
+  m.loss_impl = "auto"
+  m.kernel_interpret = False  # run the Pallas loss kernels in interpret mode (any platform; correctness checks)
   m.init_from = ""  # "" = fresh init; else a HF Llama dir (export.load_hf) whose weights start a fresh run
 
   c.optimizer = o = mlc.ConfigDict()

@@ -40,7 +40,8 @@ class ModelConfig:
   attention: str = "auto"  # kernels/attention.py IMPLEMENTATIONS; resolved per platform at trace time
   attention_block: int = 512  # key block of the blockwise attention
   loss_block_size: int = 2048  # tokens per lm_head/loss block (kernels/loss.py); 0 = unblocked reference
-  loss_impl: str = "fused"  # kernels/loss.py IMPLEMENTATIONS: the training loss's lm_head + loss (same math)
+  loss_impl: str = "auto"  # kernels/loss.py IMPLEMENTATIONS: the training loss's lm_head + loss (same math)
+  kernel_interpret: bool = False  # Pallas loss kernels in interpret mode (runs anywhere; slow)
 
   @classmethod
   def from_config(cls, model_cfg) -> "ModelConfig":
@@ -54,10 +55,14 @@ class ModelConfig:
     """The concrete attention implementation on `platform` (default: JAX's default backend)."""
     return attention.resolve(self.attention, platform or jax.default_backend(), self.seq_len)
 
+  def loss_kernel(self, platform: str | None = None) -> str:
+    """The concrete training-loss implementation on `platform` (default: JAX's default backend)."""
+    return loss.resolve(self.loss_impl, platform or jax.default_backend())
+
   def for_platform(self, platform: str) -> "ModelConfig":
-    """This model with `auto` attention resolved for `platform`: a step compiled for a TPU or GPU target from a CPU
-    process must trace the target's kernel, not the CPU's."""
-    return dataclasses.replace(self, attention=self.attention_impl(platform))
+    """This model with `auto` attention and loss resolved for `platform`: a step compiled for a TPU or GPU target
+    from a CPU process must trace the target's kernels, not the CPU's."""
+    return dataclasses.replace(self, attention=self.attention_impl(platform), loss_impl=self.loss_kernel(platform))
 
 
 def _truncated_normal(scale: float):
@@ -236,16 +241,18 @@ def token_stats(model: Transformer, params, tokens_BL):
 def next_token_loss(model: Transformer, params, tokens_BL, z_loss_weight: float):
   """(mean NLL + z_loss_weight x mean logsumexp^2, mean NLL) over the loss positions: the training objective.
 
-  model.loss_impl "fused": kernels/loss.fused_loss (the lm_head's gradients formed in the forward pass); "blockwise"
+  model.loss_impl "fused" / "pallas_*": kernels/loss.fused_loss (the lm_head's gradients formed in the forward pass,
+  by XLA or by the Pallas kernels); "blockwise"
   or loss_block_size 0: the per-token statistics, differentiated by JAX (a rematerialised scan, or unblocked)."""
   c = model.cfg
   targets_BL, mask_BL = targets_and_mask(tokens_BL)
   n = mask_BL.sum()
-  if c.loss_impl == "fused" and c.loss_block_size:
+  impl = c.loss_kernel()
+  if impl != "blockwise" and c.loss_block_size:
     x_BLD, head_DV = model.apply({"params": params}, tokens_BL, features=True)
     with jax.named_scope(LOSS_SCOPE):
       total, nll = loss.fused_loss(x_BLD, head_DV, targets_BL, mask_BL, z_loss_weight, c.loss_block_size,
-                                   c.compute_dtype)
+                                   c.compute_dtype, impl, c.kernel_interpret)
     return total / n, nll / n
   stats = model.apply({"params": params}, tokens_BL, targets_BL)
   nll = (stats["nll"] * mask_BL).sum() / n

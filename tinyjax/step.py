@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tinyjax import config, dynamics, flops, optim, sharding
 from tinyjax.hardware import memory
+from tinyjax.kernels import loss
 from tinyjax.model import ModelConfig, Transformer, next_token_loss
 
 
@@ -234,7 +235,9 @@ class Built:
 def build(cfg, mesh, platform: str | None = None, eos_id: int = 0, model_cfg: ModelConfig | None = None) -> Built:
   """cfg's step on `mesh`, traced as `platform` runs it (its attention kernel; default: the mesh's own). Token ids
   are irrelevant to memory and FLOPs, so planners leave EOS at id 0; the trainer passes the tokenizer's."""
-  model_cfg = model_cfg or ModelConfig.from_config(cfg.model).for_platform(platform or mesh.devices.flat[0].platform)
+  platform = platform or mesh.devices.flat[0].platform
+  model_cfg = model_cfg or ModelConfig.from_config(cfg.model).for_platform(platform)
+  _check_loss_kernel(model_cfg, platform)
   model = Transformer(model_cfg, eos_id=eos_id)
   total = config.num_train_steps(cfg, flops.param_counts(model_cfg)["model_size"])
   opt = optim.OptimizerConfig.from_config(cfg, total)
@@ -242,6 +245,16 @@ def build(cfg, mesh, platform: str | None = None, eos_id: int = 0, model_cfg: Mo
   shapes = jax.eval_shape(lambda: init_state(model, tx, cfg.seed))
   return Built(model, tx, StepSettings.from_config(cfg, opt), total, cfg.seed, cfg.train.grad_accum_steps, shapes,
                sharding.state_shardings(shapes, mesh, cfg.mesh.fsdp), sharding.batch_sharding(mesh))
+
+
+def _check_loss_kernel(model_cfg: ModelConfig, platform: str) -> None:
+  """A Pallas loss kernel compiles only for its own platform (Mosaic: TPU, Triton: GPU), or anywhere interpreted."""
+  backend = loss.PALLAS.get(model_cfg.loss_impl)
+  gpu = platform in ("gpu", "cuda", "rocm")
+  if backend and not model_cfg.kernel_interpret and backend != ("gpu" if gpu else platform):
+    raise config.ConfigError(
+        f"config.model.loss_impl={model_cfg.loss_impl!r} compiles for a {backend.upper()} and this step is for "
+        f"{platform}: use auto or fused, or model.kernel_interpret=true (the kernel interpreted, slowly)")
 
 
 def compile_for_device(built: Built, cfg) -> tuple[Any, dict]:

@@ -217,3 +217,27 @@ ENTRY %main (w: f32[128,1024]) -> f32[32,1024] {
 """
   (k,) = roofline.kernels(text)[0]
   assert (k.name, k.hbm_bytes) == ("s", 32 * 1024 * 4)
+
+
+def test_the_pallas_loss_kernels_count_their_matmuls_and_their_tiles_re_reads():
+  text = """HloModule pallas_loss
+
+ENTRY %main (x: bf16[4096,192], h: bf16[192,1024], t: s32[4096], w: f32[4096], z: f32[4096]) -> (bf16[4096,192], f32[192,1024]) {
+  %x = bf16[4096,192]{1,0} parameter(0)
+  %h = bf16[192,1024]{1,0} parameter(1)
+  %t = s32[4096]{0} parameter(2)
+  %w = f32[4096]{0} parameter(3)
+  %z = f32[4096]{0} parameter(4)
+  %dx = bf16[4096,192]{1,0} custom-call(%x, %h, %t, %w), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/jvp(lm_head_loss)/pallas_loss_dx_128x128/pallas_call"}
+  %dh = f32[192,1024]{1,0} custom-call(%x, %h, %t, %w, %z), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(step)/jvp(lm_head_loss)/pallas_loss_dhead_64x128/pallas_call"}
+  ROOT %r = (bf16[4096,192]{1,0}, f32[192,1024]{1,0}) tuple(%dx, %dh)
+}
+"""
+  x, head, rows = 4096 * 192 * 2, 192 * 1024 * 2, 4096 * 4 * 2
+  for programs, head_reads, x_reads in ((1, 32, 8), (8, 4, 1)):  # 32 token blocks, 8 vocab blocks
+    ks = {k.name: k for k in roofline.kernels(text, programs=programs)[0]}
+    dx, dh = ks["dx"], ks["dh"]
+    assert dx.part == dh.part == "loss" and dx.estimated_flops
+    assert (dx.flops, dh.flops) == (2 * 2.0 * 4096 * 192 * 1024, 2 * 2.0 * 4096 * 192 * 1024)
+    assert dx.hbm_bytes == x + rows + x + (head_reads - 1) * head + head
+    assert dh.hbm_bytes == x + head + rows + 4096 * 4 + 192 * 1024 * 4 + (x_reads - 1) * (x + 12 * 4096)

@@ -355,6 +355,30 @@ def attention_flops(ins: Instruction, comp: Computation, seq_len: int, causal_fr
   return matmuls * 2.0 * math.prod(largest.dims) * seq_len * causal_fraction
 
 
+_PALLAS_LOSS = re.compile(r"pallas_loss_(dx|dhead)(?:_(\d+)x(\d+))?")
+# kernels/pallas_loss.py's kernels: [tokens, D] x [D, V] matmuls each does, and how often it sweeps its re-read
+# operand (dx: the head, per token block; dhead: x and the row statistics, per vocab block).
+PALLAS_LOSS_WORK = {"dx": (2, 1), "dhead": (2, 1)}
+
+
+def pallas_loss_cost(ins: Instruction, comp: Computation, once: float, programs: int) -> tuple[float, float]:
+  """(FLOPs, HBM bytes) of one of kernels/pallas_loss.py's kernels, named pallas_loss_{dx|dhead}_{rows}x{cols},
+  from its operands x ([N, D] or [D, N]) and head and PALLAS_LOSS_WORK. A sweep shared by `programs` programs running at
+  once is one HBM read; `once` counts each operand once (a name without tiles: no re-reads counted)."""
+  m = _PALLAS_LOSS.search(ins.op_name)
+  x, head = (comp.by_name[n].results[0] for n in ins.operands[:2])
+  D, V = min(head.dims), max(head.dims)  # the vocabulary is the long side; x may come transposed ([D, N] on TPU)
+  N = math.prod(x.dims) // D
+  matmuls, sweeps = PALLAS_LOSS_WORK[m.group(1)]
+  flops = matmuls * 2.0 * N * D * V
+  if not m.group(2):
+    return flops, once
+  rows, cols = int(m.group(2)), int(m.group(3))
+  if m.group(1) == "dx":
+    return flops, once + (sweeps * math.ceil(math.ceil(N / rows) / programs) - 1) * head.hbm_bytes
+  return flops, once + (sweeps * math.ceil(math.ceil(V / cols) / programs) - 1) * (x.hbm_bytes + 12.0 * N)
+
+
 def _gemm_custom_call_flops(ins: Instruction, comp: Computation) -> float:
   m = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
   lhs = comp.by_name.get(ins.operands[0]) if ins.operands else None
@@ -366,7 +390,7 @@ def _gemm_custom_call_flops(ins: Instruction, comp: Computation) -> float:
 
 
 def _kernel(ins: Instruction, comp: Computation, comps, trips: int, devices: int, seq_len: int,
-            causal_fraction: float) -> Kernel:
+            causal_fraction: float, programs: int = 1) -> Kernel:
   part = part_of(ins.op_name, ins.opcode)
   if ins.opcode == "fusion":
     fused = comps.get(ins.attr("calls"))
@@ -388,6 +412,9 @@ def _kernel(ins: Instruction, comp: Computation, comps, trips: int, devices: int
       flops = _gemm_custom_call_flops(ins, comp)
       hbm = sum(a.hbm_bytes for arrays_ in _operand_arrays(ins, comp).values() for a in arrays_) + \
           (ins.results[0].hbm_bytes if ins.results else 0.0)  # cuBLAS's workspace (an s8 leaf) is scratch
+    elif _PALLAS_LOSS.search(ins.op_name):
+      flops, hbm = pallas_loss_cost(ins, comp, hbm, programs)
+      estimated = True
     else:
       flops = attention_flops(ins, comp, seq_len, causal_fraction)
       estimated = flops > 0
@@ -461,7 +488,8 @@ def trip_count(ins: Instruction, comps: dict[str, Computation]) -> int | None:
   return None
 
 
-def kernels(hlo_text: str, devices: int = 1, seq_len: int = 0, causal_fraction: float = 1.0) -> tuple[list[Kernel], int]:
+def kernels(hlo_text: str, devices: int = 1, seq_len: int = 0, causal_fraction: float = 1.0,
+            programs: int = 1) -> tuple[list[Kernel], int]:
   """(every kernel of the module with its runs per step, loops whose trip count is unknown: counted once)."""
   comps = parse(hlo_text)
   out: list[Kernel] = []
@@ -492,7 +520,7 @@ def kernels(hlo_text: str, devices: int = 1, seq_len: int = 0, causal_fraction: 
         if branches:
           sink.extend(max(branches, key=lambda b: sum(k.trips * k.hbm_bytes for k in b)))
       else:
-        sink.append(_kernel(ins, comp, comps, trips, devices, seq_len, causal_fraction))
+        sink.append(_kernel(ins, comp, comps, trips, devices, seq_len, causal_fraction, programs))
 
   walk(comps["ENTRY"], 1, out)
   return out, unknown[0]
@@ -502,17 +530,20 @@ def kernels(hlo_text: str, devices: int = 1, seq_len: int = 0, causal_fraction: 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """What bounds a chip: peak dense bf16 FLOP/s, HBM bandwidth, and interconnect bandwidth per chip (bytes/s)."""
+  """What bounds a chip: peak dense bf16 FLOP/s, HBM bandwidth, and interconnect bandwidth per chip (bytes/s);
+  `programs`: kernel programs that run at once and share one HBM sweep of an operand they all re-read (a GPU's SMs,
+  whose L2 serves the others; 1 on a TPU, whose Pallas grid runs in sequence)."""
   peak_flops: float
   hbm_bandwidth: float
   link_bandwidth: float = 0.0
+  programs: int = 1
 
 
 def report(hlo_text: str, chip: Chip, credited_flops: float, tokens: int, devices: int = 1, seq_len: int = 0,
            causal_fraction: float = 1.0, top: int = 10) -> dict:
   """The roofline of one step's module (one device's program; `credited_flops` and `tokens` are the whole step's,
   over `devices` chips): totals, the bound, the MFU ceiling, the top kernels and the split by part."""
-  ks, unknown = kernels(hlo_text, devices, seq_len, causal_fraction)
+  ks, unknown = kernels(hlo_text, devices, seq_len, causal_fraction, chip.programs)
   secs = [k.seconds(chip.peak_flops, chip.hbm_bandwidth, chip.link_bandwidth) for k in ks]
   bound = sum(secs)
   hbm = sum(k.trips * k.hbm_bytes for k in ks)
@@ -532,6 +563,7 @@ def report(hlo_text: str, chip: Chip, credited_flops: float, tokens: int, device
       "hbm_bytes": hbm, "flops": flops, "bound_s": bound,
       "memory_s": hbm / chip.hbm_bandwidth, "flops_s": flops / chip.peak_flops, "compute_s": compute,
       "mfu_ceiling": compute / bound if bound else None,
+      "executed_over_credited": flops * devices / credited_flops if credited_flops else None,
       "tokens_per_s_bound": tokens / bound if bound else None,
       "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth, "link_bandwidth": chip.link_bandwidth,
       "kernels": len(ks), "kernel_kinds": dict(sorted(kinds.items())), "unknown_trip_counts": unknown,

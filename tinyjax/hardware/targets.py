@@ -27,6 +27,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "target_co
 GPUS = {"h100": ("h100.txtpb", 989.5e12, 3.35e12, 450e9), "h200": ("h200.txtpb", 989.5e12, 4.8e12, 450e9),
         "a100-40gb": ("a100-40gb.txtpb", 312e12, 1.555e12, 300e9),
         "a100-80gb": ("a100-80gb.txtpb", 312e12, 2.039e12, 300e9)}
+SMS = {"h100": 132, "h200": 132, "a100-40gb": 108, "a100-80gb": 108}  # streaming multiprocessors (data sheets)
 # TPU family -> (libtpu topology prefix, HBM per chip, peak bf16 FLOP/s per chip, chip config, HBM bandwidth, ICI
 # bandwidth per chip, bytes/s). Cloud TPU system architecture pages: HBM v4 32 GiB, v5p 95 GiB, v5e 16 GiB, v6e
 # 32 GiB; 275/459/197/918 TFLOP/s; HBM bandwidth 1,200 / 2,765 / 819 / 1,640 GB/s; interchip interconnect 2,400 /
@@ -62,7 +63,8 @@ class Target:
   @property
   def chip(self):
     from tinyjax.hardware import roofline  # noqa: PLC0415
-    return roofline.Chip(self.peak_flops, self.hbm_bandwidth, self.link_bandwidth)
+    gpu = re.fullmatch(r"(?:\d+x)*([a-z0-9-]+)", self.name).group(1)
+    return roofline.Chip(self.peak_flops, self.hbm_bandwidth, self.link_bandwidth, SMS.get(gpu, 1))
 
   def describe(self) -> dict:
     return {"platform": self.platform, "chips": self.chips, "hosts": self.hosts, "topology": self.topology,
@@ -167,7 +169,7 @@ def local_chip(device) -> tuple[object, str]:
         _, peak, bandwidth, link = GPUS[name]
       else:
         _, _, peak, _, bandwidth, link = TPUS[name]
-      return roofline.Chip(peak, bandwidth, link), f"data sheet ({name})"
+      return roofline.Chip(peak, bandwidth, link, SMS.get(name, 1)), f"data sheet ({name})"
   if device.platform == "cpu":
     peak, bandwidth = measure_cpu()
     return roofline.Chip(peak, bandwidth), "measured on this CPU (float32 matmul, array copy)"

@@ -25,7 +25,18 @@ from jax.sharding import PartitionSpec as P
 
 from tinyjax.kernels import attention
 
-IMPLEMENTATIONS = ("fused", "blockwise")
+IMPLEMENTATIONS = ("auto", "fused", "blockwise", "pallas_tpu", "pallas_gpu")
+PALLAS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}  # implementation -> pallas_loss backend
+
+
+def resolve(impl: str, platform: str) -> str:
+  """The implementation `impl` stands for on `platform`: auto keeps the logits on chip where a Pallas kernel
+  compiles (TPU, GPU) and is the XLA fused loss on a CPU."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown loss implementation {impl!r}; allowed: {', '.join(IMPLEMENTATIONS)}")
+  if impl != "auto":
+    return impl
+  return {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu"}.get(platform, "fused")
 TOP_K = 5  # eval top-k accuracy
 
 
@@ -117,10 +128,26 @@ def _local_loss_and_grads(x_BLD, head_DV, targets_BL, weights_BL, z_weight: floa
   return sums, dx_nbD.reshape(-1, D)[:n].reshape(B, L, D), dhead_DV
 
 
-def _loss_and_grads(x_BLD, head_DV, targets_BL, weights_BL, z_weight: float, block: int, dtype: str):
+def _pallas_loss_and_grads(x_BLD, head_DV, targets_BL, weights_BL, z_weight: float, dtype: str, backend: str,
+                           interpret: bool):
+  """_local_loss_and_grads by the Pallas kernels (kernels/pallas_loss.py): no block's logits leave the chip."""
+  from tinyjax.kernels import pallas_loss  # noqa: PLC0415 - Pallas is imported only where it runs
+  B, L, D = x_BLD.shape
+  sums, dx_ND, dhead_DV = pallas_loss.loss_and_grads(
+      x_BLD.reshape(B * L, D).astype(dtype), head_DV.astype(dtype), targets_BL.reshape(B * L),
+      weights_BL.reshape(B * L), z_weight, backend=backend, interpret=interpret)
+  return sums, dx_ND.astype(x_BLD.dtype).reshape(B, L, D), dhead_DV
+
+
+def _loss_and_grads(x_BLD, head_DV, targets_BL, weights_BL, z_weight: float, block: int, dtype: str,
+                    impl: str = "fused", interpret: bool = False):
   """Per batch shard when a mesh splits the batch (shard_map: every device blocks its own tokens, and the sums and
   the lm_head gradient are all-reduced once, after its scan), else on the whole arrays."""
-  local = functools.partial(_local_loss_and_grads, z_weight=z_weight, block=block, dtype=dtype)
+  if impl in PALLAS:
+    local = functools.partial(_pallas_loss_and_grads, z_weight=z_weight, dtype=dtype, backend=PALLAS[impl],
+                              interpret=interpret)
+  else:
+    local = functools.partial(_local_loss_and_grads, z_weight=z_weight, block=block, dtype=dtype)
   if attention.batch_shards() == 1:
     return local(x_BLD, head_DV, targets_BL, weights_BL)
 
@@ -133,17 +160,19 @@ def _loss_and_grads(x_BLD, head_DV, targets_BL, weights_BL, z_weight: float, blo
                        check_vma=False)(x_BLD, head_DV, targets_BL, weights_BL)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(x_BLD, head_DV, targets_BL, weights_BL, z_weight: float, block: int, dtype: str):
-  return _fused_fwd(x_BLD, head_DV, targets_BL, weights_BL, z_weight, block, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _fused(x_BLD, head_DV, targets_BL, weights_BL, z_weight: float, block: int, dtype: str, impl: str,
+           interpret: bool):
+  return _fused_fwd(x_BLD, head_DV, targets_BL, weights_BL, z_weight, block, dtype, impl, interpret)[0]
 
 
-def _fused_fwd(x_BLD, head_DV, targets_BL, weights_BL, z_weight, block, dtype):
-  (nll, z), dx_BLD, dhead_DV = _loss_and_grads(x_BLD, head_DV, targets_BL, weights_BL, z_weight, block, dtype)
+def _fused_fwd(x_BLD, head_DV, targets_BL, weights_BL, z_weight, block, dtype, impl, interpret):
+  (nll, z), dx_BLD, dhead_DV = _loss_and_grads(x_BLD, head_DV, targets_BL, weights_BL, z_weight, block, dtype,
+                                               impl, interpret)
   return (nll + z_weight * z, nll), (dx_BLD, dhead_DV.astype(head_DV.dtype))
 
 
-def _fused_bwd(z_weight, block, dtype, res, cotangents):
+def _fused_bwd(z_weight, block, dtype, impl, interpret, res, cotangents):
   dx_BLD, dhead_DV = res
   g = cotangents[0]  # the second output is a statistic: fused_loss stops its gradient, so its cotangent is 0
   return (g * dx_BLD).astype(dx_BLD.dtype), (g * dhead_DV).astype(dhead_DV.dtype), None, None
@@ -152,12 +181,16 @@ def _fused_bwd(z_weight, block, dtype, res, cotangents):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_loss(x_BLD, head_DV, targets_BL, weights_BL, z_loss_weight: float, block: int, dtype: str):
+def fused_loss(x_BLD, head_DV, targets_BL, weights_BL, z_loss_weight: float, block: int, dtype: str,
+               impl: str = "fused", interpret: bool = False):
   """(Σ w·(nll + z_loss_weight·logz²), Σ w·nll) over the tokens, differentiable in x (gradient in its dtype) and
   the lm_head [D, V] (gradient in its dtype, summed in fp32); the matmuls run in `dtype` (the compute dtype). The
-  weights (e.g. the loss mask) and the second output are statistics: their gradients are stopped."""
+  weights (e.g. the loss mask) and the second output are statistics: their gradients are stopped. impl "fused":
+  XLA, `block` tokens at a time; "pallas_tpu" / "pallas_gpu": the Pallas kernels (`interpret`: on any platform)."""
+  if impl not in ("fused", *PALLAS):
+    raise ValueError(f"fused_loss computes impl 'fused' or {', '.join(PALLAS)}, not {impl!r}")
   total, nll = _fused(x_BLD, head_DV, targets_BL, jax.lax.stop_gradient(weights_BL), float(z_loss_weight),
-                      int(block), jnp.dtype(dtype).name)
+                      int(block), jnp.dtype(dtype).name, impl, bool(interpret))
   return total, jax.lax.stop_gradient(nll)
 
 
