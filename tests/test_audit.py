@@ -60,3 +60,17 @@ def test_audit_counts_scan_and_shard_map_bodies_per_iteration_and_device():
   assert audit.jaxpr_flops(jax.make_jaxpr(per_shard)(a, b)) == whole
   scanned = lambda a, b: jax.lax.scan(lambda c, a_rows: (c, a_rows @ b), None, a.reshape(4, 16, 32))[1]
   assert audit.jaxpr_flops(jax.make_jaxpr(scanned)(a, b)) == whole
+
+
+def test_the_pallas_loss_is_counted_with_its_recompute(audit_cfg):
+  """The Pallas loss (interpreted here) does the fused loss's three lm_head matmuls and recomputes the logits once."""
+  from tinyjax import audit, sharding  # noqa: PLC0415
+  mesh = sharding.make_mesh(type("Mesh", (), {"data": 1})())
+  fused = audit.flop_audit(audit_cfg("fused"), mesh)
+  cfg = audit_cfg("pallas_gpu")
+  cfg.model.kernel_interpret = True
+  pallas = audit.flop_audit(cfg, mesh)
+  m = cfg.model
+  extra = 2 * cfg.train.train_batch_size * m.seq_len * m.hidden_dim * m.vocab_size
+  assert pallas["loss_impl"] == "pallas_gpu"
+  assert pallas["executed_flops_per_step"] == fused["executed_flops_per_step"] + extra

@@ -70,7 +70,7 @@ def jaxpr_flops(jaxpr) -> int:
 def counted_model(model_cfg: ModelConfig, platform: str) -> ModelConfig:
   """The model the audit traces: the Pallas attention kernels are opaque custom calls, so they are counted as the
   blockwise attention, which skips the same fully masked causal blocks (attention.py); the Pallas loss as the XLA
-  fused loss, whose three lm_head matmuls it also does (`pallas_recompute_flops` adds its two recomputes)."""
+  fused loss, whose three lm_head matmuls it also does (`pallas_recompute_flops` adds its recompute)."""
   if model_cfg.attention_impl(platform) in PALLAS_ATTENTION:
     model_cfg = dataclasses.replace(model_cfg, attention="blockwise")
   if model_cfg.loss_kernel(platform) in loss.PALLAS:
@@ -79,11 +79,11 @@ def counted_model(model_cfg: ModelConfig, platform: str) -> ModelConfig:
 
 
 def pallas_recompute_flops(model_cfg: ModelConfig, platform: str, tokens: int) -> int:
-  """The lm_head matmuls the Pallas loss adds to the fused loss's three: its logits, recomputed twice (once for the
-  hidden states' gradient, once for the lm_head's), 2·tokens·D·V each."""
+  """The lm_head matmul the Pallas loss adds to the fused loss's three: its logits, recomputed once for the lm_head's
+  gradient (kernels/pallas_loss.py: 4 matmuls), 2·tokens·D·V."""
   if model_cfg.loss_kernel(platform) not in loss.PALLAS or not model_cfg.loss_block_size:
     return 0
-  return 2 * 2 * tokens * model_cfg.hidden_dim * model_cfg.vocab_size
+  return 2 * tokens * model_cfg.hidden_dim * model_cfg.vocab_size
 
 
 def flop_audit(cfg, mesh) -> dict:
