@@ -18,6 +18,7 @@ or configs/tiny.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import sys
@@ -192,7 +193,8 @@ def loss_check(impl: str, D: int, V: int, tokens: int = 640, block: int = 256, z
   mask = jnp.ones((2, tokens // 2)).at[:, -1].set(0.0)
   w = mask / mask.sum()
   total = lambda s: jnp.sum(w * (s["nll"] + z * s["logz"] ** 2))
-  kernels = {"fused": lambda x, h: loss.fused_loss(x, h, t, w, z, block, "float32")[0],
+  kernels = {**{k: functools.partial(lambda x, h, k: loss.fused_loss(x, h, t, w, z, block, "float32", k)[0], k=k)
+                for k in ("fused", *loss.PALLAS)},
              "blockwise": lambda x, h: total(loss.token_stats(x, h, t, block)),
              "reference": lambda x, h: total(loss.reference_stats(x, h, t))}
   run = lambda which: jax.jit(jax.value_and_grad(kernels[which], argnums=(0, 1)))(x, head)
@@ -221,7 +223,7 @@ def kernel_checks(m) -> dict:
   L = min(m.seq_len, 1024)
   groups, per_group = m.num_kv_heads, m.num_heads // m.num_kv_heads
   attn = _checked(attention_check, impl, 2, L, groups, per_group, m.head_dim, min(m.attention_block, L // 2))
-  loss_impl = m.loss_impl if m.loss_block_size else "reference"  # loss_block_size 0: the step is the reference
+  loss_impl = m.loss_kernel() if m.loss_block_size else "reference"  # loss_block_size 0: the step is the reference
   checks = {"attention": {**attn, "step_uses": m.attention},
             "loss": {**_checked(loss_check, loss_impl, m.hidden_dim, m.vocab_size), "step_uses": loss_impl}}
   return {"precision": CHECK_PRECISION, **checks}
