@@ -7,7 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from tinyjax import config, flops, optim, sharding, step
-from tinyjax.hardware import memory, roofline, targets
+from tinyjax.hardware import memory, targets
 from tinyjax.model import ModelConfig, Transformer
 
 
@@ -57,14 +57,6 @@ def one_device_mesh(mesh) -> Mesh:
   return Mesh(np.asarray(mesh.devices.flat[:1]), (sharding.DATA,), axis_types=(AxisType.Auto,))
 
 
-def local_roofline(executable, model_cfg, batch: int, data_size: int, device) -> dict:
-  """The roofline of the step compiled for this machine's device, against its own peaks (targets.local_chip: a
-  known accelerator's data sheet, or this CPU measured)."""
-  chip, source = targets.local_chip(device)
-  out = roofline.step_report(executable.as_text(), model_cfg, batch, data_size, chip, device.platform)
-  return {**out, "chip_source": source}
-
-
 def memory_plan(cfg, mesh, hlo_dir: str = "") -> dict:
   """The --dry_run memory plan of this machine's compiler: analytic parts, XLA's compiled figures (the real step,
   compiled, never run), and fits per device (GiB). With train.plan_num_devices = N the step is compiled on one local
@@ -87,7 +79,8 @@ def memory_plan(cfg, mesh, hlo_dir: str = "") -> dict:
          "data_parallel_devices": data_size}
   executable = planner.executables.get(accum)
   if executable is not None:
-    out["roofline"] = local_roofline(executable, model_cfg, cfg.train.train_batch_size, data_size, device)
+    out["roofline"] = targets.local_roofline(executable.as_text(), model_cfg, cfg.train.train_batch_size, data_size,
+                                             device)
     if hlo_dir:
       from tinyjax.hardware import aot  # noqa: PLC0415
       aot.write_module(hlo_dir, "local", executable.as_text())

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyjax import cli, config, env, flops, sharding, step
-from tinyjax.hardware import roofline, targets
+from tinyjax.hardware import targets
 from tinyjax.kernels import attention, loss
 
 ACCELERATOR_CONFIG, CPU_CONFIG = "configs/c4_50m.py", "configs/tiny.py"
@@ -122,19 +122,18 @@ def memory_in_use(devices) -> dict:
 def speed(compiled, built, cfg, seconds: float, devices) -> dict:
   """Tokens/s and MFU of the measured step, beside the roofline of its compiled module on this chip."""
   device, model_cfg, batch = devices[0], built.model.cfg, cfg.train.train_batch_size
-  chip, chip_source = targets.local_chip(device)
+  r = targets.local_roofline(compiled.as_text(), model_cfg, batch, len(devices), device, top=5)
   peak, peak_source = flops.peak_flops(device.device_kind), "tinyjax.flops.PEAK_FLOPS (Marin's table)"
   if peak is None:
-    peak, peak_source = chip.peak_flops, chip_source
+    peak, peak_source = r["peak_flops"], r["chip_source"]
   tokens = batch * model_cfg.seq_len
   credited = flops.model_flops(model_cfg, tokens)
-  r = roofline.step_report(compiled.as_text(), model_cfg, batch, len(devices), chip, device.platform, top=5)
   return {"tokens_per_s": tokens / seconds, "mfu": credited / seconds / (peak * len(devices)),
           "model_flops_per_step": credited, "peak_flops_per_device": peak, "peak_source": peak_source,
           "roofline": {"bound_s": r["bound_s"], "tokens_per_s_bound": r["tokens_per_s_bound"],
                        "mfu_ceiling": r["mfu_ceiling"], "hbm_bytes": r["hbm_bytes"], "flops": r["flops"],
-                       "chip": {"peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth,
-                                "source": chip_source},
+                       "chip": {"peak_flops": r["peak_flops"], "hbm_bandwidth": r["hbm_bandwidth"],
+                                "source": r["chip_source"]},
                        "by_part": {k: v["share"] for k, v in r["by_part"].items()}, "top": r["top"]}}
 
 

@@ -3,7 +3,7 @@
 python -m tinyjax.benchmarks.roofline [--cpu tiny,c4_50m:2] [--marin] [--steps 5] [--out roofline_check.json]
 
   --cpu     each CONFIG[:BATCH] compiled here, its roofline against this CPU's measured peaks
-            (targets.measure_cpu), and its step timed on synthetic tokens after a warm-up: measured / bound. A ratio
+            (targets.measure_cpu), and its step timed as benchmarks.device times it: measured / bound. A ratio
             under 1 means the model overstates the cost: on a CPU, caches serve much of what it counts as memory
             traffic.
   --marin   each run of marin_measured.json (Marin's leaderboard, hardware tinyjax names), tinyjax's equivalent
@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
 
 from tinyjax import cli, config, env, sharding, step
-from tinyjax.hardware import aot, roofline, targets
+from tinyjax.benchmarks import device
+from tinyjax.hardware import aot, targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "marin_measured.json")
@@ -33,8 +33,9 @@ def load(name: str, overrides: list[str] = ()):
   return cli.load_config([f"--config={REPO}/configs/{name}.py", *overrides])
 
 
-def cpu_row(spec: str, chip: roofline.Chip, steps: int) -> dict:
-  """One CONFIG[:BATCH] on this CPU: the roofline of its compiled step and its measured step time."""
+def cpu_row(spec: str, steps: int) -> dict:
+  """One CONFIG[:BATCH] on this CPU: the roofline of its compiled step and its measured step time (benchmarks.device's
+  synthetic tokens and timing: `steps` steps back to back after a warm-up)."""
   name, _, batch = spec.partition(":")
   cfg = load(name, [f"--config.train.train_batch_size={batch}"] if batch else [])
   cfg.train.grad_accum_steps, cfg.train.plan_num_devices = 1, 0
@@ -42,19 +43,9 @@ def cpu_row(spec: str, chip: roofline.Chip, steps: int) -> dict:
   built = step.build(cfg, mesh)
   compiled, _ = step.compile_for_device(built, cfg)
   b = cfg.train.train_batch_size
-  line = roofline.step_report(compiled.as_text(), built.model.cfg, b, 1, chip, "cpu")
-  tokens = jax.random.randint(jax.random.key(0), (b, built.model.cfg.seq_len), 0, built.model.cfg.vocab_size)
-  state = built.init()
-  for _ in range(2):  # warm-up
-    state, metrics = compiled(state, tokens)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, tokens)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  measured = sorted(times)[len(times) // 2]
+  line = targets.local_roofline(compiled.as_text(), built.model.cfg, b, 1, mesh.devices.flat[0])
+  tokens = device.synthetic_tokens(cfg, built.batch_sh)
+  measured = device.time_steps(compiled, built.init(), tokens, warmup=2, steps=steps)["step_time_s"]
   return {"config": spec, "batch": b, "bound_s": line["bound_s"], "measured_s": measured,
           "measured_over_bound": measured / line["bound_s"], "hbm_gb": line["hbm_bytes"] / 1e9,
           "gflops": line["flops"] / 1e9, "by_part": {p: v["share"] for p, v in line["by_part"].items()}}
@@ -97,13 +88,13 @@ def main() -> None:
   parser = cli.ArgParser(description=cli.summary(__doc__))
   parser.add_argument("--cpu", default="tiny,c4_50m:2", help="CONFIG[:BATCH],... timed on this CPU ('' = none)")
   parser.add_argument("--marin", action="store_true", help="also compile Marin's measured runs for their targets")
-  parser.add_argument("--steps", type=int, default=5, help="timed steps per CPU config (median reported)")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per CPU config (their mean reported)")
   parser.add_argument("--out", default="roofline_check.json")
   args = parser.parse_args()
   env.apply(config.base().env)
-  chip, source = targets.local_chip(jax.devices()[0])
+  cpu = [cpu_row(spec, args.steps) for spec in args.cpu.split(",") if spec]
+  chip, source = targets.local_chip(jax.devices()[0])  # measured after the timings, for the record
   print(f"this CPU: {chip.peak_flops / 1e9:.0f} GFLOP/s, {chip.hbm_bandwidth / 1e9:.1f} GB/s ({source})", flush=True)
-  cpu = [cpu_row(spec, chip, args.steps) for spec in args.cpu.split(",") if spec]
   with open(MARIN) as f:
     runs = json.load(f)["runs"]
   marin = [marin_row(run) for run in runs] if args.marin else []

@@ -16,9 +16,10 @@ out (the fused loss's whole scan) and returns nothing for the CUDA plugin. Count
               read the buffer it updates; arrays in an on-chip memory space (a layout's S(n), n > 0: TPU VMEM)
               are not HBM traffic.
   FLOPs       matrix-unit FLOPs: 2 x output elements x contracted elements of every dot and convolution (fusions
-              and Triton GEMMs included), a cuBLAS custom call from its dot dimensions, and an opaque Pallas
-              attention kernel estimated from its shapes (`attention_flops`); elementwise work is not counted (it
-              runs on vector units and is bounded by its bytes).
+              and Triton GEMMs included), a cuBLAS custom call from its dot dimensions, an opaque Pallas attention
+              kernel estimated from its shapes (`attention_flops`), the Pallas loss's kernels from their operands,
+              named tiles and re-reads (`pallas_loss_cost`); elementwise work is not counted (it runs on vector
+              units and is bounded by its bytes).
   collective  its HBM bytes, and its payload over the chip's interconnect: 2(n-1)/n of it for an all-reduce,
               (n-1)/n for an all-gather, reduce-scatter or all-to-all, all of it for a collective-permute.
 
@@ -488,6 +489,15 @@ def trip_count(ins: Instruction, comps: dict[str, Computation]) -> int | None:
   return None
 
 
+def _callees(ins: Instruction) -> list[str]:
+  """The computations a call, async-start or conditional runs (a conditional's branches in order)."""
+  branches = re.search(r"branch_computations=\{([^}]*)\}", ins.attrs)
+  if branches:
+    return re.findall(r"%([\w.\-]+)", branches.group(1))
+  keys = ("true_computation", "false_computation") if ins.opcode == "conditional" else ("to_apply", "calls")
+  return [name for name in map(ins.attr, keys) if name] or [""]
+
+
 def kernels(hlo_text: str, devices: int = 1, seq_len: int = 0, causal_fraction: float = 1.0,
             programs: int = 1) -> tuple[list[Kernel], int]:
   """(every kernel of the module with its runs per step, loops whose trip count is unknown: counted once)."""
@@ -506,14 +516,11 @@ def kernels(hlo_text: str, devices: int = 1, seq_len: int = 0, causal_fraction: 
         for key in ("body", "condition"):
           if ins.attr(key) in comps:
             walk(comps[ins.attr(key)], trips * (n if n is not None else 1), sink)
-      elif ins.opcode in ("call", "async-start") and ins.attr("to_apply" if ins.opcode == "call" else "calls") in comps:
-        walk(comps[ins.attr("to_apply" if ins.opcode == "call" else "calls")], trips, sink)
+      elif ins.opcode in ("call", "async-start") and _callees(ins)[0] in comps:
+        walk(comps[_callees(ins)[0]], trips, sink)
       elif ins.opcode == "conditional":
-        names = re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}", ins.attrs) or
-                                            re.search(r"(true_computation=\S+ false_computation=\S+)", ins.attrs)
-                                            or re.search(r"()", "")).group(1))
         branches = []
-        for name in names:
+        for name in _callees(ins):
           branch: list[Kernel] = []
           walk(comps[name], trips, branch)
           branches.append(branch)

@@ -55,6 +55,7 @@ class Target:
   chip_config: str = ""  # TPU: "megacore" | "default"
   chips_per_host: tuple[int, ...] = ()  # TPU: the host's chip bounds
   target_config: str = ""  # CUDA: path of the GpuTargetConfig text proto
+  programs: int = 1  # kernel programs that run at once (a GPU's SMs; roofline.Chip.programs)
 
   @property
   def extra(self) -> str:
@@ -63,8 +64,7 @@ class Target:
   @property
   def chip(self):
     from tinyjax.hardware import roofline  # noqa: PLC0415
-    gpu = re.fullmatch(r"(?:\d+x)*([a-z0-9-]+)", self.name).group(1)
-    return roofline.Chip(self.peak_flops, self.hbm_bandwidth, self.link_bandwidth, SMS.get(gpu, 1))
+    return roofline.Chip(self.peak_flops, self.hbm_bandwidth, self.link_bandwidth, self.programs)
 
   def describe(self) -> dict:
     return {"platform": self.platform, "chips": self.chips, "hosts": self.hosts, "topology": self.topology,
@@ -116,7 +116,7 @@ def parse(name: str) -> Target:
     file, peak, bandwidth, link = GPUS[gpu.group(3)]
     path = os.path.join(CONFIG_DIR, file)
     return Target(key, "cuda", hosts * per_host, hosts, f"1x{hosts}x{per_host}", gpu_memory_bytes(path), peak,
-                  bandwidth, link, target_config=path)
+                  bandwidth, link, target_config=path, programs=SMS[gpu.group(3)])
   tpu = re.fullmatch(r"(v4|v5p|v5e|v6e|v5litepod)-(\d+)", key)
   if tpu:
     family = TPU_ALIASES.get(tpu.group(1), tpu.group(1))
@@ -175,6 +175,15 @@ def local_chip(device) -> tuple[object, str]:
     return roofline.Chip(peak, bandwidth), "measured on this CPU (float32 matmul, array copy)"
   raise ConfigError(f"no peak figures for device kind {device.device_kind!r}: known are "
                     f"{', '.join(k for k, _ in _KIND_TABLE)}")
+
+
+def local_roofline(hlo_text: str, model_cfg, batch: int, devices: int, device, top: int = 10) -> dict:
+  """roofline.step_report of a step compiled for this machine's `device`, against its own peaks (local_chip), with
+  where those come from ("chip_source")."""
+  from tinyjax.hardware import roofline  # noqa: PLC0415
+  chip, source = local_chip(device)
+  return {**roofline.step_report(hlo_text, model_cfg, batch, devices, chip, device.platform, top),
+          "chip_source": source}
 
 
 def measure_cpu(size: int = 1024, copy_mib: int = 256, repeats: int = 5) -> tuple[float, float]:

@@ -180,15 +180,15 @@ class Profiler:
     trace, path = read_trace(self.directory)
     device, hlo_text = mesh.devices.flat[0], compiled.as_text()
     try:
-      chip, source = targets.local_chip(device)
-      prediction = roofline.step_report(hlo_text, model_cfg, batch, mesh.size, chip, device.platform)
+      prediction = targets.local_roofline(hlo_text, model_cfg, batch, mesh.size, device)
+      source = prediction["chip_source"]
     except config.ConfigError as e:  # an accelerator without known peaks: measured figures only
-      chip, prediction, source = None, None, f"no roofline ({e})"
+      prediction, source = None, f"no roofline ({e})"
     module = re.match(r"HloModule\s+([\w.\-]+)", hlo_text)
     summary = {"first_step": self.first + 1, "last_step": self.stop, "directory": f"{self.wd.path}/{DIR}",
                "trace": os.path.relpath(path, self.directory), "device": device.device_kind,
-               "platform": device.platform, "chip_source": source, "peak_flops": chip and chip.peak_flops,
-               "hbm_bandwidth": chip and chip.hbm_bandwidth, "wall_ms_per_step": self.wall * 1e3,
+               "platform": device.platform, "chip_source": source, "peak_flops": prediction and prediction["peak_flops"],
+               "hbm_bandwidth": prediction and prediction["hbm_bandwidth"], "wall_ms_per_step": self.wall * 1e3,
                **summarize(trace, roofline.by_instruction(hlo_text), module.group(1) if module else None,
                            self.stop - self.first, prediction)}
     if len(trace.get("traceEvents", [])) >= MAX_EVENTS:
