@@ -100,9 +100,15 @@ def load_config(main_args: list[str]):
   return values.config
 
 
+HELP = {"--help", "-h", "-?", "--helpshort", "--helpfull"}
+
+
 def parse_config_flags(argv: list[str], values: flags.FlagValues | None = None) -> list[str]:
   """absl `flags_parser` for programs with an ml_collections --config flag: one-line errors, exit code 2."""
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and HELP.intersection(argv):  # absl's own --help exits 1; help asked for is a success
+    from absl import app  # noqa: PLC0415
+    app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True, exitcode=0)
   if path is None:
     fail("--config=configs/NAME.py is required")
   if not os.path.isfile(path):
