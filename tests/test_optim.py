@@ -150,6 +150,24 @@ def test_labels_route_block_kernels_to_muon_and_the_rest_to_adam(tied, qk_norm):
     assert "layers_0/self_attn/q_norm/scale" in adam, "q_norm/k_norm scales must be in the Adam group"
 
 
+def test_elementwise_masks_name_every_leaf_but_muons_in_params_and_in_the_optimizer_state():
+  """The step's guard recomputes the elementwise updates (step._barrier_elementwise): Muon's matrices and their
+  momentum are left out, everything else (embedding, lm_head, norms and their Adam moments) is in."""
+  params = make_params()
+  mask = flat(optim.elementwise(params))
+  assert {k for k, v in mask.items() if not v} == MUON_KERNELS and len(mask) == len(flat(params))
+  tx = optim.build(optim.OptimizerConfig.from_config(muon_cfg(), total_steps=10))
+  state = tx.init(params)
+  in_state = zip(jax.tree_util.tree_flatten_with_path(optim.elementwise_state(state))[0], jax.tree.leaves(state))
+  in_state = [(p, v) for (p, v), x in in_state if jnp.issubdtype(x.dtype, jnp.floating)]  # not the step counts
+  muon_leaves = [optim.param_path(p) for p, v in in_state if not v]
+  adam_leaves = [optim.param_path(p) for p, v in in_state if v]
+  assert len(muon_leaves) == len(MUON_KERNELS) and all("muon" in p for p in muon_leaves)  # the momentum buffers
+  assert any("embed_tokens" in p and "mu" in p for p in adam_leaves) and not any("muon" in p for p in adam_leaves)
+  adamw = optim.build(optim.OptimizerConfig.from_config(muon_cfg(name="adamw"), total_steps=10))
+  assert all(jax.tree.leaves(optim.elementwise_state(adamw.init(params))))
+
+
 def test_weight_decay_mask_decays_lm_head_and_matrices_not_embedding_or_norms():
   params = make_params(qk_norm=True)
   got = flat(optim.weight_decay_mask(params))

@@ -49,6 +49,18 @@ def labels(params):
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def elementwise(params):
+  """True for the parameters whose update is elementwise (every one but Muon's matrices)."""
+  return jax.tree.map(lambda label: label != "muon", labels(params))
+
+
+def elementwise_state(opt_state):
+  """True for the optimizer-state leaves of elementwise updates: all but those under the Muon group's state."""
+  def keep(path, _):
+    return not any(getattr(k, "key", None) == "muon" for k in path)
+  return jax.tree_util.tree_map_with_path(keep, opt_state)
+
+
 def weight_decay_mask(params):
   """Levanter build_weight_decay_mask (weight_decay_modules=None): no decay for norms, the embedding and biases.
 
@@ -199,8 +211,9 @@ def make(cfg, total_steps: int) -> optax.GradientTransformation:
   return build(OptimizerConfig.from_config(cfg, total_steps))
 
 
-def build(o: OptimizerConfig) -> optax.GradientTransformation:
-  """The full optimizer for o.name ("muon" | "adamw")."""
+def build(o: OptimizerConfig, orthogonalise: bool = True) -> optax.GradientTransformation:
+  """The full optimizer for o.name ("muon" | "adamw"). orthogonalise=False: Muon's Newton-Schulz step replaced by the
+  identity (the same state): the elementwise twin the step's guard recomputes the elementwise updates with."""
   if o.name == "adamw":  # Levanter AdamConfig.build: clip over all params
     return optax.chain(*_clip(o.max_grad_norm),
                        optax.scale_by_adam(o.beta1, o.beta2, o.epsilon, nesterov=o.nesterov),
@@ -210,7 +223,8 @@ def build(o: OptimizerConfig) -> optax.GradientTransformation:
         # scale_with_muon momentum: buf <- m*buf + g; u = m*buf + g (nesterov) else buf. optax.trace computes
         # exactly this (it is NOT optax.contrib.muon's bias-corrected EMA). Muon grads are never clipped.
         optax.trace(decay=o.momentum, nesterov=o.nesterov),
-        scale_by_newton_schulz(o.backend_steps, o.coefficient_type, o.muon_epsilon),
+        scale_by_newton_schulz(o.backend_steps, o.coefficient_type, o.muon_epsilon) if orthogonalise
+        else optax.identity(),
         scale_by_shape(o.use_kimi_scaling),
         *_decay(o.weight_decay),
         _descend(schedule(o, o.learning_rate)))

@@ -45,10 +45,12 @@ class StepSettings:
   z_loss_weight: float
   dynamics_rows: int  # rows of the batch the dynamics variant measures
   learning_rates: Callable  # step -> {"learning_rate", ["adam_lr"]}: the scheduled LRs, logged every step
+  elementwise_tx: optax.GradientTransformation  # the optimizer without Muon's orthogonalisation (the guard's check)
 
   @classmethod
   def from_config(cls, cfg, opt: optim.OptimizerConfig) -> "StepSettings":
-    return cls(cfg.train.z_loss_weight, cfg.train.dynamics_rows, lambda step: optim.learning_rates(opt, step))
+    return cls(cfg.train.z_loss_weight, cfg.train.dynamics_rows, lambda step: optim.learning_rates(opt, step),
+               optim.build(opt, orthogonalise=False))
 
 
 # Name scopes of the update's parts in compiled programs' op metadata (hardware/roofline.py attributes kernels by
@@ -56,9 +58,31 @@ class StepSettings:
 OPTIMIZER_SCOPE, GUARD_SCOPE = "optimizer", "guard"
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def _sum_squares(tree) -> jax.Array:
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in _floats(tree)), jnp.zeros((), jnp.float32))
+
+
+def _nonfinite_probe(tree) -> jax.Array:
+  """0.0 when every floating element of `tree` is finite, NaN otherwise: x * 0 is NaN exactly for inf and NaN, so
+  one sum per array says it, and XLA folds these sums into the same reduction pass as the parameters' norm."""
+  return sum((jnp.sum(x.astype(jnp.float32) * 0) for x in _floats(tree)), jnp.zeros((), jnp.float32))
+
+
+def _barrier(tree, mask):
+  """`tree` with the leaves where `mask` is True passed through one optimization_barrier: the same buffers, as values
+  XLA cannot identify with the originals (so it cannot merge what is computed from them with what is computed from
+  the originals)."""
+  leaves, flags = jax.tree.leaves(tree), jax.tree.leaves(mask)
+  barred = iter(jax.lax.optimization_barrier([x for x, m in zip(leaves, flags) if m]))
+  return jax.tree.unflatten(jax.tree.structure(tree), [next(barred) if m else x for x, m in zip(leaves, flags)])
+
+
+def _pick(mask, yes, no):
+  return jax.tree.map(lambda m, a, b: a if m else b, mask, yes, no)
+
+
+def _floats(tree) -> list:
+  return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
 
 
 def _grads_and_loss(model, settings: StepSettings, accum: int, micro_sharding):
@@ -105,8 +129,17 @@ def make_train_step(model, tx, settings: StepSettings, state_shardings, batch_sh
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       candidate = optax.apply_updates(state.params, updates)
     with jax.named_scope(GUARD_SCOPE):
-      candidate_norm = optax.tree.norm(candidate)  # an update can overflow with finite grads (e.g. a huge LR)
-      state_ok = jnp.isfinite(candidate_norm) & _all_finite(opt_state)  # nothing non-finite may reach a checkpoint
+      # An update can overflow with finite grads (e.g. a huge LR) and nothing non-finite may reach a checkpoint, so
+      # the candidate state is checked before it replaces the old one, in two passes over the state: one reduction
+      # pass, fused with its own copy of the elementwise updates (behind a barrier, so XLA cannot merge the copy
+      # with the kept update and write the candidate out), then the selects that write the kept values in place.
+      # Muon's matrices are checked from the kept update (their orthogonalisation is computed once).
+      on_params, on_state = optim.elementwise(state.params), optim.elementwise_state(state.opt_state)
+      g_, o_, p_ = _barrier((grads, state.opt_state, state.params), (on_params, on_state, on_params))
+      u_, o2 = settings.elementwise_tx.update(g_, o_, p_)
+      checked = _pick(on_params, optax.apply_updates(p_, u_), candidate)
+      candidate_sq = _sum_squares(checked)
+      state_ok = jnp.isfinite(candidate_sq + _nonfinite_probe(_pick(on_state, o2, opt_state)))
       what = jnp.where(jnp.isfinite(loss), 0, 1) + jnp.where(jnp.isfinite(grad_norm), 0, 2)
       what = what + jnp.where(state_ok | (what > 0), 0, 4)  # 4: only the update itself went non-finite
       bad = what > 0
@@ -117,7 +150,8 @@ def make_train_step(model, tx, settings: StepSettings, state_shardings, batch_sh
           opt_state=keep(opt_state, state.opt_state), bad_steps=state.bad_steps + bad.astype(jnp.int32),
           first_bad_step=jnp.where(first, state.step + 1, state.first_bad_step),
           bad_what=jnp.where(first, what, state.bad_what))
-      param_norm = jnp.where(bad, optax.tree.norm(state.params), candidate_norm)
+      # The old parameters' norm is read only on a dropped step.
+      param_norm = jax.lax.cond(bad, lambda: optax.tree.norm(state.params), lambda: jnp.sqrt(candidate_sq))
     out = {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
            "bad_steps": new.bad_steps, "first_bad_step": new.first_bad_step, "bad_what": new.bad_what,
            **settings.learning_rates(state.step)}
