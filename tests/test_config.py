@@ -138,7 +138,6 @@ PARSER = [
     (["--config={tiny}", "--config.env.platform=tpu"], "config.env.platform='tpu'"),
     pytest.param(["--config={tiny}", "--config.env.xla_flags=('--xla_bogus_flag=1',)"], "unknown XLA flag --xla_bogus_flag=1",
                  marks=pytest.mark.slow),  # starts JAX (~3 s)
-    (["--config={tiny}", "--config.env.matmul_precision=x"], "unknown config key"),
     pytest.param(["--config={tiny}", "--config.optimizer.warmup=600"], "config.optimizer.warmup=600",
                  marks=pytest.mark.slow),  # also in VALIDATE, in-process
 ]
