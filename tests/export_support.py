@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyjax import config, export, optim
+from tinyjax import config, optim, weights
 from tinyjax.step import init_state
 from tinyjax.data import tokenizer as tokenizers
 from tinyjax.model import ModelConfig, Transformer
@@ -47,8 +47,8 @@ def tokens_without_eos(seed: int, shape) -> np.ndarray:
   return np.asarray(jax.random.randint(jax.random.key(seed), shape, 2, GQA.vocab_size), np.int32)
 
 
-def make_run(tok, c=GQA, seed=0) -> export.Run:
-  return export.Run("", 0, {}, c, strong_params(c, seed), tok)
+def make_run(tok, c=GQA, seed=0) -> weights.Run:
+  return weights.Run("", 0, {}, c, strong_params(c, seed), tok)
 
 
 def write_checkpoint(path, tok, c=GQA, step=5, tokenizer=None, cache_dir=None) -> dict:

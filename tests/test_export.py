@@ -14,7 +14,7 @@ import pytest
 
 import export_support
 
-from tinyjax import cli, config, export, optim, step, train
+from tinyjax import cli, config, export, optim, step, train, weights
 from tinyjax.config import ConfigError
 from tinyjax.data import tokenizer as tokenizers
 from tinyjax.model import ModelConfig, Transformer
@@ -60,12 +60,12 @@ def test_export_import_is_bitwise_identity(tmp_path, tok, tied, make_run):
   export.export(run, str(tmp_path), max_shard_bytes=60_000)  # ~0.4 MB of weights: several shards plus an index
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "model.safetensors").exists()
-  imported = export.load_hf(str(tmp_path))
+  imported = weights.load_hf(str(tmp_path))
   assert jax.tree.structure(imported.params) == jax.tree.structure(run.params)
   for a, b in zip(jax.tree.leaves(imported.params), jax.tree.leaves(run.params)):
     assert a.dtype == b.dtype and np.array_equal(a, np.asarray(b)), "export -> import changed a parameter"
-  assert {k: imported.model[k] for k in export.SHAPE_FIELDS} == {k: getattr(run.model_cfg, k) for k in
-                                                                 export.SHAPE_FIELDS}
+  assert {k: imported.model[k] for k in weights.SHAPE_FIELDS} == {k: getattr(run.model_cfg, k) for k in
+                                                                 weights.SHAPE_FIELDS}
   assert (imported.bos_id, imported.eos_id) == (run.tok.bos_id, run.tok.eos_id)
 
 
@@ -74,10 +74,10 @@ def test_bfloat16_export_rounds_once(tmp_path, tok, make_run):
   run = make_run(tok)
   export.export(run, str(tmp_path), dtype="bfloat16")
   assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
-  imported = export.load_hf(str(tmp_path))
+  imported = weights.load_hf(str(tmp_path))
   for a, b in zip(jax.tree.leaves(imported.params), jax.tree.leaves(run.params)):
     assert a.dtype == jnp.bfloat16 and np.array_equal(a, np.asarray(b.astype(jnp.bfloat16)))
-  assert export.load_hf(str(tmp_path), "float32").params["norm"]["scale"].dtype == np.float32
+  assert weights.load_hf(str(tmp_path), "float32").params["norm"]["scale"].dtype == np.float32
 
 
 def test_transformers_loads_config_and_tokenizer(tmp_path, tok, make_run):
@@ -153,9 +153,9 @@ def test_import_refuses_other_architectures(tmp_path, tok, make_run):
   hf = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps({**hf, "attention_bias": True}))
   with pytest.raises(ConfigError, match="biases"):
-    export.load_hf(str(tmp_path))
+    weights.load_hf(str(tmp_path))
   with pytest.raises(ConfigError, match="not a HF model directory"):
-    export.load_hf(str(tmp_path / "nowhere"))
+    weights.load_hf(str(tmp_path / "nowhere"))
 
 
 def test_cli_exports_a_checkpoint_and_init_from_loads_it(tmp_path, tok, write_checkpoint):
@@ -173,13 +173,13 @@ def test_cli_exports_a_checkpoint_and_init_from_loads_it(tmp_path, tok, write_ch
   tx = optim.make(cfg, 10)
   state = step.init_state(Transformer(GQA, eos_id=1), tx, 0)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  loaded = export.init_from(cfg, state, tx, shardings)
+  loaded = weights.init_from(cfg, state, tx, shardings)
   for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
   assert jax.tree.structure(loaded.opt_state) == jax.tree.structure(state.opt_state)
   cfg.model.num_layers = 3
   with pytest.raises(ConfigError, match=r"different model: model.num_layers \(checkpoint 2, config 3\)"):
-    export.init_from(cfg, state, tx, shardings)
+    weights.init_from(cfg, state, tx, shardings)
 
 
 def test_cli_errors_are_one_line(tmp_path, tok, capsys, write_checkpoint):
@@ -216,12 +216,12 @@ def test_export_replaces_a_previous_export_whole(tmp_path, run_a):
   assert "model.safetensors" in _files(out)
   written = export.export(run_b, str(out), max_shard_bytes=60_000)
   assert _files(out) == set(written) and "model.safetensors" not in written
-  for a, b in zip(jax.tree.leaves(export.load_hf(str(out)).params), jax.tree.leaves(run_b.params)):
+  for a, b in zip(jax.tree.leaves(weights.load_hf(str(out)).params), jax.tree.leaves(run_b.params)):
     assert np.array_equal(a, np.asarray(b))
   export.export(run_a, str(out), max_shard_bytes=60_000, dtype="bfloat16")
   written = export.export(run_a, str(out))  # float32, one file: the bf16 shards and their index go
   assert _files(out) == set(written) and not any(n.startswith("model-") for n in _files(out))
-  imported = export.load_hf(str(out))
+  imported = weights.load_hf(str(out))
   assert {a.dtype for a in jax.tree.leaves(imported.params)} == {np.dtype("float32")}
   assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
   (out / f"{export.STAGING}left-by-a-kill").mkdir()  # a killed export's staging folder is ours: cleaned up
@@ -256,7 +256,7 @@ def test_mixed_single_and_sharded_weights_are_refused(tmp_path, run_a):
   export.export(run_a, str(tmp_path / "b"))
   shutil.copy(tmp_path / "b" / "model.safetensors", tmp_path / "a")  # what older tinyjax left behind
   with pytest.raises(ConfigError, match="holds both model.safetensors and model.safetensors.index.json"):
-    export.load_hf(str(tmp_path / "a"))
+    weights.load_hf(str(tmp_path / "a"))
 
 
 def test_a_run_with_a_relative_cache_dir_exports_from_anywhere(tmp_path, tok, monkeypatch, capsys, write_checkpoint):

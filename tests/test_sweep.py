@@ -20,7 +20,7 @@ SWEEPS = os.path.join(ROOT, "configs", "sweeps")
 def compiles(monkeypatch):
   """The preflight's per-point compiles (tinyjax/aot.py) answered from the point's batch: 16 rows per chip and more
   do not fit (a stand-in for the child-process compile; tests/test_targets.py covers the real one)."""
-  from tinyjax.hardware import aot  # noqa: PLC0415
+  from tinyjax import aot  # noqa: PLC0415
   seen = []
 
   def plan(cfg, target, search=True):

@@ -119,7 +119,7 @@ def base() -> mlc.ConfigDict:
   # no [tokens, V] array in HBM); "auto": pallas_tpu on TPU, pallas_gpu on GPU, fused on CPU
   m.loss_impl = "auto"
   m.kernel_interpret = False  # run the Pallas loss kernels in interpret mode (any platform; correctness checks)
-  m.init_from = ""  # "" = fresh init; else a HF Llama dir (export.load_hf) whose weights start a fresh run
+  m.init_from = ""  # "" = fresh init; else a HF Llama dir (weights.load_hf) whose weights start a fresh run
 
   c.optimizer = o = mlc.ConfigDict()
   o.name = "muon"  # "muon" (Levanter MuonConfig) | "adamw" (Levanter AdamConfig)

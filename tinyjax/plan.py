@@ -7,7 +7,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from tinyjax import config, flops, optim, sharding, step
-from tinyjax.hardware import memory, targets
+from tinyjax.hardware import hlo, memory, targets
 from tinyjax.model import ModelConfig, Transformer
 
 
@@ -82,8 +82,7 @@ def memory_plan(cfg, mesh, hlo_dir: str = "") -> dict:
     out["roofline"] = targets.local_roofline(executable.as_text(), model_cfg, cfg.train.train_batch_size, data_size,
                                              device)
     if hlo_dir:
-      from tinyjax.hardware import aot  # noqa: PLC0415
-      aot.write_module(hlo_dir, "local", executable.as_text())
+      hlo.write_module(hlo_dir, "local", executable.as_text())
   for name, (kind, platform) in memory.PLAN_DEVICES.items():  # the local compile's figures against each device
     a, i, f = planner.choose(memory.device_memory(kind), platform)
     out["devices"][name] = {**f, "grad_accum_steps": a, "peak_gib": round(i["peak"] / memory.GIB, 3),
@@ -112,7 +111,7 @@ def dry_run(cfg, mesh, env_record: dict, dry: bool, target_names: str, hlo_dir: 
     raise config.ConfigError(f"{flag} plans a run: add --dry_run (the run itself uses the devices it finds)")
   chosen = targets.parse_list(target_names)
   if chosen:
-    from tinyjax.hardware import aot  # noqa: PLC0415
+    from tinyjax import aot  # noqa: PLC0415
     memory_block = {"targets": aot.plans(cfg, chosen, proxy=lambda t: proxy_plan(cfg, mesh, t), hlo_dir=hlo_dir)}
   else:
     memory_block = memory_plan(cfg, mesh, hlo_dir)

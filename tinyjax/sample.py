@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tinyjax import cli, config, export
+from tinyjax import cli, config, weights
 from tinyjax.config import ConfigError
 from tinyjax.model import ModelConfig, rms_norm, rope
 
@@ -156,7 +156,7 @@ def encode_prompts(tok, prompts: list[str]) -> tuple[np.ndarray, np.ndarray, lis
   return tokens, valid, ids
 
 
-def sample(run: export.Run, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8,
+def sample(run: weights.Run, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8,
            top_k: int = 0, top_p: float = 1.0, seed: int = 0, num_samples: int = 1) -> list[dict]:
   """num_samples completions of each prompt: [{prompt, sample, completion, text, ids, stopped_at_eos}]."""
   c, tok = run.model_cfg, run.tok
@@ -183,7 +183,7 @@ def samples_after_training(workdir: str, prompts=SAMPLE_PROMPTS, max_new_tokens:
   """Prints one short sample per fixed prompt from workdir's newest checkpoint and writes them to
   workdir/samples.json (process 0 only); [] with a note if the run kept no checkpoint."""
   try:
-    run = export.load_run(workdir)
+    run = weights.load_run(workdir)
   except ConfigError as e:
     print(f"samples: skipped ({e})", flush=True)
     return []
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if not ok:
       cli.fail(f"--{name}={getattr(a, name)} is invalid: must be {allowed}")
   try:
-    run = export.load_run(a.workdir, a.step, a.cache_dir)
+    run = weights.load_run(a.workdir, a.step, a.cache_dir)
     if a.compute_dtype:
       run = dataclasses.replace(run, model_cfg=dataclasses.replace(run.model_cfg, compute_dtype=a.compute_dtype))
     out = sample(run, a.prompt or list(SAMPLE_PROMPTS), a.max_new_tokens, a.temperature, a.top_k, a.top_p,

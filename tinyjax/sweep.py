@@ -187,7 +187,7 @@ def preflight(sweep: dict, root: str, points: list[Point], extra: list[str], nam
   """Before launching: every point compiled for every target by the target's own compiler (tinyjax/aot.py), a table
   of which fit where, and a one-line refusal (exit 2) when a point cannot fit the hardware it is launched on."""
   from tinyjax import config
-  from tinyjax.hardware import aot  # noqa: PLC0415
+  from tinyjax import aot  # noqa: PLC0415
   columns = list(dict.fromkeys([*names, *([launch_on] if launch_on else [])]))
   todo = [p for p in points if launch_on is None or status(workdir(root, p)) != "completed"]
   print(f"tinyjax.sweep: preflight of {len(todo)} points on {', '.join(columns)} (peak / usable GiB per chip)",

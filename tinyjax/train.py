@@ -161,8 +161,8 @@ def _setup(cfg, wd, env_record: dict, signals: faults.Signals) -> Setup:
   restored = ckpt.restore_latest(built.abstract_state()) if ckpt else None
   state, meta = restored if restored else (built.init(), {"step": 0})
   if not restored and cfg.model.init_from:
-    from tinyjax import export  # noqa: PLC0415 - only runs that import weights need it
-    state = export.init_from(cfg, state, built.tx, built.state_sh)
+    from tinyjax import weights  # noqa: PLC0415 - only runs that import weights need it
+    state = weights.init_from(cfg, state, built.tx, built.state_sh)
   signals.stop_point()
   s = Setup(cfg, wd, signals, info, built, train_step, ds, ckpt, state, meta)
   if s.start:

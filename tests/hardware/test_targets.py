@@ -6,7 +6,8 @@ import pytest
 
 from tinyjax import cli, envdiff, plan, sharding
 from tinyjax.config import ConfigError
-from tinyjax.hardware import aot, roofline, targets
+from tinyjax import aot
+from tinyjax.hardware import hlo, roofline, targets
 from tinyjax.kernels import attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -53,11 +54,11 @@ ENTRY %main (x: f32[8]) -> f32[8] {
 
 
 def test_compiled_module_readers():
-  assert aot.custom_calls(HLO) == ["tpu_custom_call"]
+  assert hlo.custom_calls(HLO) == ["tpu_custom_call"]
   moved = HLO.replace("jit_step_1", "jit_step_7").replace('source_file="/a.py"', 'source_file="/b.py"')
-  assert aot.fingerprint(moved) == aot.fingerprint(HLO), "module name and source metadata are not the program"
-  assert aot.fingerprint(HLO.replace("multiply", "add")) != aot.fingerprint(HLO)
-  s = aot.summary(HLO)
+  assert hlo.fingerprint(moved) == hlo.fingerprint(HLO), "module name and source metadata are not the program"
+  assert hlo.fingerprint(HLO.replace("multiply", "add")) != hlo.fingerprint(HLO)
+  s = hlo.summary(HLO)
   assert s["ops"] == {"custom-call": 1, "fusion": 1, "multiply": 1, "parameter": 2}
   assert s["fusions"] == {"kLoop": 1} and s["kernels"] == {"tpu_custom_call": 1}
 
@@ -116,7 +117,7 @@ def test_tiny_compiles_for_a_tpu_slice_and_an_h100_with_their_kernels(tmp_path):
   cfg = _config("tiny", "--config.model.num_layers=1")  # one of tiny's layers: the same kernels, compiled faster
   tpu, gpu = aot.plan(cfg, targets.parse("v5p-8"), hlo_dir=str(tmp_path)), aot.plan(cfg, targets.parse("h100"))
   module = (tmp_path / "v5p-8.hlo.txt").read_text()  # --hlo_dir: the module the roofline was read from
-  assert module.startswith("HloModule") and aot.fingerprint(module) == tpu["hlo_fingerprint"]
+  assert module.startswith("HloModule") and hlo.fingerprint(module) == tpu["hlo_fingerprint"]
   assert not (tmp_path / "h100.hlo.txt").exists()
   for p, chip in ((tpu, targets.parse("v5p-8").chip), (gpu, targets.parse("h100").chip)):
     line = p["roofline"]
@@ -153,7 +154,7 @@ def _kernels_in_attention_compile(platform: str, shape, monkeypatch) -> list[str
   for key, value in aot.CHILD_ENV.items():
     monkeypatch.setenv(key, value)
   target = targets.parse({"tpu": "v5p-8", "cuda": "h100"}[platform])
-  mesh = Mesh(np.asarray(aot._topology(target).devices[:1]), ("data",), axis_types=(AxisType.Auto,))
+  mesh = Mesh(np.asarray(aot.topology(target).devices[:1]), ("data",), axis_types=(AxisType.Auto,))
   L, H, G, K = shape
   replicated = NamedSharding(mesh, PartitionSpec())
   spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=replicated)
@@ -163,7 +164,7 @@ def _kernels_in_attention_compile(platform: str, shape, monkeypatch) -> list[str
   with jax.set_mesh(mesh):
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
         spec(2, L, G, H // G, K), spec(2, L, G, K), spec(2, L, G, K), seg).compile()
-  return aot.custom_calls(compiled.as_text())
+  return hlo.custom_calls(compiled.as_text())
 
 
 @pytest.mark.slow

@@ -149,11 +149,12 @@ def _compiled(platform: str, impl: str, monkeypatch, tokens: int, dim: int, voca
   """The optimized module of the loss over `tokens` tokens (bf16 x, fp32 head) by the target's own compiler."""
   from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: PLC0415
 
-  from tinyjax.hardware import aot, targets  # noqa: PLC0415
+  from tinyjax import aot  # noqa: PLC0415
+  from tinyjax.hardware import hlo, targets  # noqa: PLC0415
   for key, value in aot.CHILD_ENV.items():
     monkeypatch.setenv(key, value)
   target = targets.parse({"tpu": "v5p-8", "cuda": "h100"}[platform])
-  mesh = Mesh(np.asarray(aot._topology(target).devices[:1]), ("data",), axis_types=(AxisType.Auto,))
+  mesh = Mesh(np.asarray(aot.topology(target).devices[:1]), ("data",), axis_types=(AxisType.Auto,))
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   args = (spec((tokens, dim), jnp.bfloat16), spec((dim, vocab), jnp.float32), spec((tokens,), jnp.int32),
           spec((tokens,), jnp.float32))
@@ -195,14 +196,15 @@ def test_kernels_compile_for_the_target_and_keep_logits_off_hbm(platform, kernel
   0.50 GB on the v5p (0.15 GB of it XLA's relayout of the head for dx's gather of target columns), 0.36 GB on the
   H100 (1.90 GB if no two SMs shared a sweep in L2). One HBM write of the block's logits, 0.53 GB even in bf16,
   would break it."""
-  from tinyjax.hardware import aot, targets  # noqa: PLC0415
+  from tinyjax import aot  # noqa: PLC0415
+  from tinyjax.hardware import hlo, targets  # noqa: PLC0415
   if not targets.compiler_installed(platform):
     pytest.skip(targets.install_hint(platform))
   shapes = _shipped_shapes()
   assert {(192, 128_256), (512, 128_256), (128, 4096)} <= shapes
   for dim, vocab in sorted(shapes):
     text = _compiled(platform, "pallas", monkeypatch, 8192, dim, vocab)
-    assert set(aot.custom_calls(text)) - XLA_HELPERS[platform] == {kernel}, (dim, vocab)
+    assert set(hlo.custom_calls(text)) - XLA_HELPERS[platform] == {kernel}, (dim, vocab)
     assert text.count(f'"{kernel}"') == 2, ("kernels A and B", dim, vocab)
   block = (2048, 192, 128_256)
   programs = targets.parse({"tpu": "v5p-8", "cuda": "h100"}[platform]).chip.programs

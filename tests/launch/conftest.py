@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tinyjax.hardware import aot
+from tinyjax import aot
 
 FAKE_GCLOUD = r'''#!PYTHON
 import json, os, sys
@@ -103,7 +103,7 @@ def fake(tmp_path, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def preflights(monkeypatch):
-  """The launchers' preflight compile (tinyjax/hardware/aot.py) recorded and answered "fits"; the preflight tests
+  """The launchers' preflight compile (tinyjax/aot.py) recorded and answered "fits"; the preflight tests
   replace the answer or use the real compiler."""
   seen = []
   monkeypatch.setattr(aot, "preflight", lambda args, target: seen.append((target, args)) or f"{target}: fits")

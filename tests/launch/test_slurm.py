@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tinyjax.hardware import aot
+from tinyjax import aot
 from tinyjax.launch import slurm
 
 MAIN = ["--config=configs/c4_50m.py", "--config.train.train_batch_size=64", "--workdir=gs://bkt/runs/a b"]

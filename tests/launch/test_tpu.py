@@ -14,7 +14,8 @@ import tarfile
 
 import pytest
 
-from tinyjax.hardware import aot, targets
+from tinyjax import aot
+from tinyjax.hardware import targets
 from tinyjax.launch import commands as C, tpu
 from tinyjax.runtime import faults
 

@@ -33,10 +33,10 @@ def test_remote_workdir_preempted_on_a_fresh_host_resumes_bitwise(gcs, small_cfg
 
 @pytest.mark.slow  # a run, an export and a sample against the emulator (~15 s on 2 cores)
 def test_export_and_samples_read_a_remote_run(gcs, small_cfg, train_run):
-  from tinyjax import export, sample  # noqa: PLC0415
+  from tinyjax import sample, weights  # noqa: PLC0415
   url = f"gs://{gcs.bucket}/runs/w2"
   train_run(small_cfg(**{"train.num_train_steps": 4}), url)
-  loaded = export.load_run(url)
+  loaded = weights.load_run(url)
   assert loaded.step == 4
   out = sample.samples_after_training(url, prompts=("def",), max_new_tokens=4)
   assert len(out) == 1 and json.loads(gcs.cat(f"{gcs.bucket}/runs/w2/samples.json"))["step"] == 4

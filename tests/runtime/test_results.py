@@ -92,12 +92,7 @@ def test_gpu_mfu_and_incomplete_run(tmp_path, make_workdir):
   assert any("incomplete run: 250 of 500" in n for n in info["tinyjax"]["notes"])
 
 
-def test_cli(tmp_path, capsys, make_workdir):
-  path = make_workdir(tmp_path / "run", "tiny")
-  results.main([path])
-  assert "model_size 2,000,000" in capsys.readouterr().out
-  assert os.path.exists(os.path.join(path, results.RESULTS_FILE))
-  with pytest.raises(SystemExit) as e:
-    results.main([str(tmp_path / "missing")])
-  assert e.value.code == 2
-  assert capsys.readouterr().err.strip() == f"tinyjax: error: {tmp_path / 'missing'}: not a tinyjax workdir (no config.json)"
+def test_a_folder_that_is_no_workdir_is_named(tmp_path):
+  """python -m tinyjax.compare RUN rewrites a run's speedrun_results.json through write_results, and prints this."""
+  with pytest.raises(OSError, match=f"{tmp_path / 'missing'}: not a tinyjax workdir \\(no config.json\\)"):
+    results.write_results(str(tmp_path / "missing"))

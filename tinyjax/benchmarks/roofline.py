@@ -7,7 +7,7 @@ python -m tinyjax.benchmarks.roofline [--cpu tiny,c4_50m:2] [--marin] [--steps 5
             under 1 means the model overstates the cost: on a CPU, caches serve much of what it counts as memory
             traffic.
   --marin   each run of marin_measured.json (Marin's leaderboard, hardware tinyjax names), tinyjax's equivalent
-            config compiled by the target's own compiler (hardware/aot.py): its bound beside Marin's measured step
+            config compiled by the target's own compiler (aot.py): its bound beside Marin's measured step
             time (training_time_s / num_train_steps, first-step compile included). A bound above the measured time
             of a comparable program means the model is wrong.
 
@@ -23,7 +23,8 @@ import jax
 
 from tinyjax import cli, config, env, sharding, step
 from tinyjax.benchmarks import device
-from tinyjax.hardware import aot, targets
+from tinyjax import aot
+from tinyjax.hardware import targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MARIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "marin_measured.json")

@@ -16,7 +16,8 @@ import os
 import jax
 
 from tinyjax import cli, config, env, plan, sharding
-from tinyjax.hardware import aot, targets
+from tinyjax import aot
+from tinyjax.hardware import targets
 
 CONFIGS = ("tiny", "stability_tiny", "c4_30m", "c4_50m", "c4_75m", "c4_130m")
 TARGETS = ("h100", "h200", "a100-40gb", "v4-8", "v5p-8", "v5e-8")

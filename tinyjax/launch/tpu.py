@@ -43,7 +43,7 @@ def preflight(main_args: list[str], target: str, skip: bool) -> None:
     say(f"preflight for {target} skipped (--skip-preflight)")
     return
   from tinyjax import config
-  from tinyjax.hardware import aot  # noqa: PLC0415 - the compile runs in a child process
+  from tinyjax import aot  # noqa: PLC0415 - the compile runs in a child process
   say(f"preflight: compiling the train step for {target} with its own compiler ...")
   try:
     say(aot.preflight(main_args, target))

@@ -9,16 +9,15 @@ v2/v3 a JAX device is one TensorCore (2 per chip); flops.PEAK_FLOPS holds v3's p
 also count devices, which keeps training_hardware_flops = time x devices x per-device peak right. Unknown peaks
 (CPUs) give null device_flops / training_hardware_flops / mfu and a note; no number is invented.
 
-CLI: python -m tinyjax.runtime.results WORKDIR [WORKDIR ...]
+`python -m tinyjax.compare RUN` rewrites it for a finished run (write_results).
 """
 from __future__ import annotations
 
 import datetime
 import json
 import os
-import sys
 
-from tinyjax import cli, flops
+from tinyjax import flops
 from tinyjax.runtime import metrics
 
 RESULTS_FILE = "speedrun_results.json"
@@ -175,31 +174,3 @@ def write_results(workdir: str) -> dict:
   with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
     json.dump(doc, f, indent=2, sort_keys=True)
   return doc
-
-
-def summary(info: dict) -> str:
-  bpb = info.get(MARIN_BPB_KEY)
-  evals = info["tinyjax"]["eval_sets"]
-  if bpb is None and evals:
-    name = next(iter(evals))
-    bpb_text = f"{name} bpb {evals[name]['bpb']:.4f} (not c4_en)"
-  else:
-    bpb_text = "no eval" if bpb is None else f"c4_en bpb {bpb:.4f}"
-  hw = info["training_hardware_flops"]
-  return (f"model_size {info['model_size']:,} | model_flops {info['model_flops']:.4g} | {bpb_text} | "
-          f"hardware_flops {'unknown' if hw is None else f'{hw:.4g}'}")
-
-
-def main(argv: list[str]) -> None:
-  if not argv or argv[0].startswith("-"):
-    cli.fail("usage: python -m tinyjax.runtime.results WORKDIR [WORKDIR ...]")
-  for workdir in argv:
-    try:
-      info = write_results(workdir)["runs"][0]["run_info"]
-    except (OSError, ValueError) as e:
-      cli.fail(str(e))
-    print(f"{os.path.join(workdir, RESULTS_FILE)}: {summary(info)}")
-
-
-if __name__ == "__main__":
-  main(sys.argv[1:])

@@ -1,29 +1,26 @@
 """The train step compiled for a target this machine does not have, by the target's own compiler (deviceless AOT).
 
 libtpu compiles for any TPU slice from a topology description, and the CUDA PJRT plugin for a GPU described by a
-target config (tinyjax/targets.py); neither needs the device. Their buffer assignment (`memory_analysis()`) and the
+target config (tinyjax/hardware/targets.py); neither needs the device. Their buffer assignment (`memory_analysis()`) and the
 kernels in the compiled module are the hardware's own figures short of running it.
 
-Each target compiles in a child process (`python -m tinyjax.hardware.aot REQUEST`), so that the process asking, a dry run or a
+Each target compiles in a child process (`python -m tinyjax.aot REQUEST`), so that the process asking, a dry run or a
 launcher, never loads libtpu or the CUDA plugin, and one plugin's state cannot leak into another target's compile.
 The child starts only JAX's CPU backend; the plugin serves the topology and the compiler.
 """
 from __future__ import annotations
 
-import collections
-import hashlib
 import importlib.metadata
 import json
 import os
 import pickle
-import re
 import subprocess
 import sys
 import tempfile
 import time
 
 from tinyjax.config import ConfigError
-from tinyjax.hardware import roofline, targets
+from tinyjax.hardware import hlo, roofline, targets
 from tinyjax.runtime import faults
 
 # A compile-only child: CPU is the only backend it starts; no GCE metadata queries (libtpu would ask the metadata
@@ -41,7 +38,7 @@ def plan(cfg, target: targets.Target, search: bool = True, hlo_dir: str = "") ->
     request = os.path.join(tmp, "request.pkl")
     with open(request, "wb") as f:
       pickle.dump({"cfg": cfg, "target": target, "search": search, "hlo_dir": hlo_dir}, f)
-    proc = subprocess.run([sys.executable, "-m", "tinyjax.hardware.aot", request], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "tinyjax.aot", request], capture_output=True, text=True,
                           env={**os.environ, **CHILD_ENV}, check=False)
   lines = proc.stdout.strip().splitlines()
   result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
@@ -93,37 +90,6 @@ def preflight(main_args: list[str], target_name: str) -> str:
           f"{p['accum']}; {p['compiler']})")
 
 
-# ---- reading a compiled module ---------------------------------------------------------------------------------
-
-def custom_calls(hlo_text: str) -> list[str]:
-  """The custom-call targets in an optimized HLO module: the kernels XLA did not generate itself (Pallas/Mosaic
-  `tpu_custom_call`, Triton `__gpu$xla.gpu.triton`, cuBLAS `__cublas$gemm`, ...)."""
-  return sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
-
-
-_NOISE = (re.compile(r", metadata=\{[^}]*\}"), re.compile(r"^HloModule \S+", re.M))
-
-
-def fingerprint(hlo_text: str) -> str:
-  """SHA-256 of the optimized program with source metadata and the module name stripped: equal fingerprints mean
-  the compiler produced the same program."""
-  text = hlo_text
-  for pattern in _NOISE:
-    text = pattern.sub("", text)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def summary(hlo_text: str) -> dict:
-  """Counts that say what a program is made of: instructions by opcode, fusions by kind (and by backend kind,
-  e.g. __triton_gemm), kernels (custom-call targets)."""
-  ops = collections.Counter(re.findall(r"^\s*(?:ROOT )?%?\S+ = \S+ ([a-z][\w-]*)\(", hlo_text, re.M))
-  fusions = collections.Counter(re.findall(r"\bkind=(k\w+)", hlo_text))
-  fusions.update(f"backend:{k}" for k in re.findall(r'"kind":"(__\w+)"', hlo_text))
-  kernels = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
-  return {"ops": dict(sorted(ops.items())), "fusions": dict(sorted(fusions.items())),
-          "kernels": dict(sorted(kernels.items()))}
-
-
 def compiler_name(target: targets.Target, device) -> str:
   version = importlib.metadata.version
   if target.platform == "tpu":
@@ -133,37 +99,13 @@ def compiler_name(target: targets.Target, device) -> str:
 
 # ---- the child process -----------------------------------------------------------------------------------------
 
-def _topology(target: targets.Target):
+def topology(target: targets.Target):
   from jax.experimental import topologies  # noqa: PLC0415
   if target.platform == "tpu":
     return topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
                                         chip_config_name=target.chip_config, chips_per_host_bounds=target.chips_per_host)
   with open(target.target_config) as f:
     return topologies.get_topology_desc(platform="cuda", target_config=f.read(), topology=target.topology)
-
-
-def write_module(hlo_dir: str, name: str, text: str) -> str:
-  """HLO_DIR/NAME.hlo.txt: a compiled module's optimized text, for the checks and tools that read it."""
-  os.makedirs(hlo_dir, exist_ok=True)
-  path = os.path.join(hlo_dir, f"{name}.hlo.txt")
-  with open(path, "w") as f:
-    f.write(text)
-  return path
-
-
-def compiler_estimate(compiled) -> dict | None:
-  """XLA's own cost analysis of a compiled module where the compiler gives one (libtpu: optimal_seconds; the CUDA
-  plugin gives nothing), labelled: its while-loop bodies count once, not times their trip counts."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - a backend without a cost model
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-  if not cost:
-    return None
-  keys = ("optimal_seconds", "flops", "bytes accessed", "transcendentals")
-  return {**{k.replace(" ", "_"): cost[k] for k in keys if k in cost},
-          "caveat": "XLA cost_analysis: while-loop bodies counted once (not times their trip counts)"}
 
 
 def compile_for(cfg, target: targets.Target, search: bool = True, hlo_dir: str = "") -> dict:
@@ -174,7 +116,7 @@ def compile_for(cfg, target: targets.Target, search: bool = True, hlo_dir: str =
   from jax.sharding import AxisType, Mesh  # noqa: PLC0415
 
   from tinyjax import config, step  # noqa: PLC0415
-  devices = _topology(target).devices
+  devices = topology(target).devices
   data = len(devices) if cfg.mesh.data == -1 else cfg.mesh.data
   config.validate(cfg, num_devices=len(devices))  # batch and accumulation must divide over the target's chips
   mesh = Mesh(np.asarray(devices[:data]), ("data",), axis_types=(AxisType.Auto,))
@@ -186,15 +128,15 @@ def compile_for(cfg, target: targets.Target, search: bool = True, hlo_dir: str =
   text = compiled.as_text() if compiled else ""
   compile_s = round(time.perf_counter() - start, 1)
   if compiled and hlo_dir:
-    write_module(hlo_dir, target.name, text)
+    hlo.write_module(hlo_dir, target.name, text)
   line = roofline.step_report(text, built.model.cfg, cfg.train.train_batch_size, data, target.chip,
                               target.platform) if compiled else None
   if line is not None:
-    line["compiler_estimate"] = compiler_estimate(compiled)
+    line["compiler_estimate"] = hlo.compiler_estimate(compiled)
   return {"compiler": compiler_name(target, devices[0]), **target.describe(), "device_kind": devices[0].device_kind,
           "mesh": {"data": data, "fsdp": bool(cfg.mesh.fsdp)}, **figures,
-          "kernels": custom_calls(text) if compiled else None, "compile_s": compile_s,
-          "hlo_fingerprint": fingerprint(text) if compiled else None, "program": summary(text), "roofline": line}
+          "kernels": hlo.custom_calls(text) if compiled else None, "compile_s": compile_s,
+          "hlo_fingerprint": hlo.fingerprint(text) if compiled else None, "program": hlo.summary(text), "roofline": line}
 
 
 def main(argv: list[str]) -> None:
