@@ -36,7 +36,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from tinyjax import cli, compare  # noqa: E402
-from tinyjax.runtime import metrics, results
+from tinyjax.runtime import metrics, results, workdir as workdir_files
 
 
 def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
@@ -59,7 +59,7 @@ class Run:
     self.row = compare.load_ours(workdir)  # writes speedrun_results.json if missing
     with open(os.path.join(workdir, results.RESULTS_FILE)) as f:
       self.info = json.load(f)["runs"][0]["run_info"]
-    with open(os.path.join(workdir, "config.json")) as f:
+    with open(os.path.join(workdir, workdir_files.CONFIG)) as f:
       self.config = json.load(f)
     self.rows = metrics.read(workdir)
 

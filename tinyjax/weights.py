@@ -191,9 +191,9 @@ def load_run(workdir: str, step: int | None = None, cache_dir: str | None = None
 
   from tinyjax.runtime import workdir as workdirs  # noqa: PLC0415
   if workdirs.is_remote(workdir):  # gs://...: Orbax reads the bucket's checkpoints in place
-    directory = f"{workdir.rstrip('/')}/checkpoints"
+    directory = f"{workdir.rstrip('/')}/{workdirs.CHECKPOINTS}"
   else:
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = os.path.join(os.path.abspath(workdir), workdirs.CHECKPOINTS)
   if not workdirs.is_remote(workdir) and not os.path.isdir(directory):
     raise ConfigError(f"{workdir}: no checkpoints/ directory (is it a tinyjax workdir with checkpoint.enabled?)")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None)

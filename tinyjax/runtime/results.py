@@ -18,9 +18,9 @@ import json
 import os
 
 from tinyjax import flops
-from tinyjax.runtime import metrics
+from tinyjax.runtime import metrics, workdir as workdirs
 
-RESULTS_FILE = "speedrun_results.json"
+RESULTS_FILE = workdirs.RESULTS
 PALOMA_C4_EN = "paloma/c4_en"  # the leaderboard's eval set: W&B summary key eval/paloma/c4_en/bpb
 MARIN_BPB_KEY = f"eval/{PALOMA_C4_EN}/bpb"
 PEAK_SOURCE = ("tinyjax.flops.PEAK_FLOPS: Marin lib/fray/src/fray/cluster/device_flops.py, "
@@ -103,11 +103,11 @@ def _timestamp(path: str) -> str:
 
 def run_info(workdir: str) -> dict:
   """The run_info dict of speedrun_results.json for one workdir."""
-  for name in ("config.json", "run_info.json"):
+  for name in (workdirs.CONFIG, workdirs.RUN_INFO):
     if not os.path.exists(os.path.join(workdir, name)):
       raise FileNotFoundError(f"{workdir}: not a tinyjax workdir (no {name})")
-  cfg = _load_json(os.path.join(workdir, "config.json"))
-  info = _load_json(os.path.join(workdir, "run_info.json"))
+  cfg = _load_json(os.path.join(workdir, workdirs.CONFIG))
+  info = _load_json(os.path.join(workdir, workdirs.RUN_INFO))
   try:
     return _run_info(workdir, cfg, info)
   except (KeyError, TypeError) as e:
@@ -149,7 +149,7 @@ def _run_info(workdir: str, cfg: dict, info: dict) -> dict:
       "num_devices": devices, "num_chips": devices, "device_flops": peak, "training_time": training_time,
       "training_hardware_flops": None if peak is None or training_time is None else training_time * devices * peak,
       "run_completion_timestamp": _timestamp(os.path.join(workdir, metrics.FILE) if rows else
-                                             os.path.join(workdir, "run_info.json")),
+                                             os.path.join(workdir, workdirs.RUN_INFO)),
       "wandb_run_link": None,
   }
   if PALOMA_C4_EN in evals:
