@@ -88,6 +88,8 @@ def test_background_noise_filter_drops_only_what_main_reports_itself(monkeypatch
     _LateCallback(RuntimeError("something else"))
     full = OSError(errno.ENOSPC, "No space left on device")
     logging.getLogger("absl").error("save failed", exc_info=(OSError, full, None))
+    # Orbax's own account of a multi-process stop came before tinyjax's one line (the stop's step is in that line)
+    logging.getLogger("absl").warning("[process=%s][thread=%s] Reached preemption sync point, step=%s", 1, "Main", 5)
     logging.getLogger("orbax").error("a different failure")
   finally:
     undo()

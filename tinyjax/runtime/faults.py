@@ -133,14 +133,18 @@ def disk_full_reason(exc: BaseException | None) -> str | None:
   return None
 
 
+# Orbax's WARNING on every process of a multi-process stop, relayed before tinyjax's one line, which names the step.
+_SAID_BY_US = "Reached preemption sync point"
+
+
 def quiet_background_noise():
   """Keeps a failed checkpoint write to the one line main prints (measured before: 806 lines, 55 tracebacks).
 
   Orbax logs each failed write of its background threads with a traceback, and tensorstore's late callbacks print
   "Event loop is closed" (through sys.unraisablehook) once Orbax has closed their event loop. A full disk always
   reaches the main thread too (the save's wait raises it, then faults.DiskFull), so those log records are dropped;
-  the event-loop ones are never actionable. Everything else passes through unchanged. Returns a function that undoes
-  it (tests).
+  the event-loop ones are never actionable; Orbax's "Reached preemption sync point" is said by tinyjax's stop line.
+  Everything else passes through unchanged. Returns a function that undoes it (tests).
   """
   previous = sys.unraisablehook
 
@@ -153,7 +157,7 @@ def quiet_background_noise():
 
   def keep(record: logging.LogRecord) -> bool:
     return not (disk_full_reason(record.exc_info[1] if record.exc_info else None)
-                or _reason_in_text(record.getMessage()))
+                or _reason_in_text(record.getMessage()) or _SAID_BY_US in record.getMessage())
   # multiprocessing's resource tracker (a process of its own, started with this process's -W options) warns about
   # "leaked semaphore objects" after a parent that died abruptly (kill -9, or the stop-signal backstop): it cleans
   # them up itself, so the warning is noise on the one-line exit.
@@ -332,6 +336,17 @@ def handling_signals(during_setup: str | None = None, grace_s: float | None = No
   finally:
     _ACTIVE.restore()
     _ACTIVE = None
+
+
+def handle_signals_for_life(during_setup: str | None = None, grace_s: float | None = None) -> Signals:
+  """A program's Signals, installed at its first line and never restored: restored at the end, a stop signal while
+  the interpreter exits (the run complete, Orbax's and JAX's teardown still running) met the default action and
+  killed the finished run (exit 129/143, measured by benchmarks.chaos). Now it is recorded and the program ends with
+  its own code; a second one still exits at once."""
+  global _ACTIVE
+  _ACTIVE = Signals(*([during_setup] if during_setup else []), grace_s=grace_s)
+  _ACTIVE.install()
+  return _ACTIVE
 
 
 def forked(child: bool) -> None:
