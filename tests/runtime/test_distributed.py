@@ -40,6 +40,10 @@ if what == "crash":  # an abort that is not JAX's lost-peer report
 if what == "oom_killed":  # the kernel's OOM killer (or kill -9) takes the trainer, not its supervisor
   os.write(2, {NATIVE_WARNING!r})
   os.kill(os.getpid(), signal.SIGKILL)
+if what == "stop":  # a SIGHUP re-sent as SIGTERM to JAX's preemption notifier, then the checkpoint and exit 75
+  os.write(2, b"W1207 23:57:39.266022   13822 preemption_notifier.cc:90] SIGTERM caught at 2026-12-07T23:57:39+00:00\\n")
+  print("tinyjax: stopped by SIGHUP at step 8; checkpoint written, rerun to resume", file=sys.stderr)
+  sys.exit(75)
 if what == "exit3":
   os.write(2, {NATIVE_WARNING!r})
   print("tinyjax: diverged: non-finite loss at step 7", file=sys.stderr)
@@ -82,6 +86,13 @@ def test_a_trainer_killed_by_sigkill_is_one_line_and_the_supervisor_dies_of_sigk
   shell = subprocess.run(["sh", "-c", f"{sys.executable} -c \"$0\" oom_killed; echo $?", CHILD], capture_output=True,
                          text=True, timeout=120, env=child_env(), cwd=repo, check=False)
   assert shell.stdout == "137\n", (shell.stdout, shell.stderr)
+
+
+def test_a_stop_is_the_one_line_without_jaxs_notice_before_it(supervised):
+  """Measured by benchmarks.chaos: JAX's notifier line came before tinyjax's own on a multi-process stop."""
+  p = supervised("stop")
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 75 and err == "tinyjax: stopped by SIGHUP at step 8; checkpoint written, rerun to resume\n", err
 
 
 @pytest.mark.slow
