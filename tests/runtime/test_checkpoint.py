@@ -9,21 +9,29 @@ import pytest
 
 
 @pytest.mark.slow  # a rerun (~8 s on 2 cores)
+@pytest.mark.parametrize("results", ["missing", "stale"])
 def test_rerun_finishes_records_a_stop_after_the_final_checkpoint_left(reference_run, train_run, small_cfg, rows,
-                                                                         final_sha, tmp_path):
-  """Killed after the final checkpoint was committed but before the end-of-run records: the rerun writes them."""
+                                                                         final_sha, tmp_path, results):
+  """Killed after the final checkpoint was committed but before the end-of-run records: the rerun writes them.
+  stale: speedrun_results.json written while run_info.json said "preempted" (a stop at the final step; found by
+  benchmarks.chaos: before, it kept that status for good)."""
   w = tmp_path / "w"
   shutil.copytree(reference_run, w)
   full = rows(reference_run)
   with open(w / "metrics.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in full if "param_sha256" not in r)
+  doc = json.loads((w / "speedrun_results.json").read_text())
+  assert doc["runs"][0]["run_info"]["tinyjax"]["status"] == "completed"
   os.remove(w / "speedrun_results.json")
+  if results == "stale":
+    doc["runs"][0]["run_info"]["tinyjax"]["status"] = "preempted"
+    (w / "speedrun_results.json").write_text(json.dumps(doc))
   info = json.loads((w / "run_info.json").read_text())
   (w / "run_info.json").write_text(json.dumps({**info, "status": "running"}))
   train_run(small_cfg(), w)
   assert final_sha(w) == [r["param_sha256"] for r in full if "param_sha256" in r]
   assert json.loads((w / "run_info.json").read_text())["status"] == "completed"
-  assert (w / "speedrun_results.json").exists()
+  assert json.loads((w / "speedrun_results.json").read_text())["runs"][0]["run_info"]["tinyjax"]["status"] == "completed"
 
 
 @pytest.mark.slow  # two runs (~15 s on 2 cores)

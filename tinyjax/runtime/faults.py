@@ -2,6 +2,7 @@
 divergence records and loss-spike warnings; and worker processes that end with their parent."""
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import dataclasses
@@ -94,8 +95,9 @@ def ending(exc: BaseException, where: str = "") -> Ending | None:
   full = in_chain(exc, DiskFull)  # e.g. a failed save, then run_info.json's write failing too
   if full is not None:
     return Ending("disk_full", EXIT_USAGE, f"tinyjax: error: {full}", now=True)
-  if isinstance(exc, Preempted):
-    return Ending("preempted", EXIT_PREEMPTED, f"tinyjax: {exc}")
+  if isinstance(exc, Preempted):  # stopped alone in setup, several processes: JAX's exit would wait for the others
+    alone = isinstance(exc, StoppedInSetup) and _distributed()
+    return Ending("preempted", EXIT_PREEMPTED, f"tinyjax: {exc}", now=alone)
   if isinstance(exc, Diverged):
     return Ending("diverged", EXIT_DIVERGED, f"tinyjax: diverged: {exc}")
   if isinstance(exc, CompileFailed):  # the child's traceback is the story; the parent's would only hide it
@@ -107,6 +109,11 @@ def ending(exc: BaseException, where: str = "") -> Ending | None:
                   f"{getattr(exc, 'filename', None) or where}: free space and rerun (it resumes from the last "
                   "checkpoint)", now=True)
   return None
+
+
+def _distributed() -> bool:
+  import jax  # noqa: PLC0415
+  return jax.distributed.is_initialized()
 
 
 def in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
@@ -346,7 +353,16 @@ def handle_signals_for_life(during_setup: str | None = None, grace_s: float | No
   global _ACTIVE
   _ACTIVE = Signals(*([during_setup] if during_setup else []), grace_s=grace_s)
   _ACTIVE.install()
+  atexit.register(_ignore_stop_signals)  # registered first, so it runs after every other exit handler
   return _ACTIVE
+
+
+def _ignore_stop_signals() -> None:
+  """The last exit handler: Python's finalization then resets every handler it installed to the default action
+  (CPython's _PySignal_Fini; an ignored signal stays ignored), and a signal in those last milliseconds killed a
+  finished run (exit 129, measured by benchmarks.chaos). Until here a second signal still exits at once."""
+  for s in STOP_SIGNALS:
+    signal.signal(s, signal.SIG_IGN)
 
 
 def forked(child: bool) -> None:
