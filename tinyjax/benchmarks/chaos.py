@@ -434,13 +434,17 @@ def main(argv: list[str] | None = None) -> int:
       print("chaos: cannot mount a tmpfs here (needs root): no disk_full faults", flush=True)
   # The first run builds the token cache and fills the XLA cache; the second, the reference, starts as every
   # restart does, and its time to the first step bounds the "setup" moments.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # the cleanups below run
   for name in ("warmup", "reference"):
     ref_dir = os.path.join(opts.root, name)
     run = Run(run_args(ref_dir, opts.cache, opts.xla, opts.steps, opts.processes), opts.processes, ref_dir)
-    while run.running() and _last_step(ref_dir) < 1:
-      time.sleep(0.01)
-    setup_s = time.monotonic() - run.started
-    codes = run.wait(RUN_TIMEOUT_S)
+    try:
+      while run.running() and _last_step(ref_dir) < 1:
+        time.sleep(0.01)
+      setup_s = time.monotonic() - run.started
+      codes = run.wait(RUN_TIMEOUT_S)
+    finally:
+      run.kill()
     if codes != [0] * opts.processes:
       print(f"chaos: the uninterrupted run failed: exit {codes}: {run.stderr()[0][-2000:]}", file=sys.stderr)
       return 1
@@ -452,7 +456,6 @@ def main(argv: list[str] | None = None) -> int:
   print(f"chaos: {opts.processes} process(es), {opts.steps} steps, seed {opts.seed}, faults {', '.join(kinds)}; "
         f"reference run ready after {time.monotonic() - began:.0f}s (setup {setup_s:.1f}s) in {opts.root}", flush=True)
   rng, failed = random.Random(opts.seed), {}
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # trial()'s cleanup runs
   for i in range(opts.trials):
     diff, account = trial(i, rng, ref, opts, kinds, max(1.0, setup_s))
     print(f"{account} -> {'identical' if not diff else 'DIFFERS'}", flush=True)
