@@ -432,26 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
       kinds.remove("disk_full")
       print("chaos: cannot mount a tmpfs here (needs root): no disk_full faults", flush=True)
-  # The first run builds the token cache and fills the XLA cache; the second, the reference, starts as every
-  # restart does, and its time to the first step bounds the "setup" moments.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # the cleanups below run
-  for name in ("warmup", "reference"):
-    ref_dir = os.path.join(opts.root, name)
-    run = Run(run_args(ref_dir, opts.cache, opts.xla, opts.steps, opts.processes), opts.processes, ref_dir)
-    try:
-      while run.running() and _last_step(ref_dir) < 1:
-        time.sleep(0.01)
-      setup_s = time.monotonic() - run.started
-      codes = run.wait(RUN_TIMEOUT_S)
-    finally:
-      run.kill()
-    if codes != [0] * opts.processes:
-      print(f"chaos: the uninterrupted run failed: exit {codes}: {run.stderr()[0][-2000:]}", file=sys.stderr)
-      return 1
-  shutil.rmtree(os.path.join(opts.root, "warmup"), ignore_errors=True)
-  ref = records(ref_dir)
-  if ref["problems"]:
-    print(f"chaos: the uninterrupted run's records: {ref['problems']}", file=sys.stderr)
+  ref, setup_s = reference(opts)
+  if ref is None:
     return 1
   print(f"chaos: {opts.processes} process(es), {opts.steps} steps, seed {opts.seed}, faults {', '.join(kinds)}; "
         f"reference run ready after {time.monotonic() - began:.0f}s (setup {setup_s:.1f}s) in {opts.root}", flush=True)
@@ -467,6 +450,30 @@ def main(argv: list[str] | None = None) -> int:
   for i, diff in failed.items():
     print(f"trial {i}: " + " | ".join(diff))
   return 0 if not failed else 1
+
+
+def reference(opts) -> tuple[dict | None, float]:
+  """The uninterrupted run's records and its time to the first step. The first run builds the token cache and fills
+  the XLA cache; the second, the reference, starts as every restart does, so its setup bounds the "setup" moments."""
+  for name in ("warmup", "reference"):
+    ref_dir = os.path.join(opts.root, name)
+    run = Run(run_args(ref_dir, opts.cache, opts.xla, opts.steps, opts.processes), opts.processes, ref_dir)
+    try:
+      while run.running() and _last_step(ref_dir) < 1:
+        time.sleep(0.01)
+      setup_s = time.monotonic() - run.started
+      codes = run.wait(RUN_TIMEOUT_S)
+    finally:
+      run.kill()
+    if codes != [0] * opts.processes:
+      print(f"chaos: the uninterrupted run failed: exit {codes}: {run.stderr()[0][-2000:]}", file=sys.stderr)
+      return None, 0.0
+  shutil.rmtree(os.path.join(opts.root, "warmup"), ignore_errors=True)
+  ref = records(ref_dir)
+  if ref["problems"]:
+    print(f"chaos: the uninterrupted run's records: {ref['problems']}", file=sys.stderr)
+    return None, 0.0
+  return ref, setup_s
 
 
 if __name__ == "__main__":
