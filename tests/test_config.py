@@ -136,6 +136,8 @@ PARSER = [
     (["--config={tiny}", "--config.model.hidden_dim=abc"], "hidden_dim"),
     (["--config={tiny}", "stray"], "unexpected argument 'stray'"),
     (["--config={tiny}", "--config.env.platform=tpu"], "config.env.platform='tpu'"),
+    # With libtpu and the CUDA plugin installed ([test] extras), loading them printed 3 lines before this one.
+    (["--config={tiny}", "--config.env.platform=potato"], "config.env.platform='potato' is invalid: allowed: cpu"),
     pytest.param(["--config={tiny}", "--config.env.xla_flags=('--xla_bogus_flag=1',)"], "unknown XLA flag --xla_bogus_flag=1",
                  marks=pytest.mark.slow),  # starts JAX (~3 s)
     pytest.param(["--config={tiny}", "--config.optimizer.warmup=600"], "config.optimizer.warmup=600",

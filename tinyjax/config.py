@@ -6,6 +6,7 @@ Field names follow Marin/Levanter (LlamaConfig, SimpleTrainConfig, MuonConfig/Ad
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections as mlc
 from ml_collections import config_dict
@@ -293,6 +294,35 @@ def validate(cfg, num_devices: int | None = None) -> None:
   _validate_budget(cfg)
   if num_devices is not None:
     _validate_devices(cfg, num_devices)
+
+
+def validate_platform(platform: str | None) -> None:
+  """config.env.platform names backends JAX knows; checked before JAX loads its plugins, because libtpu and the CUDA
+  plugin print lines of their own when loaded (absl's "All log messages before absl::InitializeLog()", "Could not
+  find cuda drivers", ...), and a user mistake is one line. A name only an installed plugin registers (say a vendor's
+  PJRT plugin) is looked up by loading the plugins with their output held back, and given back if it is known."""
+  names = [p.strip() for p in (platform or "").split(",") if p.strip()]
+  if not names:
+    return
+  from jax._src import xla_bridge  # noqa: PLC0415 - private, checked on jax 0.10.2: the registry JAX itself checks
+  if set(names) <= xla_bridge.known_platforms():  # cpu, tpu, cuda, rocm, gpu, ... before any plugin is loaded
+    return
+  import tempfile  # noqa: PLC0415
+  with tempfile.TemporaryFile() as held:
+    saved = os.dup(2)
+    os.dup2(held.fileno(), 2)
+    try:
+      xla_bridge._discover_and_register_pjrt_plugins()  # noqa: SLF001 - what the backend's start would do first
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+    unknown = [n for n in names if n not in xla_bridge.known_platforms()]
+    if not unknown:
+      held.seek(0)
+      os.write(2, held.read())
+      return
+  _require(False, "env.platform", f"allowed: {', '.join(sorted(xla_bridge.known_platforms()))}, or several in "
+           f"order of preference separated by commas ({unknown[0]!r} is no backend JAX knows)", platform)
 
 
 def _validate_model(m) -> None:

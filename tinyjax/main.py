@@ -1,14 +1,18 @@
 """Entry point: python -m tinyjax.main --config=configs/NAME.py [--config.group.key=value ...] [--workdir=DIR]."""
 from __future__ import annotations
 
-import json
-import os
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from tinyjax import cli, config
 from tinyjax.runtime import faults
+
+if __name__ == "__main__":  # before the imports below (~1 s): a stop signal from here on is one line and exit 75
+  faults.handle_signals_for_life(grace_s=faults.SETUP_GRACE_S)
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from tinyjax import cli, config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdir/<config name>).")
@@ -28,6 +32,7 @@ def main(argv: list[str]) -> None:
   from tinyjax import env  # imports jax; applying the env must precede any backend use
   workdir = _WORKDIR.value
   try:
+    config.validate_platform(cfg.env.platform)  # before JAX loads its plugins (they print lines of their own)
     env_record = env.apply(cfg.env)
     from tinyjax.runtime import distributed  # after the env (XLA reads it at backend start), before any device use
     env_record["distributed"] = distributed.initialize(cfg.distributed)
@@ -53,5 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  with faults.handling_signals(grace_s=faults.SETUP_GRACE_S):  # from the first moment: one line and exit 75
-    app.run(main, flags_parser=cli.parse_config_flags)
+  app.run(main, flags_parser=cli.parse_config_flags)

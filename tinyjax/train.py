@@ -255,8 +255,9 @@ def _loop(s: Setup) -> tuple[Any, dict]:
 
 def _finish(s: Setup, state, last: dict) -> dict:
   """The one end of a completed run, whether it just finished or a rerun found it complete: whatever of its records
-  is missing is written (the final param_sha256 row, speedrun_results.json), run_info.json is marked "completed"
-  last, and a remote workdir is pushed."""
+  is missing is written (the final param_sha256 row), run_info.json is marked "completed", then speedrun_results.json
+  is written from it (missing, or written before the run was complete: a stop at the final step once left its status
+  "preempted" for good, measured by benchmarks.chaos), and a remote workdir is pushed."""
   workdir, total = s.wd.local, s.total
   if jax.process_index() == 0:
     rows = metrics.read(workdir)
@@ -264,11 +265,12 @@ def _finish(s: Setup, state, last: dict) -> dict:
       digest = params_sha256(state.params)
       metrics.append(workdir, {"step": total, "param_sha256": digest})
       print(f"step {total}/{total} | param_sha256 {digest}", flush=True)
-    if not os.path.exists(os.path.join(workdir, workdirs.RESULTS)):
-      results.write_results(workdir)  # Marin-schema speedrun_results.json
     saved = workdirs.read_json(workdir, workdirs.RUN_INFO)
     if not saved or saved.get("status") != "completed":
       record.finish(workdir, saved or record.start(workdir, s.cfg, s.info), "completed")
+    written = workdirs.read_json(workdir, workdirs.RESULTS) or {}
+    if [r.get("run_info", {}).get("tinyjax", {}).get("status") for r in written.get("runs", [])] != ["completed"]:
+      results.write_results(workdir)  # Marin-schema speedrun_results.json (workdir.status: "incomplete" until then)
   s.wd.push()
   return last
 

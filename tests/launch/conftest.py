@@ -42,6 +42,8 @@ elif queued and "create" in args:  # as the API: one queued resource per name
   open(exists, "w").close()
 elif queued and "delete" in args and os.path.exists(exists):
   os.remove(exists)
+elif "start" in args:  # a STOPPED node: FAKE_START_RC=1 plays one that cannot be started (e.g. Spot)
+  sys.exit(int(os.environ.get("FAKE_START_RC", "0")))
 elif "ssh" in args and any("tinyjax.main" in a for a in args):
   sys.exit(int(pop(os.environ["FAKE_RUN_RCS"], "0")))
 '''

@@ -1,5 +1,5 @@
 """tinyjax.launch.slurm against the fake sbatch / srun / scontrol of conftest.py: the sbatch script's header and
-submission, per-GPU and per-node steps, requeue on exit 75, the time-limit signal, dry runs and the preflight."""
+submission, per-GPU and per-node steps, requeue on exit 75 and 4, the time-limit signal, dry runs and the preflight."""
 import os
 import subprocess
 import time
@@ -63,6 +63,16 @@ def test_sbatch_per_gpu_step_and_requeue_on_exit_75(fake, tmp_path):
   r = _run_script(script, FAKE_RC="1")
   assert r.returncode == 1
   assert sum(c["argv"] == ["requeue", "4242"] for c in fake.calls()) == 1, "a crash is not requeued"
+
+
+def test_sbatch_requeues_a_step_that_lost_a_host(fake, tmp_path):
+  """Exit 4: a node (or one task's process) of the step was lost and the others left; a rerun resumes, as after 75
+  (before: only 75 was requeued, and the job ended)."""
+  _, script = _submit(tmp_path, "--nodes=2", "--gpus-per-node=4")
+  r = _run_script(script, FAKE_RC="4")
+  assert r.returncode == 4, r.stderr
+  assert [c["argv"] for c in fake.calls() if c["prog"] == "scontrol"][-1] == ["requeue", "4242"]
+  assert "training step exited with code 4" in r.stdout
 
 
 def test_sbatch_per_node_passes_the_coordinator(fake, tmp_path, monkeypatch):

@@ -94,6 +94,25 @@ def test_babysitter_recreates_after_preemption(fake):
   assert sleeps == [5, 5]
 
 
+@pytest.mark.parametrize("start_rc", [0, 1], ids=["started", "recreated"])
+def test_babysit_starts_a_stopped_node_or_recreates_it_and_resumes_the_run(fake, monkeypatch, start_rc):
+  """Before: a STOPPED node was waited on forever (no state but READY, dead or absent was acted on)."""
+  monkeypatch.setenv("FAKE_START_RC", str(start_rc))
+  # the run dies as the node is stopped (ssh 255) -> STOPPED: start it (or, failing that, delete and create it) ->
+  # STARTING/CREATING -> READY: setup again, the same run command -> resumes, finishes
+  fake.set(["READY", "STOPPED", "STOPPED", "STARTING", "READY"], [255, 0])
+  t = C.Tpu("tj", "us-central2-b", "v4-16")
+  assert tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=3, poll_s=5, sleep=lambda s: None) == 0
+  recovery = [("tpu-vm", "start")] + ([("tpu-vm", "delete"), ("tpu-vm", "create")] if start_rc else [])
+  assert _steps(fake.calls()) == [("tpu-vm", "describe"), ("ssh", "setup"), ("ssh", "run"), ("tpu-vm", "describe"),
+                                  ("tpu-vm", "describe"), *recovery, ("tpu-vm", "describe"), ("tpu-vm", "describe"),
+                                  ("ssh", "setup"), ("ssh", "run")]
+  start = next(c for c in fake.calls() if c[3] == "start")
+  assert start[2:] == ["tpu-vm", "start", "tj", "--zone=us-central2-b"]
+  runs = [c for c in fake.calls() if c[3] == "ssh" and "tinyjax.main" in c[-1]]
+  assert runs[0] == runs[1], "the same command is rerun; the workdir's checkpoint resumes it"
+
+
 def test_babysitter_reruns_exit_75_and_stops_on_a_real_failure(fake):
   t = C.Tpu("tj", "z")
   fake.set(["READY"], [75, 75, 0])  # maintenance SIGTERM: checkpointed and exited 75 on a VM that stays READY

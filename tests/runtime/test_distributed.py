@@ -4,6 +4,8 @@ The trainers' own lost-host exits are in test_distributed_processes.py."""
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -28,9 +30,20 @@ what = sys.argv[1]
 if what == "jax_abort":
   os.write(2, {JAX_ABORT!r})
   os.abort()
+if what == "jax_abort_segv":  # the abort overtaken by a crash of another thread (an Orbax save in flight)
+  os.write(2, {JAX_ABORT!r})
+  signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+  os.kill(os.getpid(), signal.SIGSEGV)
 if what == "crash":  # an abort that is not JAX's lost-peer report
   os.write(2, {NATIVE_WARNING!r})
   os.abort()
+if what == "oom_killed":  # the kernel's OOM killer (or kill -9) takes the trainer, not its supervisor
+  os.write(2, {NATIVE_WARNING!r})
+  os.kill(os.getpid(), signal.SIGKILL)
+if what == "stop":  # a SIGHUP re-sent as SIGTERM to JAX's preemption notifier, then the checkpoint and exit 75
+  os.write(2, b"W1207 23:57:39.266022   13822 preemption_notifier.cc:90] SIGTERM caught at 2026-12-07T23:57:39+00:00\\n")
+  print("tinyjax: stopped by SIGHUP at step 8; checkpoint written, rerun to resume", file=sys.stderr)
+  sys.exit(75)
 if what == "exit3":
   os.write(2, {NATIVE_WARNING!r})
   print("tinyjax: diverged: non-finite loss at step 7", file=sys.stderr)
@@ -48,8 +61,9 @@ def supervised(run_program):
   return lambda what: run_program(what, code=CHILD, popen=True)
 
 
-def test_jax_abort_for_a_lost_peer_is_one_line_and_exit_4_with_the_report_kept(supervised):
-  p = supervised("jax_abort")
+@pytest.mark.parametrize("what", ["jax_abort", "jax_abort_segv"])
+def test_jax_abort_for_a_lost_peer_is_one_line_and_exit_4_with_the_report_kept(supervised, what):
+  p = supervised(what)
   out, err = p.communicate(timeout=120)
   lines = err.splitlines()
   assert p.returncode == faults.EXIT_LOST_HOST and len(lines) == 1, (p.returncode, err)
@@ -59,6 +73,26 @@ def test_jax_abort_for_a_lost_peer_is_one_line_and_exit_4_with_the_report_kept(s
   with open(report, "rb") as f:
     assert f.read() == JAX_ABORT  # nothing lost: the console got one line, the file has JAX's own words
   os.remove(report)
+
+
+def test_a_trainer_killed_by_sigkill_is_one_line_and_the_supervisor_dies_of_sigkill(supervised, child_env, repo):
+  """Before: signal.signal(SIGKILL, SIG_DFL) raised OSError in the supervisor: a 24-line traceback and exit 1."""
+  p = supervised("oom_killed")
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == -signal.SIGKILL, (p.returncode, err)  # the shell's 128 + 9 = 137, as if it were the trainer
+  assert err == NATIVE_WARNING.decode() + (
+      "tinyjax: error: process 0 of 2: the trainer was killed by SIGKILL (the kernel's out-of-memory killer, or kill "
+      "-9); exiting with code 137 (rerun the same command to resume from the last checkpoint)\n"), err
+  shell = subprocess.run(["sh", "-c", f"{sys.executable} -c \"$0\" oom_killed; echo $?", CHILD], capture_output=True,
+                         text=True, timeout=120, env=child_env(), cwd=repo, check=False)
+  assert shell.stdout == "137\n", (shell.stdout, shell.stderr)
+
+
+def test_a_stop_is_the_one_line_without_jaxs_notice_before_it(supervised):
+  """Measured by benchmarks.chaos: JAX's notifier line came before tinyjax's own on a multi-process stop."""
+  p = supervised("stop")
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 75 and err == "tinyjax: stopped by SIGHUP at step 8; checkpoint written, rerun to resume\n", err
 
 
 @pytest.mark.slow

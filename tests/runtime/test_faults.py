@@ -88,9 +88,34 @@ def test_background_noise_filter_drops_only_what_main_reports_itself(monkeypatch
     _LateCallback(RuntimeError("something else"))
     full = OSError(errno.ENOSPC, "No space left on device")
     logging.getLogger("absl").error("save failed", exc_info=(OSError, full, None))
+    # Orbax's own account of a multi-process stop came before tinyjax's one line (the stop's step is in that line)
+    logging.getLogger("absl").warning("[process=%s][thread=%s] Reached preemption sync point, step=%s", 1, "Main", 5)
     logging.getLogger("orbax").error("a different failure")
   finally:
     undo()
   assert forwarded == ["something else"]
   assert [r.getMessage() for r in caplog.records] == ["a different failure"]
   assert sys.unraisablehook is not None and not logging.getLogger("absl").filters  # undone
+
+
+def test_a_stop_signal_while_a_finished_program_exits_is_ignored(run_program):
+  """benchmarks.chaos found a finished run killed by a SIGHUP 155 ms after its final checkpoint (exit 129): Python's
+  finalization resets the handlers it installed to the default action. The last exit handler now ignores them."""
+  code = """
+import atexit, signal
+atexit.register(lambda: print([signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGHUP, signal.SIGTERM)]))
+from tinyjax.runtime import faults
+faults.handle_signals_for_life(grace_s=faults.SETUP_GRACE_S)
+"""
+  proc = run_program(code=code, timeout=120)
+  assert proc.returncode == 0 and proc.stdout == "[True, True]\n", (proc.stdout, proc.stderr)
+
+
+def test_a_stop_in_setup_of_one_of_several_processes_leaves_at_once(monkeypatch):
+  """Alone in setup (a signal before the processes agree), a trainer's normal exit waited in JAX's shutdown for the
+  others and was then aborted for a lost peer: two lines and exit 4 (benchmarks.chaos, 2 processes). Now os._exit."""
+  monkeypatch.setattr(faults, "_distributed", lambda: True)
+  end = faults.ending(faults.StoppedInSetup("stopped by SIGHUP during setup"))
+  assert (end.code, end.now, end.line) == (75, True, "tinyjax: stopped by SIGHUP during setup")
+  monkeypatch.setattr(faults, "_distributed", lambda: False)
+  assert faults.ending(faults.StoppedInSetup("x")).now is False and faults.ending(faults.Preempted("y")).now is False

@@ -36,5 +36,5 @@ def main(argv) -> None:
 if __name__ == "__main__":
   from ml_collections import config_flags  # noqa: PLC0415  (the flag exists only when this runs as a program)
   config_flags.DEFINE_config_file("config", None, "Config file (configs/NAME.py).", lock_config=True)
-  with faults.handling_signals("while building the data caches; rerun to resume the build", faults.SETUP_GRACE_S):
-    app.run(main, flags_parser=cli.parse_config_flags)
+  faults.handle_signals_for_life("while building the data caches; rerun to resume the build", faults.SETUP_GRACE_S)
+  app.run(main, flags_parser=cli.parse_config_flags)

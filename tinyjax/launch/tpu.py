@@ -6,7 +6,8 @@ MAIN ARGS go unchanged to `python -m tinyjax.main` on every worker (--worker=all
   -- --config=configs/c4_50m.py --workdir=gs://BUCKET/runs/c4_50m
 On a slice each worker is one process; tinyjax.main's jax.distributed.initialize() finds the slice by itself.
 babysit: ensure the VM is READY (create it; when PREEMPTED/TERMINATED, or its queued resource SUSPENDED/FAILED, delete
-and recreate it; a queued request waiting for capacity is waited for), run setup after each (re)creation, run, and
+and recreate it; when STOPPED, start it, or recreate it if it will not start; a queued request waiting for capacity is
+waited for), run setup after each (re)creation, run, and
 after a preemption (the run fails and the VM is no longer READY; or tinyjax exits 75, or 4 for a lost host; or ssh
 drops, 255) do it again, at most --max-restarts times; tinyjax resumes from the workdir's latest checkpoint.
 Exit codes: the run's own (0 when it finished); 69 when no READY VM came within --ready-timeout-s (one line).
@@ -25,6 +26,7 @@ from tinyjax import cli
 from tinyjax.launch import commands as C
 
 DEAD_STATES = ("PREEMPTED", "TERMINATED")  # a node that will not come back: delete and recreate it
+STOPPED_STATES = ("STOPPED",)  # stopped (by a person, a script, ...): start it; one that will not start is recreated
 # Queued resources (QueuedResourceState.State): a request still waiting for capacity is left alone (a second
 # `create` fails with ALREADY_EXISTS); a spent one gives no node again (SUSPENDED: its Spot node was reclaimed and
 # deleted; FAILED: it stays so until deleted) and is deleted and queued anew. SUSPENDING, DELETING and ACTIVE
@@ -109,6 +111,8 @@ def next_action(t: C.Tpu, runner: Runner) -> tuple[str, str]:
     return "ready", "READY"
   if node in DEAD_STATES:
     return "recreate", f"node {node}"
+  if node in STOPPED_STATES:
+    return "start", f"node {node}"
   if node is None and not t.queued:
     return "create", "no node"
   return "wait", f"node {node or 'not created yet'}"
@@ -124,9 +128,14 @@ def ensure_ready(t: C.Tpu, runner: Runner, poll_s: float, timeout_s: float, slee
     if action == "ready":
       return created
     if what != seen:  # one line per change, not per poll
-      say(f"{t.name}: {what}" + {"recreate": ": deleting it to create it again", "create": ": creating it"}.get(
-          action, ""))
+      say(f"{t.name}: {what}" + {"recreate": ": deleting it to create it again", "create": ": creating it",
+                                  "start": ": starting it"}.get(action, ""))
       seen = what
+    if action == "start":
+      created = True  # setup runs again (idempotent): the disk kept the checkout, but maybe not all of it
+      if runner.call(C.start(t)) != 0:
+        say(f"starting {t.name} failed: deleting it to create it again")
+        action = "recreate"
     if action == "recreate":
       runner.call(C.delete(t))
     if action in ("create", "recreate"):

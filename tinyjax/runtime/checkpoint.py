@@ -4,7 +4,11 @@ A checkpoint holds the TrainState (params, optimizer state, step, bad-step count
 it was made with, the data position and the summed training time. The data order is a pure function of
 (data_seed, step), so the Grain position is the step (as Levanter's iter_from_step); there is no other RNG in the
 step. Orbax writes into `<step>.orbax-checkpoint-tmp` and renames when complete, so a kill mid-save leaves no
-checkpoint that `all_steps()` would return.
+checkpoint that `all_steps()` would return. Orbax deletes a checkpoint it drops (checkpoint.max_to_keep) file by file;
+a kill in the middle left a numbered folder half deleted (e.g. `30/state` only) that no later run removed. So a
+dropped checkpoint is renamed into `checkpoints/deleting/` first (Orbax's todelete_subdir: one atomic rename) and
+removed from there; a run also removes numbered folders older than the checkpoint it resumes from (or its final one)
+that are not complete checkpoints (left by a kill during an earlier Orbax's deletion).
 """
 from __future__ import annotations
 
@@ -28,6 +32,13 @@ TRAINING_KEY_PREFIXES = ("seed", "optimizer.", "train.train_batch_size", "train.
                          "train.z_loss_weight", "train.data_seed", "data.train_urls", "data.tokenizer", "data.text_key")
 
 
+DELETING = "deleting"  # checkpoints/deleting/: the checkpoints Orbax dropped, renamed there whole, then removed
+# What every complete checkpoint folder holds (orbax-checkpoint 0.12: the manager's _CHECKPOINT_METADATA, and a
+# commit_success.txt at its top and in each item); a kill while Orbax deleted one leaves some of them missing.
+COMPLETE = (("_CHECKPOINT_METADATA",), ("commit_success.txt",), ("state", "commit_success.txt"),
+            ("meta", "commit_success.txt"))
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():
@@ -44,9 +55,11 @@ class Checkpointer:
     self.cfg, k = cfg, cfg.checkpoint
     # directory: <workdir>/checkpoints, or a remote one (gs://...) for a remote workdir (workdir.py)
     self.directory = directory or os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.remote = "://" in self.directory
     options = ocp.CheckpointManagerOptions(
         max_to_keep=k.max_to_keep, keep_period=k.keep_period or None, enable_async_checkpointing=k.async_save,
-        cleanup_tmp_directories=True, create=True)
+        cleanup_tmp_directories=True, create=True, todelete_subdir=None if self.remote else DELETING)
+    self._remove_deleted()  # before the manager: a leftover would block Orbax's rename of the same step
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self.last_save_time = time.monotonic()
     self.last_step = self.manager.latest_step()
@@ -82,7 +95,7 @@ class Checkpointer:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)) + (1 << 20)
 
   def _free_bytes(self) -> int | None:
-    if "://" in self.directory or jax.process_count() > 1:  # remote, or several writers: Orbax's errors only
+    if self.remote or jax.process_count() > 1:  # remote, or several writers: Orbax's errors only
       return None
     os.makedirs(self.directory, exist_ok=True)
     return shutil.disk_usage(self.directory).free
@@ -193,6 +206,7 @@ class Checkpointer:
               flush=True)
         continue
       self._move_aside([s for s, _ in failed])
+      self._remove_incomplete(below=step)
       self.last_step = self.committed = step
       return restored.state, meta
     if failed and not self.cfg.checkpoint.start_over:
@@ -210,6 +224,28 @@ class Checkpointer:
     if os.path.isdir(self.directory):
       steps |= {int(n) for n in os.listdir(self.directory) if n.isdigit()}
     return sorted(steps)
+
+  def _remove_deleted(self) -> None:
+    """Removes checkpoints/deleting/ (process 0; never while a save, and so Orbax's renames into it, is in flight)."""
+    if jax.process_index() == 0 and not self.remote:
+      shutil.rmtree(os.path.join(self.directory, DELETING), ignore_errors=True)
+
+  def _remove_incomplete(self, below: int | None) -> None:
+    """Removes numbered folders older than `below` (a complete checkpoint) that are not complete checkpoints: what a
+    kill during Orbax's file-by-file deletion left. Unreadable folders newer than it are moved aside instead."""
+    if below is None or jax.process_index() != 0 or self.remote or not os.path.isdir(self.directory):
+      return
+    removed = []
+    for name in os.listdir(self.directory):
+      path = os.path.join(self.directory, name)
+      if name.isdigit() and int(name) < below and os.path.isdir(path) and not all(
+          os.path.exists(os.path.join(path, *part)) for part in COMPLETE):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(int(name))
+    if removed:
+      print(f"removed the incomplete (half-deleted) checkpoint folder(s) {sorted(removed)} in {self.directory}",
+            flush=True)
+      self.manager.reload()
 
   def _move_aside(self, steps: list[int]) -> None:
     if not steps or jax.process_index() != 0 or "://" in self.directory:
@@ -231,10 +267,23 @@ class Checkpointer:
       self.manager.check_for_errors()
     if self.pending is not None:
       self.committed, self.pending = self.pending, None
+    self._remove_deleted()
 
   def close(self) -> None:
     self.wait()
+    self._remove_incomplete(below=self.committed)
+    self._keep_only_retained()
     self.manager.close()
+
+  def _keep_only_retained(self) -> None:
+    """Drops what Orbax would have dropped after the newest save, had the run not been killed between that save's
+    commit and its deletions (a finished run saves no more, so nothing else would): max_to_keep newest, plus every
+    keep_period-th. Every process calls it (Orbax's delete holds a barrier); its list of steps is Orbax's own."""
+    k, steps = self.cfg.checkpoint, sorted(self.manager.all_steps())
+    for step in steps[:-k.max_to_keep]:
+      if not (k.keep_period and step % k.keep_period == 0):
+        self.manager.delete(step)
+    self._remove_deleted()
 
 
 def _mb(n: int) -> str:

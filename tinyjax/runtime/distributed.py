@@ -159,7 +159,14 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
 HOLD_S = 10.0
 _NATIVE_LINE = re.compile(rb"^(?:[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]|\*\*\* |Fatal Python error|"
                           rb"terminate called)")
+# JAX's preemption notifier logs each SIGTERM it catches ("W... preemption_notifier.cc:90] SIGTERM caught at ...");
+# the stop's one line says it, and the line was relayed before it (measured by benchmarks.chaos): dropped.
+_SAID_BY_TINYJAX = re.compile(rb"^[IW]\d{4} .*\bpreemption_notifier\.cc:\d+\] SIGTERM caught at ")
 _JAX_ABORT = ("JAX distributed service detected fatal errors", "heartbeat", "unhealthy", "coordination service")
+# How JAX's abort for a lost peer ends the trainer: SIGABRT (LOG(FATAL)). The survivor of a coordinator killed
+# mid-save was once seen to die of SIGSEGV instead, under load (not reproduced in 10 runs; another thread, e.g. the
+# save's, can touch the runtime the abort tears down): after JAX's report, a crash is the same lost host.
+_CRASHES = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS)
 
 
 def supervise(index: int | None, count: int | None) -> None:
@@ -238,6 +245,8 @@ class _Relay:
   def feed(self, chunk: bytes) -> None:
     *lines, self.partial = (self.partial + chunk).split(b"\n")
     for line in lines:
+      if _SAID_BY_TINYJAX.match(line):
+        continue
       if self.held or _NATIVE_LINE.match(line):
         self.held.append(line + b"\n")
         self.until = self.until or time.monotonic() + HOLD_S
@@ -255,13 +264,14 @@ class _Relay:
 def _exit_as(code: int, relay: _Relay, index: int | None, count: int | None) -> None:
   """Leaves with the child's exit code (or dies of its signal); a lost peer is exit 4 and one line."""
   held = relay.text()
-  lost = code == faults.EXIT_LOST_HOST or (code == -signal.SIGABRT and any(m in held for m in _JAX_ABORT))
+  lost = code == faults.EXIT_LOST_HOST or (-code in _CRASHES and any(m in held for m in _JAX_ABORT))
   if not lost:
     relay.release()
-    if code < 0:  # die of the same signal, as the child did
-      signal.signal(-code, signal.SIG_DFL)
-      os.kill(os.getpid(), -code)
-    os._exit(code if code >= 0 else 128 - code)
+    if code == -signal.SIGKILL:  # nothing of the trainer's can say why (no handler runs): the one line says it
+      _write(f"{killed_line(index, count)}\n".encode())
+    if code < 0:
+      _die_of(-code)
+    os._exit(code)
   ours = [line for line in held.splitlines() if line.startswith("tinyjax:")]
   report = _save_report(held) if held.strip() else None
   if not ours and code != faults.EXIT_LOST_HOST:  # JAX aborted before the trainer could say anything
@@ -269,6 +279,22 @@ def _exit_as(code: int, relay: _Relay, index: int | None, count: int | None) -> 
     ours = [lost_host_line(index, count, _abort_evidence(held, index) + saved)]
   _write("".join(f"{line}\n" for line in ours).encode())
   os._exit(faults.EXIT_LOST_HOST)
+
+
+def killed_line(index: int | None, count: int | None) -> str:
+  who = f"process {index} of {count}" if index is not None and count else "this process"
+  return (f"tinyjax: error: {who}: the trainer was killed by SIGKILL (the kernel's out-of-memory killer, or kill -9); "
+          f"exiting with code {128 + signal.SIGKILL} (rerun the same command to resume from the last checkpoint)")
+
+
+def _die_of(signum: int) -> None:
+  """Ends this process by the signal its trainer died of, so the shell sees the same (128 + N). SIGKILL and SIGSTOP
+  cannot have a handler (signal.signal raises OSError for them): they are sent as they are."""
+  if signum not in (signal.SIGKILL, signal.SIGSTOP):
+    signal.signal(signum, signal.SIG_DFL)
+  os.kill(os.getpid(), signum)
+  time.sleep(1.0)  # a blocked or ignored signal: leave with the shell's number for it instead
+  os._exit(128 + signum)
 
 
 def _abort_evidence(text: str, index: int | None) -> str:

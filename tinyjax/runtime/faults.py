@@ -2,6 +2,7 @@
 divergence records and loss-spike warnings; and worker processes that end with their parent."""
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import dataclasses
@@ -94,8 +95,9 @@ def ending(exc: BaseException, where: str = "") -> Ending | None:
   full = in_chain(exc, DiskFull)  # e.g. a failed save, then run_info.json's write failing too
   if full is not None:
     return Ending("disk_full", EXIT_USAGE, f"tinyjax: error: {full}", now=True)
-  if isinstance(exc, Preempted):
-    return Ending("preempted", EXIT_PREEMPTED, f"tinyjax: {exc}")
+  if isinstance(exc, Preempted):  # stopped alone in setup, several processes: JAX's exit would wait for the others
+    alone = isinstance(exc, StoppedInSetup) and _distributed()
+    return Ending("preempted", EXIT_PREEMPTED, f"tinyjax: {exc}", now=alone)
   if isinstance(exc, Diverged):
     return Ending("diverged", EXIT_DIVERGED, f"tinyjax: diverged: {exc}")
   if isinstance(exc, CompileFailed):  # the child's traceback is the story; the parent's would only hide it
@@ -107,6 +109,11 @@ def ending(exc: BaseException, where: str = "") -> Ending | None:
                   f"{getattr(exc, 'filename', None) or where}: free space and rerun (it resumes from the last "
                   "checkpoint)", now=True)
   return None
+
+
+def _distributed() -> bool:
+  import jax  # noqa: PLC0415
+  return jax.distributed.is_initialized()
 
 
 def in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
@@ -133,14 +140,18 @@ def disk_full_reason(exc: BaseException | None) -> str | None:
   return None
 
 
+# Orbax's WARNING on every process of a multi-process stop, relayed before tinyjax's one line, which names the step.
+_SAID_BY_US = "Reached preemption sync point"
+
+
 def quiet_background_noise():
   """Keeps a failed checkpoint write to the one line main prints (measured before: 806 lines, 55 tracebacks).
 
   Orbax logs each failed write of its background threads with a traceback, and tensorstore's late callbacks print
   "Event loop is closed" (through sys.unraisablehook) once Orbax has closed their event loop. A full disk always
   reaches the main thread too (the save's wait raises it, then faults.DiskFull), so those log records are dropped;
-  the event-loop ones are never actionable. Everything else passes through unchanged. Returns a function that undoes
-  it (tests).
+  the event-loop ones are never actionable; Orbax's "Reached preemption sync point" is said by tinyjax's stop line.
+  Everything else passes through unchanged. Returns a function that undoes it (tests).
   """
   previous = sys.unraisablehook
 
@@ -153,7 +164,7 @@ def quiet_background_noise():
 
   def keep(record: logging.LogRecord) -> bool:
     return not (disk_full_reason(record.exc_info[1] if record.exc_info else None)
-                or _reason_in_text(record.getMessage()))
+                or _reason_in_text(record.getMessage()) or _SAID_BY_US in record.getMessage())
   # multiprocessing's resource tracker (a process of its own, started with this process's -W options) warns about
   # "leaked semaphore objects" after a parent that died abruptly (kill -9, or the stop-signal backstop): it cleans
   # them up itself, so the warning is noise on the one-line exit.
@@ -332,6 +343,26 @@ def handling_signals(during_setup: str | None = None, grace_s: float | None = No
   finally:
     _ACTIVE.restore()
     _ACTIVE = None
+
+
+def handle_signals_for_life(during_setup: str | None = None, grace_s: float | None = None) -> Signals:
+  """A program's Signals, installed at its first line and never restored: restored at the end, a stop signal while
+  the interpreter exits (the run complete, Orbax's and JAX's teardown still running) met the default action and
+  killed the finished run (exit 129/143, measured by benchmarks.chaos). Now it is recorded and the program ends with
+  its own code; a second one still exits at once."""
+  global _ACTIVE
+  _ACTIVE = Signals(*([during_setup] if during_setup else []), grace_s=grace_s)
+  _ACTIVE.install()
+  atexit.register(_ignore_stop_signals)  # registered first, so it runs after every other exit handler
+  return _ACTIVE
+
+
+def _ignore_stop_signals() -> None:
+  """The last exit handler: Python's finalization then resets every handler it installed to the default action
+  (CPython's _PySignal_Fini; an ignored signal stays ignored), and a signal in those last milliseconds killed a
+  finished run (exit 129, measured by benchmarks.chaos). Until here a second signal still exits at once."""
+  for s in STOP_SIGNALS:
+    signal.signal(s, signal.SIG_IGN)
 
 
 def forked(child: bool) -> None:
