@@ -15,7 +15,7 @@ import pytest
 import export_support
 
 from tinyjax import cli, config, export, optim, step, train, weights
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.data import tokenizer as tokenizers
 from tinyjax.model import ModelConfig, Transformer
 

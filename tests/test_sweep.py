@@ -9,7 +9,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from tinyjax import sweep
+from tinyjax import errors, sweep
 from tinyjax.launch import commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +165,7 @@ def test_arguments_after_double_dash_reach_every_point(tmp_path, monkeypatch, ca
 def test_no_ready_tpu_vm_stops_the_sweep(tmp_path, monkeypatch):
   from tinyjax.launch import tpu  # noqa: PLC0415
   launched = []
-  monkeypatch.setattr(tpu, "main", lambda argv: launched.append(argv) or tpu.EXIT_NOT_READY)
+  monkeypatch.setattr(tpu, "main", lambda argv: launched.append(argv) or errors.EXIT_NOT_READY)
   rc = sweep.main([os.path.join(SWEEPS, "tiny.py"), "--launch", "tpu", "--root", "gs://b/t", "--", "--name=tj",
                    "--zone=z", "--repo=r"])
   assert rc == 69 and len(launched) == 1, "later points would wait for the same capacity"

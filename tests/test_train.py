@@ -6,8 +6,8 @@ import signal
 import numpy as np
 import pytest
 
-from tinyjax import config
-from tinyjax.runtime import faults, metrics
+from tinyjax import config, errors
+from tinyjax.runtime import metrics
 
 STEPS = 12
 
@@ -39,7 +39,7 @@ def uninterrupted(make_cfg, train_run, read_metrics, tmp_path_factory):
 
 @pytest.mark.slow
 def test_resume_is_bitwise_identical(make_cfg, train_run, read_metrics, tmp_path, uninterrupted):
-  with pytest.raises(faults.Preempted):
+  with pytest.raises(errors.Preempted):
     train_run(make_cfg(), tmp_path, stop_at=6)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"], "SIGTERM must checkpoint at the boundary"
   train_run(make_cfg(), tmp_path)
@@ -51,7 +51,7 @@ def test_resume_is_bitwise_identical(make_cfg, train_run, read_metrics, tmp_path
 
 @pytest.mark.slow
 def test_restore_onto_eight_devices(make_cfg, train_run, read_metrics, tmp_path, uninterrupted):
-  with pytest.raises(faults.Preempted):
+  with pytest.raises(errors.Preempted):
     train_run(make_cfg(), tmp_path, stop_at=6)
   train_run(make_cfg(**{"mesh.data": 8}), tmp_path)  # a 1-device checkpoint restored onto 8 devices
   losses, _, _ = read_metrics(tmp_path)
@@ -65,7 +65,7 @@ def test_restore_onto_eight_devices(make_cfg, train_run, read_metrics, tmp_path,
 def test_nan_stops_run_and_is_never_saved(make_cfg, train_run, read_metrics, tmp_path):
   cfg = make_cfg()
   cfg.checkpoint.save_interval_steps = 1
-  with pytest.raises(faults.Diverged, match="non-finite loss and grad_norm at step 5; .*last good checkpoint: step 4"):
+  with pytest.raises(errors.Diverged, match="non-finite loss and grad_norm at step 5; .*last good checkpoint: step 4"):
     train_run(cfg, tmp_path, nan_at=5)
   saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert max(saved) == 4, f"no checkpoint may be written at or after the bad step, got {saved}"
@@ -87,7 +87,7 @@ def test_skip_bad_steps_skips_and_counts(make_cfg, train_run, read_metrics, tmp_
 
 @pytest.mark.slow
 def test_mismatched_checkpoint_names_fields(make_cfg, train_run, tmp_path):
-  with pytest.raises(faults.Preempted):
+  with pytest.raises(errors.Preempted):
     train_run(make_cfg(), tmp_path, stop_at=2)
   with pytest.raises(config.ConfigError, match=r"model.hidden_dim \(checkpoint 32, config 64\).*"
                                                r"model.intermediate_dim \(checkpoint 64, config 128\)"):
@@ -96,7 +96,7 @@ def test_mismatched_checkpoint_names_fields(make_cfg, train_run, tmp_path):
 
 @pytest.mark.slow
 def test_corrupted_latest_falls_back(make_cfg, train_run, read_metrics, tmp_path, capsys, uninterrupted):
-  with pytest.raises(faults.Preempted):
+  with pytest.raises(errors.Preempted):
     train_run(make_cfg(), tmp_path, stop_at=6)
   for path in glob.glob(str(tmp_path / "checkpoints" / "6" / "state" / "**" / "*"), recursive=True):
     if os.path.isfile(path) and "ocdbt" in path or "/d/" in path:
@@ -136,7 +136,7 @@ def test_sigterm_exit_code_and_checkpoint(token_cache, run_program, tmp_path):
       proc.send_signal(signal.SIGTERM)
       break
   out, err = proc.communicate(timeout=120)
-  assert proc.returncode == faults.EXIT_PREEMPTED, err
+  assert proc.returncode == errors.EXIT_PREEMPTED, err
   assert err.strip().splitlines()[-1].startswith("tinyjax: stopped by SIGTERM at step ")
   saved = [s for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
   assert len(saved) == 1 and int(saved[0]) >= 3

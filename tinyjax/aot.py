@@ -19,9 +19,9 @@ import sys
 import tempfile
 import time
 
-from tinyjax.config import ConfigError
+from tinyjax import errors
+from tinyjax.errors import ConfigError
 from tinyjax.hardware import hlo, roofline, targets
-from tinyjax.runtime import faults
 
 # A compile-only child: CPU is the only backend it starts; no GCE metadata queries (libtpu would ask the metadata
 # server which TPU this VM is); no /tmp/libtpu_lockfile (it admits one libtpu process per machine, but compiles may
@@ -44,7 +44,7 @@ def plan(cfg, target: targets.Target, search: bool = True, hlo_dir: str = "") ->
   result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
   if result is None:
     tail = "\n".join(proc.stderr.strip().splitlines()[-25:])
-    raise faults.CompileFailed(f"compiling the train step for {target.name} failed (exit {proc.returncode}):\n{tail}")
+    raise errors.CompileFailed(f"compiling the train step for {target.name} failed (exit {proc.returncode}):\n{tail}")
   if "error" in result:
     raise ConfigError(result["error"])
   return result

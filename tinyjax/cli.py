@@ -8,6 +8,8 @@ import sys
 
 from absl import flags
 
+from tinyjax import errors
+
 
 def summary(doc: str) -> str:
   """A module docstring's first paragraph as one line: a program's --help description (its first line alone can
@@ -17,7 +19,7 @@ def summary(doc: str) -> str:
 
 def fail(message: str) -> None:
   print(f"tinyjax: error: {message}", file=sys.stderr)
-  sys.exit(2)  # faults.EXIT_USAGE (faults is not imported by every program)
+  sys.exit(errors.EXIT_USAGE)
 
 
 def _leave(message: str, code: int) -> None:
@@ -30,13 +32,13 @@ def _leave(message: str, code: int) -> None:
 
 
 def stop(e: Exception, where: str) -> None:
-  """Exits as faults.ending declares for the ways a run stops on purpose (one line and its exit code); returns for
+  """Exits as errors.ending declares for the ways a run stops on purpose (one line and its exit code); returns for
   anything else (a bug: the caller re-raises it)."""
   from tinyjax.runtime import distributed, faults  # noqa: PLC0415 - only the programs that train need them
-  end = faults.ending(e, where)
+  end = errors.ending(e, where)
   if end is None:
     return
-  if end.code == faults.EXIT_LOST_HOST:
+  if end.code == errors.EXIT_LOST_HOST:
     distributed.leave_lost_host(end.evidence)
   if end.now:
     _leave(end.line, end.code)

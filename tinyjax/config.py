@@ -11,6 +11,8 @@ import os
 import ml_collections as mlc
 from ml_collections import config_dict
 
+from tinyjax.errors import ConfigError  # noqa: F401 - config.ConfigError for the code that validates configs
+
 # Marin's vocabulary: len(marin-tokenizer) = Llama-3 tokenizer (experiments/llama.py llama3_tokenizer_vocab_size).
 MARIN_VOCAB_SIZE = 128_256
 # Chinchilla: 20 training tokens per (nominal) parameter; Marin computes steps as 20·P_nominal // (batch·seq).
@@ -84,10 +86,6 @@ def marin_speedrun(model: str, nominal_params: int, learning_rate: float, adam_l
   d.train_urls = ["hf://datasets/marin-community/fineweb-edu-pretokenized-10B/train"]
   d.validation_urls = {"paloma/c4_en": ["hf://datasets/allenai/paloma@65cd6fc/c4_en/val/val*.jsonl.gz"]}
   return c
-
-
-class ConfigError(ValueError):
-  """A user mistake in the config: the message names the key and what is allowed."""
 
 
 def base() -> mlc.ConfigDict:

@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.runtime import files
 
 RECORDED_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TPU_", "NCCL_", "CUDA_", "TF_")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyjax import cli, config
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.data import tokenizer as tokenizers
 from tinyjax.weights import Run, check_exportable, hf_config, load_run, safetensors_lib, to_hf
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tinyjax import cli, config, weights
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.model import ModelConfig, rms_norm, rope
 
 # Fixed prompts of the end-of-run samples: the tiny default trains on Python's documentation.

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from tinyjax import cli
+from tinyjax import cli, errors
 from tinyjax.launch import commands as C
 from tinyjax.runtime import metrics, workdir as workdirs
 
@@ -219,7 +219,7 @@ def train(config_path: str, run: Run, nats: float, warm_fraction: float, env=Non
   rows = metrics.read(run.workdir)
   total = _total_steps(run.workdir)
   stop = stop or nonfinite(rows) or blowup(rows, total, nats, warm_fraction)
-  if proc.returncode not in (0, 3, 75) or (proc.returncode != 0 and stop is None):
+  if proc.returncode not in (0, errors.EXIT_DIVERGED, errors.EXIT_PREEMPTED) or (proc.returncode != 0 and stop is None):
     _failed(run, proc.returncode)
   record = make_record(run, rows, total, stop)
   with open(os.path.join(run.workdir, RECORD), "w") as f:

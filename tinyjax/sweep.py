@@ -29,7 +29,7 @@ import shlex
 import subprocess
 import sys
 
-from tinyjax import cli
+from tinyjax import cli, errors
 from tinyjax.hardware import targets  # no jax: the preflight compiles run in child processes
 from tinyjax.launch import commands as C
 from tinyjax.runtime import workdir as workdirs
@@ -37,7 +37,7 @@ from tinyjax.runtime import workdir as workdirs
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHES = ("local", "tpu", "slurm", "print")
 # Stop the sweep (later points would meet the same): 75 preempted (checkpointed), 69 no READY TPU VM in time.
-STOP_CODES = (75, 69)
+STOP_CODES = (errors.EXIT_PREEMPTED, errors.EXIT_NOT_READY)
 REPORT_COLUMNS = ("status", "completed_steps", "planned_steps", "total_tokens", "final_train_loss", "eval_set",
                   "bpb", "training_time")
 

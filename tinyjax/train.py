@@ -17,12 +17,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from tinyjax import config, data, dynamics, evaluate, plan, sharding, step
+from tinyjax import config, data, dynamics, errors, evaluate, plan, sharding, step
 from tinyjax.runtime import (
   checkpoint,
   distributed,
   faults,
   files,
+  health,
   metrics,
   profile,
   record,
@@ -80,8 +81,8 @@ def _open_workdir(cfg, workdir: str) -> workdirs.Workdir:
 def run(cfg, workdir: str, env_record: dict) -> dict:
   """Trains cfg to completion in workdir (resuming if it holds a checkpoint); returns the final metrics row.
 
-  A SIGTERM/SIGINT/SIGHUP (faults.Signals) before the first step raises faults.StoppedInSetup at the next safe
-  point of the setup; in the loop, the run checkpoints at the next step boundary and raises faults.Preempted."""
+  A SIGTERM/SIGINT/SIGHUP (faults.Signals) before the first step raises errors.StoppedInSetup at the next safe
+  point of the setup; in the loop, the run checkpoints at the next step boundary and raises errors.Preempted."""
   # Saved resolved (config.json, checkpoints): export and sample find the tokenizer from any directory. "~" stays.
   cfg.data.cache_dir = resolve_cache_dir(cfg.data.cache_dir)
   with faults.handling_signals() as signals:
@@ -240,7 +241,7 @@ def _loop(s: Setup) -> tuple[Any, dict]:
       prof.report(s.train_step, s.built.model.cfg, cfg.train.train_batch_size, batch_sh.mesh)
     status = "running"  # _finish marks it completed once the last records are written
   except Exception as e:
-    end = faults.ending(e)
+    end = errors.ending(e)
     status = end.status if end else "failed"
     if status == "lost_host":  # the cleanup below would wait for the lost process: leave at once
       record.finish(s.wd.local, s.info, status)
@@ -296,19 +297,19 @@ class Guard:
 
   def __init__(self, cfg, log: metrics.Logger, ckpt: checkpoint.Checkpointer | None, wd=None):
     self.skip, self.log, self.ckpt, self.wd = cfg.train.skip_bad_steps, log, ckpt, wd
-    self.spikes = faults.SpikeDetector(cfg.train.loss_spike_ratio, cfg.train.loss_spike_window)
+    self.spikes = health.SpikeDetector(cfg.train.loss_spike_ratio, cfg.train.loss_spike_window)
     self.reported_bad = 0
     self.total = log.total
 
   def check(self, row: dict | None) -> None:
     if not row:
       return
-    diverged = faults.divergence(row)
+    diverged = health.divergence(row)
     if diverged and not self.skip:
       last = self.ckpt.last_step if self.ckpt else None
       saved = f"last good checkpoint: step {last}" if last is not None else "no checkpoint had been written yet"
       self.log.event(row["step"], "diverged", f"{diverged}; {saved}")
-      raise faults.Diverged(f"{diverged}; the update was not applied and nothing non-finite was saved; {saved}")
+      raise errors.Diverged(f"{diverged}; the update was not applied and nothing non-finite was saved; {saved}")
     if row.get("bad_steps", 0) > self.reported_bad:
       self.log.event(row["step"], "skipped_bad_steps", f"{diverged}; {int(row['bad_steps'])} updates skipped so far")
       self.reported_bad = row["bad_steps"]
@@ -328,7 +329,7 @@ class Guard:
     self.check(self.log.flush())
     why = received or "SIGTERM (a preemption notice to one of the run's processes)"
     self.log.event(n, "preempted", f"{why}: checkpoint at step {n} written")
-    raise faults.Preempted(f"stopped by {why} at step {n}; checkpoint written, rerun to resume")
+    raise errors.Preempted(f"stopped by {why} at step {n}; checkpoint written, rerun to resume")
 
   def save(self, n: int, state) -> None:
     if not self.skip:  # a save is rare: read the guard's counters now rather than checkpoint a skipped step

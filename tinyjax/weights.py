@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from tinyjax import config
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.data import tokenizer as tokenizers
 from tinyjax.model import ModelConfig, Transformer
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tinyjax import cli, envdiff, plan, sharding
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax import aot
 from tinyjax.hardware import hlo, roofline, targets
 from tinyjax.kernels import attention

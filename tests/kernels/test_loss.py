@@ -198,7 +198,7 @@ def test_auto_keeps_the_logits_on_chip_where_a_kernel_compiles():
 
 def test_a_pallas_loss_for_another_platform_is_refused_unless_interpreted(kernel_cfg):
   """A Mosaic kernel cannot run on this CPU: one line naming the key, never a silent switch to another loss."""
-  from tinyjax.config import ConfigError  # noqa: PLC0415
+  from tinyjax.errors import ConfigError  # noqa: PLC0415
   mesh = sharding.make_mesh(type("Mesh", (), {"data": 1})())
   with pytest.raises(ConfigError, match="loss_impl='pallas_tpu' compiles for a TPU and this step is for cpu"):
     step.build(kernel_cfg(loss_impl="pallas_tpu"), mesh)

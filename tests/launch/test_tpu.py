@@ -14,10 +14,9 @@ import tarfile
 
 import pytest
 
-from tinyjax import aot
+from tinyjax import aot, errors
 from tinyjax.hardware import targets
 from tinyjax.launch import commands as C, tpu
-from tinyjax.runtime import faults
 
 REAL_PREFLIGHT = aot.preflight
 BASE = ["--name=tj", "--zone=us-central2-b", "--accelerator-type=v4-16"]
@@ -168,7 +167,7 @@ def test_babysit_queued_waits_for_capacity_then_times_out_in_one_line(fake, caps
   t = C.Tpu("tj", "z", queued=True)
   rc = tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=3, poll_s=60, timeout_s=600, sleep=sleep,
                    clock=lambda: now[0])
-  assert rc == tpu.EXIT_NOT_READY == 69
+  assert rc == errors.EXIT_NOT_READY == 69
   steps = _steps(fake.calls())
   assert steps.count(("queued-resources", "create")) == 1 and steps[:2] == [("queued-resources", "describe"),
                                                                             ("queued-resources", "create")]
@@ -200,7 +199,6 @@ def test_babysit_reruns_a_lost_host_on_a_ready_vm(fake):
   t = C.Tpu("tj", "z")
   assert tpu.babysit(t, tpu.Runner(False), MAIN, "r", "main", max_restarts=2, sleep=lambda s: None) == 0
   assert _steps(fake.calls()).count(("ssh", "run")) == 2 and _steps(fake.calls()).count(("ssh", "setup")) == 1
-  assert C.EXIT_LOST_HOST == faults.EXIT_LOST_HOST and C.EXIT_PREEMPTED == faults.EXIT_PREEMPTED
 
 
 def test_babysit_setup_failure_on_a_ready_vm_is_not_retried(fake, capsys):

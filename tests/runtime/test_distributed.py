@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tinyjax.runtime import faults
+from tinyjax import errors
 
 # What jaxlib 0.10.2 printed when it aborted process 0 after process 1 stopped sending heartbeats (abridged: the
 # full report also holds the stack trace and faulthandler's dump).
@@ -66,7 +66,7 @@ def test_jax_abort_for_a_lost_peer_is_one_line_and_exit_4_with_the_report_kept(s
   p = supervised(what)
   out, err = p.communicate(timeout=120)
   lines = err.splitlines()
-  assert p.returncode == faults.EXIT_LOST_HOST and len(lines) == 1, (p.returncode, err)
+  assert p.returncode == errors.EXIT_LOST_HOST and len(lines) == 1, (p.returncode, err)
   assert lines[0].startswith("tinyjax: error: lost host: process 0 of 2: process 1 stopped sending heartbeats "
                              "to JAX's coordination service (JAX's report: "), lines
   report = lines[0].split("JAX's report: ")[1].split(")")[0]
@@ -154,7 +154,7 @@ def test_a_peer_lost_outside_any_collective_is_one_line_and_exit_4(run_program, 
     survivor = procs[1 - victim]
     rc, err = survivor.wait(timeout=120), survivor.stderr.read()
     elapsed = time.monotonic() - killed
-    assert rc == faults.EXIT_LOST_HOST and len(err.splitlines()) == 1, (rc, err)
+    assert rc == errors.EXIT_LOST_HOST and len(err.splitlines()) == 1, (rc, err)
     expected = ("the coordinator (process 0) stopped answering" if victim == 0 else
                 "process 1 stopped sending heartbeats")
     assert err.startswith(f"tinyjax: error: lost host: process {1 - victim} of 2: {expected}"), err

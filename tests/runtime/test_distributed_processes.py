@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tinyjax import config
-from tinyjax.runtime import faults, metrics
+from tinyjax import config, errors
+from tinyjax.runtime import metrics
 
 ARGS = ["--config=configs/tiny.py", "--config.model.hidden_dim=32", "--config.model.intermediate_dim=64",
         "--config.model.num_layers=2", "--config.model.seq_len=32", "--config.model.vocab_size=512",
@@ -121,7 +121,7 @@ def test_stop_signal_to_one_process_checkpoints_both_and_resumes(launch, jit_cac
     time.sleep(0.2)
   procs[1].send_signal(sig)  # e.g. one TPU VM host gets the maintenance notice, or loses its ssh session
   results = finish(procs)
-  assert [rc for rc, _, _ in results] == [faults.EXIT_PREEMPTED] * 2, [err[-2000:] for _, _, err in results]
+  assert [rc for rc, _, _ in results] == [errors.EXIT_PREEMPTED] * 2, [err[-2000:] for _, _, err in results]
   steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   preempted = [r["step"] for r in metrics.read(str(tmp_path)) if r.get("event") == "preempted"]
   assert steps and preempted and preempted[-1] in steps, (steps, preempted)  # both stopped at one checkpointed step
@@ -178,7 +178,7 @@ def kill_and_judge(procs, victim: int, heartbeat_s: float) -> tuple[str, float]:
   err = procs[survivor].stderr.read()
   assert procs[victim].wait(timeout=60) == -signal.SIGKILL
   ours = [line for line in err.splitlines() if line.startswith("tinyjax")]
-  assert rc == faults.EXIT_LOST_HOST and len(ours) == 1, (rc, err[-4000:])
+  assert rc == errors.EXIT_LOST_HOST and len(ours) == 1, (rc, err[-4000:])
   assert ours[0].startswith(f"tinyjax: error: lost host: process {survivor} of 2: "), ours
   assert "rerun the same command to resume" in ours[0], ours
   if "JAX's report: " in ours[0]:  # JAX aborted the survivor: what it said is kept
@@ -240,7 +240,7 @@ def test_a_stuck_process_is_caught_by_the_watchdog_in_the_final_checkpoint_wait(
   os.kill(trainer, signal.SIGSTOP)
   rc = procs[0].wait(timeout=config.base().distributed.heartbeat_timeout_s + 60)
   elapsed, err = time.monotonic() - stopped, procs[0].stderr.read()
-  assert rc == faults.EXIT_LOST_HOST and len([line for line in err.splitlines() if line.startswith("tinyjax")]) == 1, \
+  assert rc == errors.EXIT_LOST_HOST and len([line for line in err.splitlines() if line.startswith("tinyjax")]) == 1, \
       (rc, err[-4000:])
   assert "lost host: process 0 of 2: no training step or checkpoint wait finished for" in err, err[-4000:]
   assert elapsed < config.base().distributed.heartbeat_timeout_s, elapsed

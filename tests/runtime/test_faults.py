@@ -9,13 +9,14 @@ import sys
 import pytest
 
 from tinyjax.runtime import faults
+from tinyjax import errors
 
 
 @pytest.mark.slow  # a run (~8 s on 2 cores)
 def test_overflowing_update_stops_the_run_before_it_is_applied(small_cfg, train_run, tmp_path):
   """Finite loss and gradients, but lr 1e39 overflows the parameters: exit-3 path, nothing saved."""
   cfg = small_cfg(**{"optimizer.learning_rate": 1e39, "optimizer.adam_lr": 1e39})
-  with pytest.raises(faults.Diverged, match="non-finite parameters or optimizer state after the update at step 1"):
+  with pytest.raises(errors.Diverged, match="non-finite parameters or optimizer state after the update at step 1"):
     train_run(cfg, tmp_path)
   saved = [p.name for p in (tmp_path / "checkpoints").iterdir()] if (tmp_path / "checkpoints").exists() else []
   assert not any(name.isdigit() for name in saved), "no checkpoint may hold the overflowed state"
@@ -42,7 +43,7 @@ def test_preempted_run_resumes_to_the_uninterrupted_rows(small_cfg, train_run, s
   if log_every != 1:
     full = tmp_path / "full"
     train_run(small_cfg(**{"train.log_every": log_every}), full)
-  with pytest.raises(faults.Preempted):
+  with pytest.raises(errors.Preempted):
     train_run(small_cfg(**{"train.log_every": log_every}), cut, stop_at=5)
   train_run(small_cfg(**{"train.log_every": log_every}), cut)
   assert stable_rows(cut) == stable_rows(full), \
@@ -60,15 +61,15 @@ def _chained(inner, outer):
 
 
 def test_a_full_disk_is_recognised_in_the_forms_python_tensorstore_and_orbax_raise():
-  assert faults.disk_full_reason(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
-  assert faults.disk_full_reason(OSError(errno.EDQUOT, "quota")) == "Disk quota exceeded"
+  assert errors.disk_full_reason(OSError(errno.ENOSPC, "No space left on device")) == "No space left on device"
+  assert errors.disk_full_reason(OSError(errno.EDQUOT, "quota")) == "Disk quota exceeded"
   tensorstore = ValueError('RESOURCE_EXHAUSTED: Error writing "bad_steps/0" in OCDBT database: Failed to write 17174 '
                            "bytes to file 4: No space left on device [os_error_code='28']")
-  assert faults.disk_full_reason(_chained(tensorstore, RuntimeError("Save Finalize thread failed"))) == \
+  assert errors.disk_full_reason(_chained(tensorstore, RuntimeError("Save Finalize thread failed"))) == \
       "No space left on device"
-  assert faults.disk_full_reason(_chained(OSError(errno.EACCES, "Permission denied"), RuntimeError("x"))) is None
-  assert faults.disk_full_reason(ValueError("NOT_FOUND: manifest.ocdbt")) is None
-  assert faults.disk_full_reason(None) is None
+  assert errors.disk_full_reason(_chained(OSError(errno.EACCES, "Permission denied"), RuntimeError("x"))) is None
+  assert errors.disk_full_reason(ValueError("NOT_FOUND: manifest.ocdbt")) is None
+  assert errors.disk_full_reason(None) is None
 
 
 class _LateCallback:
@@ -114,8 +115,8 @@ faults.handle_signals_for_life(grace_s=faults.SETUP_GRACE_S)
 def test_a_stop_in_setup_of_one_of_several_processes_leaves_at_once(monkeypatch):
   """Alone in setup (a signal before the processes agree), a trainer's normal exit waited in JAX's shutdown for the
   others and was then aborted for a lost peer: two lines and exit 4 (benchmarks.chaos, 2 processes). Now os._exit."""
-  monkeypatch.setattr(faults, "_distributed", lambda: True)
-  end = faults.ending(faults.StoppedInSetup("stopped by SIGHUP during setup"))
+  monkeypatch.setattr(errors, "_distributed", lambda: True)
+  end = errors.ending(errors.StoppedInSetup("stopped by SIGHUP during setup"))
   assert (end.code, end.now, end.line) == (75, True, "tinyjax: stopped by SIGHUP during setup")
-  monkeypatch.setattr(faults, "_distributed", lambda: False)
-  assert faults.ending(faults.StoppedInSetup("x")).now is False and faults.ending(faults.Preempted("y")).now is False
+  monkeypatch.setattr(errors, "_distributed", lambda: False)
+  assert errors.ending(errors.StoppedInSetup("x")).now is False and errors.ending(errors.Preempted("y")).now is False

@@ -6,15 +6,15 @@ import shutil
 
 import pytest
 
-from tinyjax import data
-from tinyjax.runtime import faults, workdir as workdirs
+from tinyjax import data, errors
+from tinyjax.runtime import workdir as workdirs
 
 
 @pytest.mark.slow  # three runs against the emulator (~25 s on 2 cores)
 def test_remote_workdir_preempted_on_a_fresh_host_resumes_bitwise(gcs, small_cfg, train_run, rows, reference_run):
   expected = rows(reference_run)  # the small config's uninterrupted local run
   url = f"gs://{gcs.bucket}/runs/w1"
-  with pytest.raises(faults.Preempted):
+  with pytest.raises(errors.Preempted):
     train_run(small_cfg(), url, stop_at=6)
   assert sorted(p.rsplit("/", 1)[-1] for p in gcs.ls(f"{gcs.bucket}/runs/w1/checkpoints")) == ["4", "6"]
   shutil.rmtree(workdirs.Workdir(url, small_cfg().data.cache_dir).local)  # the VM was recreated: nothing local survives

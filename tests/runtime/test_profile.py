@@ -10,8 +10,8 @@ import types
 import fsspec
 import pytest
 
-from tinyjax import config
-from tinyjax.runtime import faults, profile
+from tinyjax import config, errors
+from tinyjax.runtime import profile
 
 PARTS = {"fusion.1": "loss", "dot.2": "projections_mlp", "while.3": "other", "fusion.4": "optimizer"}
 
@@ -161,7 +161,7 @@ def test_stop_inside_the_window_then_resume(small_cfg, train_run, reference_run,
   """A preemption at step 6 ends the trace (kept, no summary: the window did not end); the resumed run traces what
   is left of the window, step 7, and trains exactly as an uninterrupted run."""
   cfg = small_cfg(**{"train.profile_steps": "4:7"})
-  with pytest.raises(faults.Preempted):
+  with pytest.raises(errors.Preempted):
     train_run(cfg, tmp_path, stop_at=6)
   assert glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.trace.json.gz"))
   assert not os.path.exists(tmp_path / "profile" / "summary.json")

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import psutil
 import pytest
 
-from tinyjax import data, step
+from tinyjax import data, errors, step
 from tinyjax.data import builder, cache
 from tinyjax.runtime import faults
 
@@ -38,7 +38,7 @@ def test_signal_inside_a_restore_stops_the_run_and_keeps_every_checkpoint(refere
   unreadable, moved it aside and resumed from the previous one (exit 0)."""
   shutil.copytree(reference_run, tmp_path / "w")
   sent = _signal_inside(monkeypatch, ocp.CheckpointManager, "restore")
-  with pytest.raises(faults.StoppedInSetup, match="^stopped by SIGTERM during setup, before any step"):
+  with pytest.raises(errors.StoppedInSetup, match="^stopped by SIGTERM during setup, before any step"):
     train_run(small_cfg(**{"train.memory_check": False}), tmp_path / "w")  # no ahead-of-time compile: faster
   assert sent and sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["4", "8"]  # nothing moved aside
   assert rows(tmp_path / "w") == rows(reference_run)
@@ -63,7 +63,7 @@ def test_signal_inside_a_gc_callback_is_not_swallowed(small_cfg, train_run, tmp_
       gc.callbacks.remove(callback)
     return real(cfg)
   monkeypatch.setattr(data, "prepare", prepare)
-  with pytest.raises(faults.StoppedInSetup, match="^stopped by SIGINT during setup"):
+  with pytest.raises(errors.StoppedInSetup, match="^stopped by SIGINT during setup"):
     train_run(small_cfg(), tmp_path / "w")
   assert fired and not (tmp_path / "w" / "metrics.jsonl").exists()
 
@@ -71,7 +71,7 @@ def test_signal_inside_a_gc_callback_is_not_swallowed(small_cfg, train_run, tmp_
 @pytest.mark.slow  # the small step's compile (~5 s on 2 cores)
 def test_signal_during_compile_stops_before_any_step(small_cfg, train_run, tmp_path, monkeypatch):
   _signal_inside(monkeypatch, step, "compile_for_device", signal.SIGHUP)
-  with pytest.raises(faults.StoppedInSetup, match="^stopped by SIGHUP during setup"):
+  with pytest.raises(errors.StoppedInSetup, match="^stopped by SIGHUP during setup"):
     train_run(small_cfg(), tmp_path / "w")
   assert not (tmp_path / "w" / "checkpoints").exists() and not (tmp_path / "w" / "metrics.jsonl").exists()
 
@@ -83,7 +83,7 @@ def test_signal_during_the_data_build_stops_it_and_the_rerun_resumes_it(small_cf
                      "data.validation_urls": {"held_out": files[-1:]},
                      "data.num_proc": 1})  # in this process (the worker pool: the data-CLI test below)
   sent = _signal_inside(monkeypatch, builder, "_encode_shard")
-  with pytest.raises(faults.StoppedInSetup, match="^stopped by SIGTERM during setup"):
+  with pytest.raises(errors.StoppedInSetup, match="^stopped by SIGTERM during setup"):
     train_run(cfg, tmp_path / "w")
   caches = [d for _, dirs, _ in os.walk(tmp_path / "cache") for d in dirs]
   assert sent and "train.building" in caches and "train" not in caches  # unfinished, never read as a cache
@@ -95,7 +95,7 @@ def test_signal_during_the_data_build_stops_it_and_the_rerun_resumes_it(small_cf
 def test_sighup_in_the_first_step_checkpoints_it(small_cfg, train_run, tmp_path):
   """A SIGHUP (closed terminal or ssh session) is a SIGTERM: before, it killed the run silently, with no checkpoint
   and run_info.json left "running". (The resume to identical rows: test_faults.py.)"""
-  with pytest.raises(faults.Preempted, match="^stopped by SIGHUP at step 1; checkpoint written"):
+  with pytest.raises(errors.Preempted, match="^stopped by SIGHUP at step 1; checkpoint written"):
     train_run(small_cfg(), tmp_path / "w", stop_at=1, sig=signal.SIGHUP)
   assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["1"]
   assert json.loads((tmp_path / "w" / "run_info.json").read_text())["status"] == "preempted"
@@ -126,7 +126,7 @@ def test_setup_without_a_safe_point_still_stops_within_the_grace(hold, sig):
   proc = hold(0.5)
   proc.send_signal(sig)
   out, err = proc.communicate(timeout=60)
-  assert proc.returncode == faults.EXIT_PREEMPTED
+  assert proc.returncode == errors.EXIT_PREEMPTED
   assert err.splitlines() == [f"tinyjax: stopped by {sig.name} during setup, before any step; rerun the same "
                               "command to continue"]
 
@@ -206,7 +206,7 @@ def test_data_cli_signal_while_its_workers_start(data_cli, run_program, sig):
   _, alive = psutil.wait_procs(workers, timeout=10)  # at once: they watch the parent (before: > 5 s, then tracebacks)
   assert not alive
   if sig == signal.SIGTERM:
-    assert proc.returncode == faults.EXIT_PREEMPTED
+    assert proc.returncode == errors.EXIT_PREEMPTED
     assert err.splitlines() == ["tinyjax: stopped by SIGTERM while building the data caches; rerun to resume the "
                                 "build"]
   else:

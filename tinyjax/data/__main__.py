@@ -7,8 +7,8 @@ import sys
 
 from absl import app, flags
 
-from tinyjax import cli, config
-from tinyjax.config import ConfigError
+from tinyjax import cli, config, errors
+from tinyjax.errors import ConfigError
 from tinyjax.data import cache
 from tinyjax.data.loader import TRAIN_SPLIT, prepare
 from tinyjax.runtime import faults
@@ -22,7 +22,7 @@ def main(argv) -> None:
   try:
     config.validate(cfg)
     ds = prepare(cfg)
-  except (ConfigError, faults.Preempted) as e:  # a mistake: exit 2; a stop signal: exit 75 (the build resumes)
+  except (ConfigError, errors.Preempted) as e:  # a mistake: exit 2; a stop signal: exit 75 (the build resumes)
     cli.stop(e, f"config.data.cache_dir={cfg.data.cache_dir}")
     raise
   print(f"tokenizer: {cfg.data.tokenizer} -> {ds.tokenizer_path} ({ds.tokenizer_vocab_size:,} ids, bos {ds.bos_id}, "

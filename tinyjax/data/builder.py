@@ -19,7 +19,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.data import cache, corpus, tokenizer as tokenizers
 from tinyjax.runtime import faults
 

@@ -25,7 +25,7 @@ from typing import Iterable
 import numpy as np
 import tensorstore as ts
 
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.data import corpus, tokenizer as tokenizers
 from tinyjax.runtime import files
 

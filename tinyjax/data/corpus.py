@@ -40,7 +40,7 @@ import zlib
 from pydoc_data.topics import topics
 from typing import Iterator
 
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 
 BUILTIN_PREFIX = "builtin:python-docs/"
 BUILTIN_SPLITS = ("train", "validation")

@@ -34,7 +34,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.data import builder, cache, corpus, tokenizer as tokenizers
 from tinyjax.runtime import faults
 

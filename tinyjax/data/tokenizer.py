@@ -29,7 +29,7 @@ import tempfile
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.data import corpus
 from tinyjax.runtime import files
 

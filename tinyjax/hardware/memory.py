@@ -11,7 +11,7 @@ import os
 import re
 
 from tinyjax import flops
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 from tinyjax.kernels import attention, loss
 
 GIB = 2 ** 30

@@ -17,7 +17,7 @@ import math
 import os
 import re
 
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 
 GIB = 2 ** 30
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "target_configs")

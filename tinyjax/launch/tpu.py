@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from tinyjax import cli
+from tinyjax import cli, errors
 from tinyjax.launch import commands as C
 
 DEAD_STATES = ("PREEMPTED", "TERMINATED")  # a node that will not come back: delete and recreate it
@@ -34,8 +34,7 @@ STOPPED_STATES = ("STOPPED",)  # stopped (by a person, a script, ...): start it;
 QUEUED_WAITING = ("CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING")
 QUEUED_SPENT = ("SUSPENDED", "FAILED")
 SSH_FAILED = 255  # ssh's own failure code (a reclaimed VM drops the connection)
-EXIT_NOT_READY = 69  # EX_UNAVAILABLE: no READY VM within --ready-timeout-s; rerunning babysit carries on
-RERUN_CODES = (C.EXIT_PREEMPTED, C.EXIT_LOST_HOST, SSH_FAILED)  # rerun even on a READY VM: the rerun resumes
+RERUN_CODES = (errors.EXIT_PREEMPTED, errors.EXIT_LOST_HOST, SSH_FAILED)  # rerun even on a READY VM: the rerun resumes
 
 
 def preflight(main_args: list[str], target: str, skip: bool) -> None:
@@ -152,14 +151,14 @@ def babysit(t: C.Tpu, runner: Runner, main_args: list[str], repo: str, ref: str,
             poll_s: float = 30.0, timeout_s: float = 3600.0, log_name: str = "run", sleep=time.sleep,
             clock=time.monotonic, extras: str = "tpu,gcs") -> int:
   """Runs main_args on the VM until it finishes, recreating the VM and rerunning after each preemption or lost
-  host. Returns the run's exit code, or EXIT_NOT_READY (one line) when no READY VM came within timeout_s."""
+  host. Returns the run's exit code, or errors.EXIT_NOT_READY (one line) when no READY VM came within timeout_s."""
   restarts, set_up = 0, False
   while True:
     try:
       fresh = ensure_ready(t, runner, poll_s, timeout_s, sleep, clock)
     except NotReady as e:
       print(f"tinyjax.launch: error: {e}", file=sys.stderr, flush=True)
-      return EXIT_NOT_READY
+      return errors.EXIT_NOT_READY
     rc = 0
     if fresh or not set_up:  # a failed setup is decided on like a failed run (a dropped ssh: 255)
       rc = runner.call(C.ssh(t, C.setup_script(repo, ref, extras)))

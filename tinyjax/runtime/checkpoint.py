@@ -23,6 +23,7 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
+from tinyjax import errors
 from tinyjax.config import EXECUTION_ONLY_MODEL_KEYS, ConfigError
 from tinyjax.runtime import faults
 
@@ -74,7 +75,7 @@ class Checkpointer:
     return step == total or by_steps or by_time
 
   def save(self, step: int, state, meta: dict) -> None:
-    """Saves `step` (asynchronously unless checkpoint.async_save=False); a full disk is faults.DiskFull."""
+    """Saves `step` (asynchronously unless checkpoint.async_save=False); a full disk is errors.DiskFull."""
     self.wait()
     self._check_space(step, state)
     meta = {"step": step, "config": json.loads(self.cfg.to_json_best_effort()), **meta}
@@ -113,7 +114,7 @@ class Checkpointer:
 
   def _check_space(self, step: int, state) -> None:
     if short := self._shortfall(state):
-      raise faults.DiskFull(f"disk full: checkpoint step {step} needs about {short[0]} and {self.directory} has "
+      raise errors.DiskFull(f"disk full: checkpoint step {step} needs about {short[0]} and {self.directory} has "
                             f"{short[1]} free; {self._after_disk_full()}")
 
   def _discard_unfinished(self, step: int) -> None:
@@ -149,14 +150,14 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # noqa: BLE001 - Orbax/tensorstore wrap ENOSPC in several types
-      reason = faults.disk_full_reason(e)
+      reason = errors.disk_full_reason(e)
       if reason is None or step is None:
         raise
       with contextlib.suppress(Exception):  # Orbax keeps the error for a later call: it is reported here, once
         self.manager.check_for_errors()
       self._discard_unfinished(step)
       self.pending = None
-      raise faults.DiskFull(f"disk full: checkpoint step {step} could not be written to {self.directory} ({reason}); "
+      raise errors.DiskFull(f"disk full: checkpoint step {step} could not be written to {self.directory} ({reason}); "
                             f"{self._after_disk_full()}") from e
 
   def _check_config(self, saved: dict, step: int) -> None:
@@ -199,7 +200,7 @@ class Checkpointer:
       except ConfigError:
         raise
       except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise many types for damaged files
-        if faults.peer_lost(e):  # another process is gone, not this checkpoint: exit 4 (cli.stop)
+        if errors.peer_lost(e):  # another process is gone, not this checkpoint: exit 4 (cli.stop)
           raise
         failed.append((step, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"))
         print(f"warning: checkpoint {self.directory}/{step} is unreadable ({failed[-1][1]}); trying the previous one",
@@ -259,7 +260,7 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    """Blocks until the pending save is committed (a full disk raises faults.DiskFull)."""
+    """Blocks until the pending save is committed (a full disk raises errors.DiskFull)."""
     with self._disk_full_is_one_line(self.pending):
       self.manager.wait_until_finished()
       # A failed background commit is not always raised by the wait: Orbax's finalize step logs it and returns, and

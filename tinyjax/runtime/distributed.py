@@ -12,9 +12,9 @@ so any host's notice makes every process reach `multihost_utils.reached_preempti
 checkpoint there and exit 75 together.
 
 A lost process (killed, crashed, its host gone): every other process prints one line and exits 4
-(faults.EXIT_LOST_HOST), the last complete checkpoint intact, within distributed.heartbeat_timeout_s + ~10 s. It
+(errors.EXIT_LOST_HOST), the last complete checkpoint intact, within distributed.heartbeat_timeout_s + ~10 s. It
 shows up in one of three ways, and each ends in `lost_host_line`:
-  1. a collective fails (CPU/Gloo: "Connection reset by peer", within 1 s): `faults.peer_lost` recognises the error and
+  1. a collective fails (CPU/Gloo: "Connection reset by peer", within 1 s): `errors.peer_lost` recognises the error and
      `leave_lost_host` exits at once (os._exit: JAX's teardown would wait for the lost process, then abort);
   2. JAX's coordination service notices it (missed heartbeats after heartbeat_timeout_s, or the coordinator's
      connection closing, within ~1 s) and *aborts the process from C++* (LOG(FATAL) -> SIGABRT, ~80 lines of traces).
@@ -36,7 +36,8 @@ import time
 
 import jax
 
-from tinyjax.config import ConfigError
+from tinyjax import errors
+from tinyjax.errors import ConfigError
 from tinyjax.runtime import faults
 
 
@@ -112,7 +113,7 @@ _LEAVING = threading.Lock()  # one line, even when the watchdog and the main thr
 def lost_host_line(index: int | None, count: int | None, evidence: str) -> str:
   who = f"process {index} of {count}" if index is not None and count else "this process"
   return (f"tinyjax: error: lost host: {who}: {evidence}; another process of this run (or its host) is gone; "
-          f"exiting with code {faults.EXIT_LOST_HOST} (rerun the same command to resume from the last checkpoint)")
+          f"exiting with code {errors.EXIT_LOST_HOST} (rerun the same command to resume from the last checkpoint)")
 
 
 def leave_lost_host(evidence: str) -> None:
@@ -123,7 +124,7 @@ def leave_lost_host(evidence: str) -> None:
   sys.stderr.flush()
   line = lost_host_line(jax.process_index(), jax.process_count(), evidence)
   os.write(2, (line + "\n").encode())
-  os._exit(faults.EXIT_LOST_HOST)
+  os._exit(errors.EXIT_LOST_HOST)
 
 
 class Watchdog:
@@ -264,7 +265,7 @@ class _Relay:
 def _exit_as(code: int, relay: _Relay, index: int | None, count: int | None) -> None:
   """Leaves with the child's exit code (or dies of its signal); a lost peer is exit 4 and one line."""
   held = relay.text()
-  lost = code == faults.EXIT_LOST_HOST or (-code in _CRASHES and any(m in held for m in _JAX_ABORT))
+  lost = code == errors.EXIT_LOST_HOST or (-code in _CRASHES and any(m in held for m in _JAX_ABORT))
   if not lost:
     relay.release()
     if code == -signal.SIGKILL:  # nothing of the trainer's can say why (no handler runs): the one line says it
@@ -274,11 +275,11 @@ def _exit_as(code: int, relay: _Relay, index: int | None, count: int | None) -> 
     os._exit(code)
   ours = [line for line in held.splitlines() if line.startswith("tinyjax:")]
   report = _save_report(held) if held.strip() else None
-  if not ours and code != faults.EXIT_LOST_HOST:  # JAX aborted before the trainer could say anything
+  if not ours and code != errors.EXIT_LOST_HOST:  # JAX aborted before the trainer could say anything
     saved = f" (JAX's report: {report})" if report else ""
     ours = [lost_host_line(index, count, _abort_evidence(held, index) + saved)]
   _write("".join(f"{line}\n" for line in ours).encode())
-  os._exit(faults.EXIT_LOST_HOST)
+  os._exit(errors.EXIT_LOST_HOST)
 
 
 def killed_line(index: int | None, count: int | None) -> str:

@@ -1,12 +1,10 @@
-"""How a run stops, and with which exit code: stop signals (SIGTERM/SIGINT/SIGHUP) at any moment, full disks,
-divergence records and loss-spike warnings; and worker processes that end with their parent."""
+"""Stop signals (SIGTERM/SIGINT/SIGHUP) at any moment of a program's life, the background noise of a failed write or
+a stop kept off the one line, and worker processes that end with their parent. How each ending is reported:
+tinyjax/errors.py."""
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
-import dataclasses
-import errno
 import logging
 import os
 import select
@@ -15,130 +13,7 @@ import sys
 import threading
 import time
 
-# Exit codes, declared once (README's table; the launchers rerun 75 and 4).
-EXIT_BUG = 1  # an unexpected error: its traceback (and a target compile that failed: the compiler's own)
-EXIT_USAGE = 2  # a user mistake, or a full disk: one line, nothing lost
-EXIT_DIVERGED = 3  # a non-finite loss or gradient norm stopped the run (nothing non-finite was saved)
-EXIT_LOST_HOST = 4  # another process of a multi-process run (or its host) is gone: rerun to resume (distributed.py)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM/SIGINT/SIGHUP, checkpoint written (or none yet), rerun to resume
-NONFINITE = ((1, "loss"), (2, "grad_norm"), (4, "parameters or optimizer state after the update"))  # bits of TrainState.bad_what
-
-
-def nonfinite(bits: int) -> str:
-  return " and ".join(name for bit, name in NONFINITE if bits & bit) or "?"
-
-
-class Preempted(Exception):
-  pass
-
-
-class Diverged(Exception):
-  pass
-
-
-class DiskFull(Exception):
-  """A write failed (or would fail) for lack of space: one line and exit 2; the last complete checkpoint is intact."""
-
-
-# How ENOSPC/EDQUOT read in the messages of tensorstore and Orbax (the OS error's text or number).
-_FULL, _QUOTA = os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)
-_DISK_FULL_TEXT = {"No space left on device": _FULL, "os_error_code='28'": _FULL,
-                   "Disk quota exceeded": _QUOTA, "os_error_code='122'": _QUOTA}
-
-
-def _reason_in_text(text: str) -> str | None:
-  return next((reason for marker, reason in _DISK_FULL_TEXT.items() if marker in text), None)
-
-
-class CompileFailed(RuntimeError):
-  """A target's compiler rejected the step (hardware/aot.py; a bug to fix: every shipped config must compile)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Ending:
-  """How a run that stopped on purpose ends: the one declaration of statuses, exit codes and their lines."""
-  status: str  # run_info.json's "status"
-  code: int  # the process's exit code (README's table)
-  line: str  # its one line on stderr
-  now: bool = False  # leave with os._exit: pending background work (Orbax's writes) would only add tracebacks
-  evidence: str = ""  # a lost host: what showed it (distributed.leave_lost_host prints the line)
-
-
-# What a collective or a coordination call raises when the process at the other end is gone (CPU collectives:
-# Gloo's "Read error ...: Connection reset by peer"; the coordination service: "Socket closed", "unhealthy").
-_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Socket closed", "Broken pipe",
-              "Connection refused", "heartbeat", "unhealthy", "Gloo", "Barrier failed", "coordination service")
-def peer_lost(exc: BaseException | None) -> str | None:
-  """The error's first line when exc (or one in its chain) is a collective or coordination call failing because
-  another process is gone; None otherwise, and always None in a single-process run. JAX raises these as
-  JaxRuntimeError, or as ValueError from a jitted call (measured: Orbax's sync_global_devices -> "ValueError:
-  UNKNOWN: Gloo AllGather failed: ... Connection closed by peer")."""
-  import jax  # noqa: PLC0415 - faults stays importable without jax (worker processes)
-  from tinyjax.config import ConfigError  # noqa: PLC0415
-  if isinstance(exc, ConfigError) or not jax.distributed.is_initialized():
-    return None
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    text = str(exc).strip()
-    if isinstance(exc, (RuntimeError, ValueError)) and any(marker in text for marker in _PEER_GONE):
-      return text.splitlines()[0][:240]
-    exc = exc.__cause__ or exc.__context__
-  return None
-
-
-def ending(exc: BaseException, where: str = "") -> Ending | None:
-  """The Ending of a run that raised exc, or None for a bug (status "failed", exit 1 with its traceback)."""
-  from tinyjax.config import ConfigError  # noqa: PLC0415 - faults is imported by worker processes: keep it light
-  if isinstance(exc, ConfigError):
-    return Ending("failed", EXIT_USAGE, f"tinyjax: error: {exc}")
-  full = in_chain(exc, DiskFull)  # e.g. a failed save, then run_info.json's write failing too
-  if full is not None:
-    return Ending("disk_full", EXIT_USAGE, f"tinyjax: error: {full}", now=True)
-  if isinstance(exc, Preempted):  # stopped alone in setup, several processes: JAX's exit would wait for the others
-    alone = isinstance(exc, StoppedInSetup) and _distributed()
-    return Ending("preempted", EXIT_PREEMPTED, f"tinyjax: {exc}", now=alone)
-  if isinstance(exc, Diverged):
-    return Ending("diverged", EXIT_DIVERGED, f"tinyjax: diverged: {exc}")
-  if isinstance(exc, CompileFailed):  # the child's traceback is the story; the parent's would only hide it
-    return Ending("failed", EXIT_BUG, f"tinyjax: error: {exc}", now=True)
-  if lost := peer_lost(exc):  # e.g. a barrier during setup or restore, or the final checkpoint's wait
-    return Ending("lost_host", EXIT_LOST_HOST, "", evidence=f"a collective or coordination call failed ({lost})")
-  if reason := disk_full_reason(exc):  # a full disk anywhere else: metrics, records, caches
-    return Ending("disk_full", EXIT_USAGE, f"tinyjax: error: disk full ({reason}) writing "
-                  f"{getattr(exc, 'filename', None) or where}: free space and rerun (it resumes from the last "
-                  "checkpoint)", now=True)
-  return None
-
-
-def _distributed() -> bool:
-  import jax  # noqa: PLC0415
-  return jax.distributed.is_initialized()
-
-
-def in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
-  """The first exception of type `kind` in exc's chain (itself, its cause or context, ...), or None."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    if isinstance(exc, kind):
-      return exc
-    seen.add(id(exc))
-    exc = exc.__cause__ or exc.__context__
-  return None
-
-
-def disk_full_reason(exc: BaseException | None) -> str | None:
-  """"No space left on device" (or the quota variant) when exc or an exception in its chain is a full disk."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-      return os.strerror(exc.errno)
-    if reason := _reason_in_text(str(exc)):
-      return reason
-    exc = exc.__cause__ or exc.__context__
-  return None
-
+from tinyjax import errors
 
 # Orbax's WARNING on every process of a multi-process stop, relayed before tinyjax's one line, which names the step.
 _SAID_BY_US = "Reached preemption sync point"
@@ -149,7 +24,7 @@ def quiet_background_noise():
 
   Orbax logs each failed write of its background threads with a traceback, and tensorstore's late callbacks print
   "Event loop is closed" (through sys.unraisablehook) once Orbax has closed their event loop. A full disk always
-  reaches the main thread too (the save's wait raises it, then faults.DiskFull), so those log records are dropped;
+  reaches the main thread too (the save's wait raises it, then errors.DiskFull), so those log records are dropped;
   the event-loop ones are never actionable; Orbax's "Reached preemption sync point" is said by tinyjax's stop line.
   Everything else passes through unchanged. Returns a function that undoes it (tests).
   """
@@ -163,8 +38,8 @@ def quiet_background_noise():
   sys.unraisablehook = unraisable
 
   def keep(record: logging.LogRecord) -> bool:
-    return not (disk_full_reason(record.exc_info[1] if record.exc_info else None)
-                or _reason_in_text(record.getMessage()) or _SAID_BY_US in record.getMessage())
+    return not (errors.disk_full_reason(record.exc_info[1] if record.exc_info else None)
+                or errors.disk_full_reason(RuntimeError(record.getMessage())) or _SAID_BY_US in record.getMessage())
   # multiprocessing's resource tracker (a process of its own, started with this process's -W options) warns about
   # "leaked semaphore objects" after a parent that died abruptly (kill -9, or the stop-signal backstop): it cleans
   # them up itself, so the warning is noise on the one-line exit.
@@ -183,10 +58,6 @@ def quiet_background_noise():
     for f in filtered:
       f.removeFilter(keep)
   return undo
-
-
-class StoppedInSetup(Preempted):
-  """A stop signal before the first step (nothing to checkpoint yet): one line, exit 75, rerun to continue."""
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: the terminal or ssh session went away
@@ -284,7 +155,7 @@ class Signals:
       if not select.select([self._r], [], [], wait)[0]:
         if self.phase in ("setup", "stopping"):  # no safe point came, or the exit after one is stuck
           tell_once(f"tinyjax: {self.setup_message()}")
-          os._exit(EXIT_PREEMPTED)
+          os._exit(errors.EXIT_PREEMPTED)
         deadline = None
         continue
       for signum in os.read(self._r, 64):
@@ -322,7 +193,7 @@ class Signals:
     """A safe point of setup: raises StoppedInSetup once a stop signal has arrived."""
     if self.received is not None and self.phase == "setup" and not self.forwarded:
       self.phase = "stopping"
-      raise StoppedInSetup(self.setup_message())
+      raise errors.StoppedInSetup(self.setup_message())
 
 
 _ACTIVE: Signals | None = None
@@ -423,24 +294,3 @@ def watch_parent_if_spawned() -> None:
   os.environ[PARENT_PID_ENV] = str(os.getpid())
 
 
-def divergence(row: dict) -> str | None:
-  """The record of the first non-finite step in a metrics row, or None."""
-  if row.get("first_bad_step", -1) < 0:
-    return None
-  return f"non-finite {nonfinite(int(row['bad_what']))} at step {int(row['first_bad_step'])}"
-
-
-class SpikeDetector:
-  """Warns when a logged loss exceeds `ratio` x the mean of the previous `window` logged losses."""
-
-  def __init__(self, ratio: float, window: int):
-    self.ratio, self.history = ratio, collections.deque(maxlen=window)
-
-  def __call__(self, loss: float) -> str | None:
-    spike = None
-    if self.ratio > 0 and len(self.history) >= min(5, self.history.maxlen):
-      mean = sum(self.history) / len(self.history)
-      if loss > self.ratio * mean:
-        spike = f"loss spike: {loss:.4f} > {self.ratio} x running mean {mean:.4f}"
-    self.history.append(loss)
-    return spike

@@ -24,7 +24,7 @@ def _lines(path: str):
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:  # not a torn write (those are cut, not garbled): someone edited the file
-        from tinyjax.config import ConfigError  # noqa: PLC0415
+        from tinyjax.errors import ConfigError  # noqa: PLC0415
         raise ConfigError(f"{path} line {number} is not UTF-8 ({e.reason}): repair or remove that line") from e
       try:
         yield line, json.loads(line)

@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 
 TB_DIR = "tensorboard"
 TB_FLUSH_S = 120.0  # between flushes of the event file (tensorboardX's default flush_secs)

@@ -17,7 +17,7 @@ import os
 import socket
 import time
 
-from tinyjax.config import ConfigError
+from tinyjax.errors import ConfigError
 
 # The files of a run's workdir, named once (README "A run is its workdir").
 CONFIG, RUN_INFO, METRICS, DYNAMICS = "config.json", "run_info.json", "metrics.jsonl", "dynamics.jsonl"
