@@ -1,6 +1,4 @@
 """Parameter counts and FLOPs reproduce Marin's published numbers to the last digit; the device peak table."""
-import json
-import os
 
 import pytest
 
