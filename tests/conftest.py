@@ -20,7 +20,7 @@ Fixtures (their helpers live in support.py, which only this file imports):
   make_docs / write_corpus / levanter_store / write_ledger    data written without tinyjax
   small_disk     small_disk(size) -> a tmpfs of that size (needs root; skipped otherwise)
   gcs            a local Cloud Storage emulator (gcsfs filesystem with one bucket)
-  repo, shared, marin   the checkout root, shared/ beside it, and Marin's published figures in it
+  repo, marin     the checkout root; Marin's published figures bundled in tinyjax/reference/
   tok / make_run / write_checkpoint   export and sample tests (tests/export_support.py): a tokenizer trained in
                  milliseconds, make_run(tok, c=GQA, seed=0) of unit-scale params, write_checkpoint(path, tok, ...) a
                  run directory holding a real Orbax checkpoint
@@ -62,18 +62,14 @@ def repo():
 
 
 @pytest.fixture(scope="session")
-def shared():
-  return support.SHARED
-
-
-@pytest.fixture(scope="session")
-def marin(shared):
-  """Marin's published figures in shared/: runs.json (the leaderboard table), marin-leaderboard.json (enriched),
-  and llama_50m_muon_1x's speedrun_results.json."""
+def marin():
+  """Marin's published figures as tinyjax bundles them: runs (the leaderboard table), leaderboard (enriched),
+  speedrun_50m (llama_50m_muon_1x's speedrun_results.json), model_table (sizes and FLOPs/token)."""
   import types  # noqa: PLC0415
-  return types.SimpleNamespace(runs=os.path.join(shared, "marin", "runs.json"),
-                               leaderboard=os.path.join(shared, "marin-leaderboard.json"),
-                               speedrun_50m=os.path.join(shared, "marin", "llama_50m_muon_1x.speedrun_results.json"))
+
+  from tinyjax import reference  # noqa: PLC0415
+  return types.SimpleNamespace(runs=reference.RUNS, leaderboard=reference.LEADERBOARD,
+                               speedrun_50m=reference.SPEEDRUN_50M, model_table=reference.MODEL_TABLE)
 
 
 @pytest.fixture(scope="session")

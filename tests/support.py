@@ -14,7 +14,6 @@ import sys
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 SMALL_CONFIG = os.path.join(TESTS, "small_config.py")
-SHARED = os.environ.get("SHARED_DIR") or os.path.join(ROOT, "..", "shared")  # shared/ beside the checkout
 # Metric fields that measure time: they differ between any two runs; everything else must match.
 TIMING = ("training_time", "tokens_per_second", "eta_seconds")
 # The programs the tests start run with XLA's default flags. (XLA:CPU's legacy fusion emitters,

@@ -1,14 +1,18 @@
-"""compare: every leaderboard format loads, neighbours are the right Marin rows, non-Paloma runs are flagged, and
-malformed leaderboard files are one clear error naming the file."""
-import io
+"""compare: every leaderboard format loads, neighbours are the right Marin rows, non-Paloma runs are flagged,
+malformed leaderboard files are one clear error naming the file, and with no --leaderboard the published table is
+used when it answers and the bundled snapshot when it does not (a local server and a closed local port stand in for
+the network: no test reaches outside this machine)."""
+import functools
+import http.server
 import json
 import os
+import socket
+import threading
 
 import pytest
 
-from tinyjax import compare
+from tinyjax import compare, reference
 from tinyjax.runtime import results
-
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +26,18 @@ def run_tiny(tmp_path_factory, make_workdir):
   return make_workdir(tmp_path_factory.mktemp("w") / "tiny", "tiny", evals={"python_docs": [2.3, 1.9]})
 
 
-def test_every_format_loads(marin):
-  table = compare.load_leaderboard([marin.runs])
+@pytest.fixture(scope="module")
+def published(marin, tmp_path_factory) -> str:
+  """The table as marin-community/speedrun publishes it (a bare list of rows), from the bundled snapshot."""
+  path = tmp_path_factory.mktemp("published") / "runs.json"
+  path.write_text(json.dumps(reference.load(marin.runs)["runs"]))
+  return str(path)
+
+
+def test_every_format_loads(marin, published):
+  table = compare.load_leaderboard([published])
   assert len(table) == 96 and all(r["total_tokens"] is None for r in table)  # runs.json has no token counts
+  assert compare.load_leaderboard([marin.runs]) == table  # the bundled snapshot: the same rows under "runs"
   enriched = compare.load_leaderboard([marin.leaderboard])
   assert len(enriched) == 137
   h200 = next(r for r in enriched if r["run_name"] == "llama_50m_h200")
@@ -105,23 +118,66 @@ def test_cli_table_and_json(marin, run_50m, run_tiny, capsys):
   assert lines[3].split()[:6] == ["llama_50m_muon_1x", "size+flops", "50.9M", "1.3989", "+0.0011", "1.67e+17"]
 
 
-def test_default_is_the_published_table(marin, run_50m, monkeypatch, capsys):
-  asked = []
+@pytest.fixture
+def local_table(published):
+  """An HTTP server on 127.0.0.1 serving the published table's bytes; yields its URL."""
+  class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # the default writes each request to stderr, where compare's line goes
+      pass
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                           functools.partial(Quiet, directory=os.path.dirname(published)))
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  yield f"http://127.0.0.1:{server.server_address[1]}/runs.json"
+  server.shutdown()
+  server.server_close()
 
-  def urlopen(url, timeout):
-    asked.append(url)
-    with open(marin.runs, "rb") as f:
-      return io.BytesIO(f.read())
-  monkeypatch.setattr(compare.urllib.request, "urlopen", urlopen)
+
+def _closed_port_url() -> str:
+  with socket.socket() as s:  # bound then closed: nothing listens there, the connection is refused at once
+    s.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{s.getsockname()[1]}/runs.json"
+
+
+def test_default_is_the_published_table(local_table, run_50m, monkeypatch, capsys):
+  monkeypatch.setattr(compare, "DEFAULT_URL", local_table)
+  compare.main([run_50m, "--near", "3"])
+  out, err = capsys.readouterr()
+  assert err == f"leaderboard: the published table {local_table} (96 runs)\n"
+  assert [line.split()[0] for line in out.splitlines()[3:7]] == [
+      "llama_50m_gpu", "llama_50m_h200", "olmo_50m_h200", "llama_50m_10xC"]
+
+
+def test_offline_uses_the_bundled_snapshot(run_50m, monkeypatch, capsys):
+  url = _closed_port_url()
+  monkeypatch.setattr(compare, "DEFAULT_URL", url)
+  compare.main([run_50m, "--near", "3"])
+  out, err = capsys.readouterr()
+  assert err.startswith(f"leaderboard: {url} not used (cannot fetch (<urlopen error [Errno 111] Connection refused>))")
+  assert err.endswith("; the bundled snapshot marin-community/speedrun data/runs.json @ dd1d1c17 (2025-12-21, "
+                      "96 runs)\n") and err.count("\n") == 1
+  assert [line.split()[0] for line in out.splitlines()[3:7]] == [
+      "llama_50m_gpu", "llama_50m_h200", "olmo_50m_h200", "llama_50m_10xC"], "the same rows as the published table"
+  compare.main([run_50m, "--json"])
+  doc = json.loads(capsys.readouterr().out)
+  assert doc["leaderboard_runs"] == 96 and doc["leaderboard"][0].endswith("(2025-12-21, 96 runs)")
+
+
+def test_a_page_that_is_not_the_table_falls_back_too(tmp_path, run_50m, monkeypatch, capsys):
+  """A captive portal or an error page answers 200 with HTML: not the table, so the snapshot is used."""
+  (tmp_path / "runs.json").write_text("<html>sign in</html>")
+  monkeypatch.setattr(compare.urllib.request, "urlopen",
+                      lambda url, timeout: open(tmp_path / "runs.json", "rb"))  # noqa: SIM115 - urlopen's contract
   compare.main([run_50m])
-  assert asked == [compare.DEFAULT_URL] and "llama_50m_gpu" in capsys.readouterr().out
+  assert "not used (Expecting value: line 1 column 1 (char 0)); the bundled snapshot" in capsys.readouterr().err
 
-  def offline(url, timeout):
-    raise OSError("network is unreachable")
-  monkeypatch.setattr(compare.urllib.request, "urlopen", offline)
-  with pytest.raises(SystemExit):
-    compare.main([run_50m])
-  assert "cannot fetch (network is unreachable); pass --leaderboard FILE" in capsys.readouterr().err
+
+def test_an_explicit_url_does_not_fall_back(run_50m, capsys):
+  url = _closed_port_url()
+  with pytest.raises(SystemExit) as e:
+    compare.main([run_50m, "--leaderboard", url])
+  assert e.value.code == 2
+  assert capsys.readouterr().err == (f"tinyjax: error: {url}: cannot fetch (<urlopen error [Errno 111] Connection "
+                                     "refused>); pass --leaderboard FILE to work offline\n")
 
 
 ROW = {"run_name": "r", "model_size": 5, "model_flops": 1e17, "eval_paloma_c4_en_bpb": 1.4}

@@ -161,7 +161,7 @@ def test_tensorboard_holds_the_metrics(finished):
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
-  wandb = pytest.importorskip("wandb")
+  wandb = pytest.importorskip("wandb", reason="pip install -e '.[test]' installs wandb")
   from tinyjax.runtime import tracking  # noqa: PLC0415
   monkeypatch.setenv("WANDB_MODE", "offline")
   cfg = config.base()

@@ -1,6 +1,7 @@
 """config.env reaches the process before JAX starts, is recorded, and envdiff measures what a setting changes."""
 import gc
 import json
+import os
 
 import pytest
 
@@ -107,6 +108,7 @@ def test_envdiff_cpu_irrelevant_flag_is_bitwise_identical(preallocate_report):
   report, out = preallocate_report
   assert report["bitwise_identical"] and report["loss"]["first_differing_step"] is None
   assert report["steps"] == [1, 2, 3, 4]
+  assert report["env_differences"] == ["environment.XLA_PYTHON_CLIENT_PREALLOCATE: true | false"]
   assert json.load(open(out / "envdiff.json"))["bitwise_identical"] is True
 
 
@@ -120,6 +122,7 @@ def test_run_info_records_the_run(preallocate_report):
   # envdiff's processes inherit this test process's environment: 8 fake CPU devices (conftest).
   assert info["devices"]["backend"] == "cpu" and info["devices"]["device_count"] == 8 == info["mesh"]["num_devices"]
   assert info["devices"]["process_count"] == 1 and info["host"]
+  assert info["env"]["host_cpu"] == env.host_cpu()  # this machine's CPU, as the process saw it
   assert info["git"] is None or {"commit", "dirty", "diff_sha256"} <= info["git"].keys()
   assert len(info["config_sha256"]) == 64 and info["status"] == "completed"
   assert info["start_time"] <= info["end_time"]
@@ -131,3 +134,87 @@ def test_envdiff_reports_a_real_difference(tmp_path):
                          f"--out={tmp_path}", "--", *SMALL])
   assert not report["bitwise_identical"] and report["loss"]["first_differing_step"] == 1
   assert report["loss"]["max_abs_diff"] > 0 and not report["final_params_identical"]
+
+
+def test_only_library_settings_are_recorded(monkeypatch):
+  """TF_ is TensorFlow's/XLA's and Terraform's prefix: only the TF_ variables XLA's runtime reads are settings."""
+  monkeypatch.setenv("TF_CLI_CONFIG_FILE", "/root/.terraformrc")  # Terraform's
+  monkeypatch.setenv("TF_VAR_region", "x")
+  monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+  recorded = env.record()["environment"]
+  assert "TF_CLI_CONFIG_FILE" not in recorded and "TF_VAR_region" not in recorded
+  assert recorded["TF_CPP_MIN_LOG_LEVEL"] == "1" and recorded["XLA_FLAGS"] == "--xla_cpu_max_isa=AVX2"
+  assert [env.recorded(v) for v in ("JAX_PLATFORMS", "LIBTPU_INIT_ARGS", "NCCL_DEBUG", "CUDA_VISIBLE_DEVICES",
+                                    "TF_GPU_ALLOCATOR", "TF_LOG", "TFHUB_CACHE_DIR", "HOME")] == [
+      True, True, True, True, True, False, False, False]
+
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+stepping\t: 8
+flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: something else
+"""
+
+
+def _cache(root, index, level, kind, size):
+  d = root / f"index{index}"
+  d.mkdir(parents=True)
+  for name, value in (("level", level), ("type", kind), ("size", size)):
+    (d / name).write_text(value + "\n")
+
+
+def test_host_cpu(tmp_path):
+  for i, (level, kind, size) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"), ("2", "Unified", "2048K"),
+                                           ("3", "Unified", "107520K")]):
+    _cache(tmp_path, i, level, kind, size)
+  host = env.host_cpu(SAPPHIRE_RAPIDS, str(tmp_path), xla_flags="")
+  assert {k: host[k] for k in ("model", "vendor", "family_model_stepping", "cpu_isa", "xla_isa", "caches")} == {
+      "model": "Intel(R) Xeon(R) Platinum 8480+", "vendor": "GenuineIntel", "family_model_stepping": "6/143/8",
+      "cpu_isa": "AMX", "xla_isa": "AMX", "caches": {"L1d": "48K", "L1i": "32K", "L2": "2048K", "L3": "107520K"}}
+  capped = env.host_cpu(SAPPHIRE_RAPIDS, str(tmp_path), xla_flags="--xla_cpu_max_isa=avx2 --xla_foo=1")
+  assert (capped["cpu_isa"], capped["xla_isa"]) == ("AMX", "AVX2")
+  assert env.host_cpu(SAPPHIRE_RAPIDS, str(tmp_path), xla_flags="--xla_cpu_max_isa=AMX_FP16")["xla_isa"] == "AMX"
+  bare = env.host_cpu("", str(tmp_path / "none"), xla_flags="")
+  assert (bare["model"], bare["cpu_isa"], bare["caches"]) == (None, None, {})
+  assert bare["usable_cpus"] == len(os.sched_getaffinity(0)) and bare["cpu_count"] == os.cpu_count()
+
+
+def _finished(workdir, losses, sha, host):
+  workdir.mkdir()
+  rows = [{"step": s, "loss": l, "param_norm": 10.0} for s, l in losses.items()]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [{"step": 2, "param_sha256": sha}]))
+  (workdir / "run_info.json").write_text(json.dumps({"env": {"environment": {"XLA_FLAGS": "--a"}, "jax_config": {},
+                                                             "host_cpu": host}}))
+  return str(workdir)
+
+
+def test_envdiff_names_a_host_difference(tmp_path, capsys):
+  """Two finished runs from two machines: the step that first differs, and the host facts that differ."""
+  amd = {"model": "AMD EPYC", "xla_isa": "AVX512_BF16", "caches": {"L2": "1024K"}, "usable_cpus": 2}
+  intel = {**amd, "model": "Intel(R) Xeon(R) Platinum 8480+", "xla_isa": "AMX"}
+  a = _finished(tmp_path / "a", {1: 8.7860, 2: 8.5}, "5c74", amd)
+  b = _finished(tmp_path / "b", {1: 8.7861, 2: 8.5}, "4666", intel)
+  report = envdiff.main(["--runs", a, b])
+  assert report["loss"]["first_differing_step"] == 1 and not report["bitwise_identical"]
+  assert report["env_differences"] == ["host_cpu.model: AMD EPYC | Intel(R) Xeon(R) Platinum 8480+",
+                                       "host_cpu.xla_isa: AVX512_BF16 | AMX"]
+  out = capsys.readouterr().out
+  assert "recorded settings and host: differ (A | B):\n  host_cpu.model: AMD EPYC | Intel(R) Xeon(R) Platinum 8480+" in out
+  assert envdiff.main(["--runs", a, a])["env_differences"] == []
+
+
+def test_envdiff_runs_errors(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    envdiff.main(["--runs", str(tmp_path), str(tmp_path)])
+  assert e.value.code == 2
+  assert capsys.readouterr().err.startswith(f"tinyjax: error: {tmp_path}: not a finished tinyjax run (")
+  with pytest.raises(SystemExit) as e:
+    envdiff.main([])
+  assert capsys.readouterr().err == "tinyjax: error: --config=FILE is required (or --runs WORKDIR_A WORKDIR_B)\n"

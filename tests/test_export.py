@@ -42,7 +42,7 @@ def hf_names(c: ModelConfig) -> dict:
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_safetensors_names_shapes_dtypes(tmp_path, tok, tied, make_run):
-  safetensors = pytest.importorskip("safetensors")
+  safetensors = pytest.importorskip("safetensors", reason="pip install -e '.[test]' installs safetensors")
   c = dataclasses.replace(GQA, tie_word_embeddings=tied)
   export.export(make_run(tok, c), str(tmp_path))
   with safetensors.safe_open(str(tmp_path / "model.safetensors"), "np") as f:
@@ -55,7 +55,7 @@ def test_safetensors_names_shapes_dtypes(tmp_path, tok, tied, make_run):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_import_is_bitwise_identity(tmp_path, tok, tied, make_run):
-  pytest.importorskip("safetensors")
+  pytest.importorskip("safetensors", reason="pip install -e '.[test]' installs safetensors")
   run = make_run(tok, dataclasses.replace(GQA, tie_word_embeddings=tied))
   export.export(run, str(tmp_path), max_shard_bytes=60_000)  # ~0.4 MB of weights: several shards plus an index
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -70,7 +70,7 @@ def test_export_import_is_bitwise_identity(tmp_path, tok, tied, make_run):
 
 
 def test_bfloat16_export_rounds_once(tmp_path, tok, make_run):
-  pytest.importorskip("safetensors")
+  pytest.importorskip("safetensors", reason="pip install -e '.[test]' installs safetensors")
   run = make_run(tok)
   export.export(run, str(tmp_path), dtype="bfloat16")
   assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -81,8 +81,8 @@ def test_bfloat16_export_rounds_once(tmp_path, tok, make_run):
 
 
 def test_transformers_loads_config_and_tokenizer(tmp_path, tok, make_run):
-  transformers = pytest.importorskip("transformers")
-  pytest.importorskip("safetensors")
+  transformers = pytest.importorskip("transformers", reason="pip install -e '.[test]' installs transformers")
+  pytest.importorskip("safetensors", reason="pip install -e '.[test]' installs safetensors")
   export.export(make_run(tok), str(tmp_path))
   hf = transformers.AutoConfig.from_pretrained(str(tmp_path))
   assert type(hf).__name__ == "LlamaConfig" and hf.architectures == ["LlamaForCausalLM"]
@@ -105,8 +105,8 @@ def test_transformers_loads_config_and_tokenizer(tmp_path, tok, make_run):
 def test_logits_match_transformers_pytorch_llama(tmp_path, tok, tied, make_run):
   """max |Δlogit| <= 1e-4 in fp32 on a GQA shape; every tensor of a sharded export loads with no missing/unexpected
   key."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  torch = pytest.importorskip("torch", reason="pip install -e '.[test]' installs torch")
+  transformers = pytest.importorskip("transformers", reason="pip install -e '.[test]' installs transformers")
   c = dataclasses.replace(GQA, tie_word_embeddings=tied)
   run = make_run(tok, c, seed=3)
   export.export(run, str(tmp_path), max_shard_bytes=100_000)
@@ -148,7 +148,7 @@ def test_qk_norm_model_refused_with_reason(tmp_path, tok, make_run):
 
 
 def test_import_refuses_other_architectures(tmp_path, tok, make_run):
-  pytest.importorskip("safetensors")
+  pytest.importorskip("safetensors", reason="pip install -e '.[test]' installs safetensors")
   export.export(make_run(tok), str(tmp_path))
   hf = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps({**hf, "attention_bias": True}))
@@ -159,7 +159,7 @@ def test_import_refuses_other_architectures(tmp_path, tok, make_run):
 
 
 def test_cli_exports_a_checkpoint_and_init_from_loads_it(tmp_path, tok, write_checkpoint):
-  pytest.importorskip("safetensors")
+  pytest.importorskip("safetensors", reason="pip install -e '.[test]' installs safetensors")
   params = write_checkpoint(tmp_path / "run", tok)
   export.main([str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
   for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -209,7 +209,7 @@ def _files(folder) -> set[str]:
 def test_export_replaces_a_previous_export_whole(tmp_path, run_a):
   """Run A as one file, then run B as shards into the same --out: only B's files remain (a stale model.safetensors
   is what transformers would load), and a bf16 export left behind does not survive a float32 one."""
-  pytest.importorskip("safetensors")
+  pytest.importorskip("safetensors", reason="pip install -e '.[test]' installs safetensors")
   out = tmp_path / "hf"
   run_b = dataclasses.replace(run_a, params=jax.tree.map(lambda x: np.asarray(x) + 1.0, run_a.params))
   export.export(run_a, str(out))
@@ -231,7 +231,7 @@ def test_export_replaces_a_previous_export_whole(tmp_path, run_a):
 
 def test_export_refuses_a_folder_with_other_files(tmp_path, tok, capsys, write_checkpoint):
   """Nothing of the user's is deleted: an --out holding other files is one line, exit 2, and stays as it was."""
-  pytest.importorskip("safetensors")
+  pytest.importorskip("safetensors", reason="pip install -e '.[test]' installs safetensors")
   write_checkpoint(tmp_path / "run", tok)
   out = tmp_path / "hf"
   export.main([str(tmp_path / "run"), "--out", str(out)])
@@ -251,7 +251,7 @@ def test_export_refuses_a_folder_with_other_files(tmp_path, tok, capsys, write_c
 
 
 def test_mixed_single_and_sharded_weights_are_refused(tmp_path, run_a):
-  pytest.importorskip("safetensors")
+  pytest.importorskip("safetensors", reason="pip install -e '.[test]' installs safetensors")
   export.export(run_a, str(tmp_path / "a"), max_shard_bytes=60_000)
   export.export(run_a, str(tmp_path / "b"))
   shutil.copy(tmp_path / "b" / "model.safetensors", tmp_path / "a")  # what older tinyjax left behind

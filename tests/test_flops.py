@@ -1,33 +1,37 @@
 """Parameter counts and FLOPs reproduce Marin's published numbers to the last digit; the device peak table."""
-import json
-import os
 
 import pytest
 
-from tinyjax import config, flops
+from tinyjax import config, flops, reference
 from tinyjax.model import ModelConfig
 
-# ../shared/reference/marin-speedrun.md §2 table: params, non-embedding, fwd FLOPs/token @1024, @4096.
-TABLE = {
-    "llama_nano": (8_241_312, 32_928, 8_548_352, 9_371_648),
-    "llama_30m": (33_784_960, 951_424, 36_855_808, 43_220_992),
-    "llama_50m": (50_874_048, 1_623_744, 55_664_640, 65_175_552),
-    "llama_75m": (73_273_600, 7_606_528, 89_358_336, 114_819_072),
-    "llama_150m": (154_147_328, 22_813_184, 189_677_568, 227_868_672),
-    "llama_300m": (299_649_792, 102_648_576, 440_451_072, 555_024_384),
-}
+# Marin's sizes (experiments/llama.py) with Levanter's counts, bundled in tinyjax/reference/marin_model_table.json:
+# shape, params, non-embedding, fwd FLOPs/token @1024, @4096 (vocab 128,256, untied head).
+TABLE = reference.load(reference.MODEL_TABLE)["models"]
+SHAPE = ("hidden_dim", "intermediate_dim", "num_layers", "num_heads", "num_kv_heads")
 
 
 def _model(name, seq_len=1024):
   cfg = config.base()
-  config.marin_model(cfg, name)
+  config.marin_model(cfg, "llama_nano")  # Marin's vocab and untied head; the shape from the table
+  for key in SHAPE:
+    cfg.model[key] = TABLE[name][key]
   cfg.model.seq_len = seq_len
   return ModelConfig.from_config(cfg.model)
 
 
+def test_named_sizes_are_the_tables():
+  assert len(TABLE) == 8 and set(config.MARIN_MODELS) < set(TABLE)
+  for name, shape in config.MARIN_MODELS.items():
+    assert shape[:5] == tuple(TABLE[name][k] for k in SHAPE), name
+
+
 @pytest.mark.parametrize("name", sorted(TABLE))
 def test_marin_table(name):
-  params, non_emb, fpt1024, fpt4096 = TABLE[name]
+  row = TABLE[name]
+  params, non_emb = row["params"], row["non_embedding_params"]
+  fpt1024, fpt4096 = row["fwd_flops_per_token_seq1024"], row["fwd_flops_per_token_seq4096"]
+  assert _model(name).head_dim == row["head_dim"]
   counts = flops.param_counts(_model(name))
   assert counts["model_size"] == params, "total_trainable_params formula drifted from Levanter's"
   assert counts["non_embedding_params"] == non_emb
@@ -36,9 +40,8 @@ def test_marin_table(name):
 
 
 @pytest.fixture(scope="module")
-def marin_runs(shared):
-  with open(os.path.join(shared, "marin", "runs.json")) as f:
-    return {r["run_name"]: r for r in json.load(f)}
+def marin_runs(marin):
+  return {r["run_name"]: r for r in reference.load(marin.runs)["runs"]}
 
 
 @pytest.mark.parametrize("run,name,seq,tokens", [
@@ -48,7 +51,7 @@ def marin_runs(shared):
     ("muon_llama_scaling/300m", "llama_300m", 4096, 5_999_951_872),
 ])
 def test_model_flops_match_leaderboard(marin_runs, run, name, seq, tokens):
-  """Marin's runs.json model_flops = 3 x fpt x total_tokens (read in place from ../shared)."""
+  """Marin's runs.json model_flops = 3 x fpt x total_tokens (the bundled snapshot of the table)."""
   row = marin_runs[run]
   assert flops.param_counts(_model(name, seq))["model_size"] == row["model_size"]
   assert flops.model_flops(_model(name, seq), tokens) == pytest.approx(row["model_flops"], rel=1e-12)

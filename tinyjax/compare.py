@@ -2,11 +2,13 @@
 
 python -m tinyjax.compare WORKDIR [WORKDIR ...] [--leaderboard FILE_OR_DIR_OR_URL ...] [--near N] [--json]
 
-Leaderboard formats (../shared/reference/marin-speedrun.md §1, §6), all normalised to one row shape:
+Without --leaderboard: the published table when it answers within TIMEOUT_S, else the snapshot bundled with tinyjax
+(tinyjax/reference/marin_runs.json); one line on stderr says which, and the snapshot's commit and date.
+Leaderboard formats (Marin's lib/marin/src/marin/speedrun/ and marin-community/speedrun), normalised to one row shape:
   * the official table `data/runs.json` of marin-community/speedrun: a list of rows (run_name, model_size,
-    model_flops, training_hardware_flops, training_time, eval_paloma_c4_en_bpb, ...); the default, fetched online;
-  * an object with a `runs` list of such rows (shared/marin-leaderboard.json: training_time_s, total_tokens,
-    hardware, num_chips too);
+    model_flops, training_hardware_flops, training_time, eval_paloma_c4_en_bpb, ...);
+  * an object with a `runs` list of such rows (the bundled tinyjax/reference/marin_leaderboard.json:
+    training_time_s, total_tokens, hardware, num_chips too);
   * per-run `speedrun_results.json` files ({"runs": [{"run_info": {...}}]}), given as files or a directory
     (searched recursively, as Marin's create_leaderboard.py globs experiments/speedrun/**/speedrun_results.json).
 Only Paloma c4_en BPB is the leaderboard's metric: our runs evaluated on another set are listed as not comparable,
@@ -26,10 +28,11 @@ import re
 import sys
 import urllib.request
 
-from tinyjax import cli, flops
+from tinyjax import cli, flops, reference
 from tinyjax.runtime import results
 
 DEFAULT_URL = "https://raw.githubusercontent.com/marin-community/speedrun/main/data/runs.json"
+TIMEOUT_S = 10  # for the published table; an offline machine fails at once (DNS) or after this
 NUMBER, INTEGER, TEXT = (int, float), (int,), (str,)
 # normalised field: (accepted source names, types, required)
 TABLE_FIELDS = {
@@ -164,13 +167,13 @@ def parse(doc, source: str, root: str | None = None) -> list[dict]:
           for i, r in enumerate(runs)]
 
 
-def _read(source: str) -> str:
+def _read(source: str, timeout: float = 30, hint: str = "; pass --leaderboard FILE to work offline") -> str:
   if source.startswith(("http://", "https://")):
     try:
-      with urllib.request.urlopen(source, timeout=30) as response:
+      with urllib.request.urlopen(source, timeout=timeout) as response:
         return response.read().decode()
     except OSError as e:
-      raise LeaderboardError(f"{source}: cannot fetch ({e}); pass --leaderboard FILE to work offline") from None
+      raise LeaderboardError(f"{source}: cannot fetch ({e}){hint}") from None
   if not os.path.exists(source):
     raise LeaderboardError(f"{source}: no such file or directory")
   try:
@@ -202,6 +205,18 @@ def load_leaderboard(sources: list[str]) -> list[dict]:
     else:
       rows += _load_one(source)
   return rows
+
+
+def default_leaderboard() -> tuple[list[dict], str]:
+  """The published table if it answers within TIMEOUT_S, else the bundled snapshot; and a line saying which."""
+  try:
+    rows = parse(json.loads(_read(DEFAULT_URL, timeout=TIMEOUT_S, hint="")), DEFAULT_URL)
+    return rows, f"leaderboard: the published table {DEFAULT_URL} ({len(rows)} runs)"
+  except (LeaderboardError, json.JSONDecodeError, OSError, ValueError) as e:  # offline, or a page that is not the table
+    why = str(e).removeprefix(f"{DEFAULT_URL}: ")
+    rows = load_leaderboard([reference.RUNS])
+    return rows, (f"leaderboard: {DEFAULT_URL} not used ({why}); the bundled snapshot "
+                  f"{reference.snapshot_line()}")
 
 
 def load_ours(workdir: str) -> dict:
@@ -305,20 +320,24 @@ def main(argv: list[str]) -> None:
   p = cli.ArgParser(prog="python -m tinyjax.compare", description=__doc__.splitlines()[0])
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   p.add_argument("--leaderboard", action="append", metavar="FILE_OR_DIR_OR_URL",
-                 help=f"repeatable; default: {DEFAULT_URL}")
+                 help=f"repeatable; default: {DEFAULT_URL}, or when that cannot be read in {TIMEOUT_S} s the bundled "
+                      f"snapshot ({reference.snapshot_line()})")
   p.add_argument("--near", type=int, default=3, help="Marin runs nearest in model FLOPs per run (default 3)")
   p.add_argument("--json", action="store_true", help="machine-readable output")
   args = p.parse_args(argv)
   if args.near < 0:
     cli.fail(f"--near={args.near}: must be >= 0")
   try:
-    board = load_leaderboard(args.leaderboard or [DEFAULT_URL])
+    board, used = (load_leaderboard(args.leaderboard), None) if args.leaderboard else default_leaderboard()
     comparisons = compare(args.workdirs, board, args.near)
   except (LeaderboardError, OSError, ValueError) as e:
     cli.fail(str(e))
+  if used:
+    print(used, file=sys.stderr)
   if args.json:
     flagged = [{"run_name": r["run_name"], "flags": r["flags"]} for r in board if r["flags"]]
-    print(json.dumps({"leaderboard": args.leaderboard or [DEFAULT_URL], "leaderboard_runs": len(board),
+    print(json.dumps({"leaderboard": args.leaderboard or [used.removeprefix("leaderboard: ")],
+                      "leaderboard_runs": len(board),
                       "flagged_rows": flagged, "comparisons": comparisons}, indent=2, allow_nan=False, default=str))
   else:
     print(table(comparisons, board))

@@ -13,7 +13,16 @@ import jax
 from tinyjax.errors import ConfigError
 from tinyjax.runtime import files
 
-RECORDED_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TPU_", "NCCL_", "CUDA_", "TF_")
+# Recorded as settings: the variables JAX, XLA, libtpu, NCCL and CUDA read (each family by its prefix), and of the
+# TF_ ones only those XLA's TSL runtime reads (logging and the GPU allocator): TF_ is also Terraform's prefix
+# (TF_CLI_CONFIG_FILE, TF_LOG, TF_VAR_*), which no library of this process reads.
+RECORDED_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TPU_", "NCCL_", "CUDA_")
+RECORDED_TF = ("TF_CPP_MIN_LOG_LEVEL", "TF_CPP_MAX_VLOG_LEVEL", "TF_CPP_MIN_VLOG_LEVEL", "TF_CPP_VMODULE",
+               "TF_CPP_LOG_THREAD_ID", "TF_GPU_ALLOCATOR", "TF_FORCE_GPU_ALLOW_GROWTH", "TF_FORCE_UNIFIED_MEMORY")
+# XLA's --xla_cpu_max_isa values, lowest first, and the /proc/cpuinfo flags that mark each (x86-64).
+XLA_ISAS = (("SSE4_2", "sse4_2"), ("AVX", "avx"), ("AVX2", "avx2"), ("AVX512", "avx512f"),
+            ("AVX512_VNNI", "avx512_vnni"), ("AVX512_BF16", "avx512_bf16"), ("AMX", "amx_bf16"),
+            ("AMX_FP16", "amx_fp16"))
 # config.env field -> environment variable it sets (verbatim).
 ENV_VARS = {
     "platform": "JAX_PLATFORMS",
@@ -169,10 +178,55 @@ def apply_jax_options(e) -> None:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(e.compilation_cache_dir))
 
 
+def recorded(name: str) -> bool:
+  """Whether an environment variable is a setting of this process's libraries (see RECORDED_PREFIXES)."""
+  return name.startswith(RECORDED_PREFIXES) or name in RECORDED_TF
+
+
+def _read(path: str) -> str | None:
+  try:
+    with open(path) as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
+def host_cpu(cpuinfo: str | None = None, cache_dir: str = "/sys/devices/system/cpu/cpu0/cache",
+             xla_flags: str | None = None) -> dict:
+  """The host CPU as far as it can change the numbers: model, the ISA XLA's CPU compiler targets (the CPU's best,
+  capped by --xla_cpu_max_isa), cpu0's caches, and the CPUs this process may use (XLA sizes its thread pool by them;
+  1 vs 2 threads changes the tiny default's bits, BUILD_NOTES "Reproducibility")."""
+  fields = {}
+  for line in (cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo") or "").splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() and key.strip() not in fields:  # the first processor's block
+      fields[key.strip()] = value.strip()
+  flags = set(fields.get("flags", "").split())
+  isas = [name for name, flag in XLA_ISAS if flag in flags]
+  cap = next((f.split("=", 1)[1].upper() for f in reversed((xla_flags if xla_flags is not None else
+                                                           os.environ.get("XLA_FLAGS", "")).split())
+              if f.startswith("--xla_cpu_max_isa=")), None)
+  names = [name for name, _ in XLA_ISAS]
+  xla_isa = isas[-1] if isas else None
+  if xla_isa and cap in names and names.index(cap) < names.index(xla_isa):
+    xla_isa = cap
+  caches = {}
+  for index in sorted(os.listdir(cache_dir)) if os.path.isdir(cache_dir) else []:
+    d = os.path.join(cache_dir, index)
+    level, kind, size = (_read(os.path.join(d, f)) for f in ("level", "type", "size"))
+    if level and size:
+      caches[f"L{level}" + {"Data": "d", "Instruction": "i"}.get(kind or "", "")] = size
+  return {"model": fields.get("model name"), "vendor": fields.get("vendor_id"),
+          "family_model_stepping": "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping")),
+          "cpu_isa": isas[-1] if isas else None, "xla_isa": xla_isa, "caches": caches,
+          "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0))}
+
+
 def record() -> dict:
-  """Environment variables and jax options in force now, whether or not config.env set them."""
-  env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_PREFIXES)}
-  return {"environment": env, "jax_config": {name: getattr(jax.config, name) for name in JAX_OPTIONS}}
+  """Environment variables and jax options in force now, whether or not config.env set them; and the host CPU."""
+  env = {k: v for k, v in sorted(os.environ.items()) if recorded(k)}
+  return {"environment": env, "jax_config": {name: getattr(jax.config, name) for name in JAX_OPTIONS},
+          "host_cpu": host_cpu()}
 
 
 def summary(record_: dict) -> str:

@@ -3,6 +3,7 @@
 python -m tinyjax.envdiff --config=configs/tiny.py --a env.xla_python_client_preallocate=true \
     --b env.xla_python_client_preallocate=false [--steps 20] [--out DIR] [-- extra --config.k=v ...]
 python -m tinyjax.envdiff --config=configs/tiny.py --target=h100 --a XLA_FLAGS=--xla_gpu_enable_triton_gemm=false
+python -m tinyjax.envdiff --runs WORKDIR_A WORKDIR_B     (two finished runs, e.g. from two machines)
 
 With --target=NAME (tinyjax/targets.py) nothing is trained: each side compiles the train step for that GPU or TPU
 with the target's own compiler (tinyjax/aot.py), and the report says whether the optimized programs differ (their
@@ -14,7 +15,9 @@ A KEY=VALUE whose KEY is UPPER_CASE is an environment variable of that side's pr
 otherwise it is a config override (--config.KEY=VALUE). Both sides log every step (loss and parameter norm) and
 end with a SHA-256 of the final parameters. The report gives the first step whose loss differs, the largest
 absolute and relative differences of loss and parameter norm, and whether the runs are bitwise identical; it is
-printed as a table and written to OUT/envdiff.json.
+printed as a table and written to OUT/envdiff.json. Every report names what differs in the two runs' recorded
+settings and hosts (run_info.json env: variables, jax options, the host CPU: model, the ISA XLA targets, caches,
+usable CPUs), so that a difference between two machines' runs comes with its likely cause.
 """
 from __future__ import annotations
 
@@ -56,10 +59,33 @@ def run_side(config: str, settings: list[str], steps: int, workdir: str, extra: 
   if proc.returncode != 0:
     cli.fail(f"the run with {' '.join(settings) or 'no settings'} failed (exit {proc.returncode}): "
           f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-  rows = metrics.read(workdir)
+  return read_run(workdir)
+
+
+def read_run(workdir: str) -> dict:
+  """A finished run's per-step rows, final param_sha256 and recorded env (run_info.json)."""
+  try:
+    rows = metrics.read(workdir)
+    with open(os.path.join(workdir, "run_info.json")) as f:
+      recorded = json.load(f).get("env") or {}
+  except (OSError, ValueError) as e:
+    cli.fail(f"{workdir}: not a finished tinyjax run ({getattr(e, 'strerror', None) or e})")
+  if not any("loss" in r for r in rows):
+    cli.fail(f"{workdir}: no logged steps in metrics.jsonl")
   return {"loss": {r["step"]: r["loss"] for r in rows if "loss" in r},
           "param_norm": {r["step"]: r["param_norm"] for r in rows if "param_norm" in r},
-          "param_sha256": next((r["param_sha256"] for r in rows if "param_sha256" in r), None)}
+          "param_sha256": next((r["param_sha256"] for r in rows if "param_sha256" in r), None),
+          "env": {k: recorded.get(k) or {} for k in ("environment", "jax_config", "host_cpu")}}
+
+
+def env_differences(a: dict, b: dict) -> list[str]:
+  """'host_cpu.model: AMD EPYC | Intel(R) Xeon(R) ...' for each recorded setting or host fact that differs."""
+  out = []
+  for part in ("environment", "jax_config", "host_cpu"):
+    x, y = a.get(part) or {}, b.get(part) or {}
+    out += [f"{part}.{k}: {x.get(k, '(unset)')} | {y.get(k, '(unset)')}" for k in sorted(set(x) | set(y))
+            if x.get(k, "(unset)") != y.get(k, "(unset)")]
+  return out
 
 
 def compare(a: dict, b: dict) -> dict:
@@ -73,6 +99,7 @@ def compare(a: dict, b: dict) -> dict:
     report[key] = {"first_differing_step": differs[0] if differs else None,
                    "max_abs_diff": float(np.nanmax(diff)) if len(diff) else 0.0,
                    "max_rel_diff": float(np.nanmax(diff / np.maximum(np.abs(x), 1e-30))) if len(diff) else 0.0}
+  report["env_differences"] = env_differences(a.get("env") or {}, b.get("env") or {})
   report["final_params_identical"] = a["param_sha256"] == b["param_sha256"]
   report["bitwise_identical"] = (report["final_params_identical"] and a["loss"] == b["loss"]
                                  and a["param_norm"] == b["param_norm"])
@@ -88,6 +115,8 @@ def table(report: dict, a: list[str], b: list[str]) -> str:
                  f"{r['max_rel_diff']:>10.3e}")
   lines.append(f"final params identical: {report['final_params_identical']}; "
                f"bitwise identical run: {report['bitwise_identical']} ({len(report['steps'])} steps)")
+  lines.append("recorded settings and host: " + ("identical" if not report["env_differences"] else "differ (A | B):"))
+  lines += ["  " + d for d in report["env_differences"]]
   return "\n".join(lines)
 
 
@@ -136,7 +165,8 @@ def target_table(report: dict) -> str:
 
 def main(argv=None) -> dict:
   parser = cli.ArgParser(prog="python -m tinyjax.envdiff", description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True)
+  parser.add_argument("--config", help="the config both sides train (or compile, with --target)")
+  parser.add_argument("--runs", nargs=2, metavar="WORKDIR", help="compare two finished runs instead of training")
   parser.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE")
   parser.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE")
   parser.add_argument("--steps", type=int, default=20)
@@ -144,6 +174,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--target", default="", help="compile for this GPU/TPU (h100, v5p-8, ...) instead of training")
   parser.add_argument("extra", nargs="*", help="config overrides for both sides, after --")
   args = parser.parse_args(argv)
+  if args.runs:
+    report = compare(*map(read_run, args.runs))
+    print(table(report, [args.runs[0]], [args.runs[1]]))
+    return report
+  if not args.config:
+    cli.fail("--config=FILE is required (or --runs WORKDIR_A WORKDIR_B)")
   if not os.path.isfile(os.path.join(REPO, args.config)) and not os.path.isfile(args.config):
     cli.fail(f"--config={args.config}: no such config file")
   if args.steps < 1:

@@ -1,6 +1,8 @@
 """Marin's parameter count, Levanter's forward FLOPs per token, device peak FLOP/s, and MFU.
 
-Formulas: ../shared/reference/marin-speedrun.md §2 (total_trainable_params) and §5 (lm_flops_per_token, peaks).
+Formulas: Levanter (github.com/stanford-crfm/levanter) src/levanter/models/llama.py total_trainable_params,
+src/levanter/utils/flop_utils.py lm_flops_per_token; peaks: Marin lib/fray/src/fray/cluster/device_flops.py.
+Checked against the figures in tinyjax/reference/ (tests/test_flops.py).
 """
 from __future__ import annotations
 

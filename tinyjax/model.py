@@ -4,7 +4,9 @@ Conventions: shape suffixes name the dimensions of every array.
   B batch · L sequence length · D hidden_dim · H query heads · G kv heads · R = H/G queries per kv head
   K head_dim · F intermediate_dim · V vocab_size
 Kernels are Flax-style (in, out); Levanter stores (out, in), which only matters for Muon (see optim.py).
-Source facts: ../shared/reference/marin-speedrun.md §2 (architecture, init), §8 (loss, document masking).
+Sources: Levanter (github.com/stanford-crfm/levanter @ 9263f81e; lib/levanter in github.com/marin-community/marin)
+src/levanter/models/llama.py (architecture), lm_model.py (loss, EOS document masking); Haliax src/haliax/nn/linear.py,
+embedding.py (init).
 """
 from __future__ import annotations
 

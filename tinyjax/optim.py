@@ -2,7 +2,7 @@
 
 Sources (read for this file): levanter src/levanter/optim/{muon.py,util.py,config.py} as vendored in
 marin lib/levanter (MuonConfig.build/create_mask, scale_with_muon, zeropower_via_newtonschulz5,
-OptimizerConfig.build_weight_decay_mask/lr_scheduler, AdamConfig.build); /work/shared/reference/marin-speedrun.md §3.
+OptimizerConfig.build_weight_decay_mask/lr_scheduler, AdamConfig.build), github.com/marin-community/marin.
 """
 from __future__ import annotations
 

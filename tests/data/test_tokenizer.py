@@ -12,7 +12,7 @@ def test_byte_table_equals_levanters_rule_through_transformers(tmp_path):
   """Levanter's byte_length_of_token, run with transformers on an offline tokenizer whose tokenizer_config.json has
   clean_up_tokenization_spaces=true and which has added special tokens beyond BOS/EOS (like Llama-3's <|eot_id|>):
   0 only for all_special_ids, else len(decode([id('.'), id]).utf8) - 1 under transformers' decode rules."""
-  transformers = pytest.importorskip("transformers")
+  transformers = pytest.importorskip("transformers", reason="pip install -e '.[test]' installs transformers")
   bos, eos, extra = "<|begin_of_text|>", "<|end_of_text|>", ["<|eot_id|>", "<|reserved_special_token_0|>"]
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()

@@ -1,7 +1,8 @@
 """workdir/speedrun_results.json in Marin's per-run shape, from the files a run leaves (config, run_info, metrics).
 
 Marin's `speedrun_results.json` is `{"runs": [{"run_info": {...}}]}` written with sort_keys
-(../shared/reference/marin-speedrun.md §1); the FLOPs fields follow §5. tinyjax's own additions sit under the
+(github.com/marin-community/marin lib/marin/src/marin/speedrun/speedrun.py); the FLOPs fields follow Levanter's
+flop_utils.py and Marin's SpeedrunConfig.compute_model_flops. tinyjax's own additions sit under the
 `tinyjax` key so that the Marin fields keep Marin's meaning.
 
 Chips: a JAX device is one chip on GPUs and on TPU v4/v5p/v5e/v6e (megacore), so num_chips = num_devices. On TPU
