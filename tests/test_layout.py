@@ -11,9 +11,9 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Lowest first. A module's layer is the one naming it exactly, else the first whose pattern matches it.
 LAYERS = (
     ("leaves: jax-free facts and kernels", (
-        "tinyjax.errors", "tinyjax.kernels", "tinyjax.kernels.*", "tinyjax.sharding", "tinyjax.runtime.files",
-        "tinyjax.launch.commands", "tinyjax.hardware", "tinyjax.hardware.hlo", "tinyjax.launch", "tinyjax.runtime",
-        "tinyjax.benchmarks")),
+        "tinyjax.errors", "tinyjax.reference", "tinyjax.kernels", "tinyjax.kernels.*", "tinyjax.sharding",
+        "tinyjax.runtime.files", "tinyjax.launch.commands", "tinyjax.hardware", "tinyjax.hardware.hlo",
+        "tinyjax.launch", "tinyjax.runtime", "tinyjax.benchmarks")),
     ("the model", ("tinyjax.model", "tinyjax.flops", "tinyjax.hardware.roofline")),
     ("config and the targets' facts", ("tinyjax.config", "tinyjax.optim", "tinyjax.hardware.targets",
                                        "tinyjax.hardware.memory")),
