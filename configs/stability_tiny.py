@@ -2,13 +2,10 @@
 
 COMMAND:  python -m tinyjax.stability --config=configs/stability_tiny.py --lrs 1e-3,3e-3,1e-2,3e-2,1e-1,3e-1,5e-1,1 \
             --vary model.use_qk_norm=False,True --workdir-root=workdir/stability_tiny
-HARDWARE: a 2-core CPU (no GPU, no network): 2m40s for the 16 runs (~10 s each, mostly start-up) on the project
-          machine, after the python-docs cache for the 512-token BPE exists.
-EXPECTED: (deterministic on CPU) initial loss 6.71; best final loss 4.13 (QK-norm off) / 4.03 (on), both at lr 1e-2.
-          Boundary: off lr 1, on lr 0.5 (loss-blowup at step 24; stopped by step 28 of 200). LR sensitivity 0.870
-          (off) / 1.043 (on); recommended lr 0.5 / 0.1. QK-norm moves the boundary DOWN here (one 2x grid step) while
-          lowering the loss at every LR <= 0.3: at this size the high-LR failure is an early loss spike after warmup,
-          not the slow attention-logit growth QK-norm fights at scale. Figure: docs/tiny_stability.png.
+HARDWARE: a 2-core CPU (no GPU, no network), minutes for the 16 runs once the python-docs cache for the 512-token
+          BPE exists.
+EXPECTED: README "Finding the LR stability boundary": the best loss per setting, the divergence boundary, the LR sensitivity and the
+          recommended LR of this grid (figure: docs/tiny_stability.png); the bits are the CPU's (BUILD_NOTES).
 """
 from tinyjax import config
 

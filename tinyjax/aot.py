@@ -112,14 +112,11 @@ def compile_for(cfg, target: targets.Target, search: bool = True, hlo_dir: str =
   """In the child: the step compiled for `target` at the configured accumulation (0 = auto), the accumulation
   grad_accum_steps=0 would pick (with `search`; beyond a configured one that does not fit, each candidate is one
   more compile), and the figures, kernels and fingerprint of the compiled module."""
-  import numpy as np  # noqa: PLC0415
-  from jax.sharding import AxisType, Mesh  # noqa: PLC0415
-
-  from tinyjax import config, step  # noqa: PLC0415
+  from tinyjax import config, sharding, step  # noqa: PLC0415
   devices = topology(target).devices
-  data = len(devices) if cfg.mesh.data == -1 else cfg.mesh.data
   config.validate(cfg, num_devices=len(devices))  # batch and accumulation must divide over the target's chips
-  mesh = Mesh(np.asarray(devices[:data]), ("data",), axis_types=(AxisType.Auto,))
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  data = mesh.devices.size
   built = step.build(cfg, mesh, target.platform)
   planner = built.planner(cfg.train.train_batch_size)
   start = time.perf_counter()

@@ -5,7 +5,7 @@ python -m tinyjax.envdiff --config=configs/tiny.py --a env.xla_python_client_pre
 python -m tinyjax.envdiff --config=configs/tiny.py --target=h100 --a XLA_FLAGS=--xla_gpu_enable_triton_gemm=false
 python -m tinyjax.envdiff --runs WORKDIR_A WORKDIR_B     (two finished runs, e.g. from two machines)
 
-With --target=NAME (tinyjax/targets.py) nothing is trained: each side compiles the train step for that GPU or TPU
+With --target=NAME (tinyjax/hardware/targets.py) nothing is trained: each side compiles the train step for that GPU or TPU
 with the target's own compiler (tinyjax/aot.py), and the report says whether the optimized programs differ (their
 fingerprints, and which fusions, kernels and op counts changed) and what each side's memory plan is. Settings that
 only steer the runtime's allocator (preallocation, memory fraction, allocator kind) cannot change the program; they

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import AxisType, Mesh
+import ml_collections
+from jax.sharding import Mesh
 
 from tinyjax import config, flops, optim, sharding, step
 from tinyjax.hardware import hlo, memory, targets
@@ -54,7 +54,7 @@ def describe(cfg, mesh, env_record: dict) -> dict:
 
 
 def one_device_mesh(mesh) -> Mesh:
-  return Mesh(np.asarray(mesh.devices.flat[:1]), (sharding.DATA,), axis_types=(AxisType.Auto,))
+  return sharding.make_mesh(ml_collections.ConfigDict({"data": 1}), mesh.devices.flat)
 
 
 def memory_plan(cfg, mesh, hlo_dir: str = "") -> dict:
@@ -65,11 +65,9 @@ def memory_plan(cfg, mesh, hlo_dir: str = "") -> dict:
   batch = cfg.train.train_batch_size
   if cfg.train.plan_num_devices:
     mesh, batch = one_device_mesh(mesh), batch // data_size
-  device = mesh.devices.flat[0]
   built = step.build(cfg, mesh)
-  planner, model_cfg = built.planner(batch), built.model.cfg
-  accum, info, fit = planner.choose(memory.device_memory(device.device_kind, cfg.train.device_memory_gb),
-                                    device.platform)
+  device, planner, accum, info, fit = step.plan_for_device(built, cfg, batch)
+  model_cfg = built.model.cfg
   out = {"per_device_batch": planner.per_device_batch, "grad_accum_steps": accum,
          "grad_accum_auto": cfg.train.grad_accum_steps == 0, "attention": model_cfg.attention,
          "analytic_gib": memory.gib(memory.analytic(cfg, model_cfg, planner.per_device_batch, accum, data_size,

@@ -14,8 +14,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA = "data"
 
 
-def make_mesh(mesh_cfg) -> Mesh:
-  devices = jax.devices()
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """The data-parallel mesh of config.mesh over `devices` (default: this process's JAX devices; a target's
+  topology devices for a deviceless compile): mesh.data of them, -1 for all."""
+  devices = jax.devices() if devices is None else list(devices)
   n = len(devices) if mesh_cfg.data == -1 else mesh_cfg.data
   # Auto axes: classic GSPMD propagation (jax >= 0.10 defaults make_mesh to Explicit axes).
   return Mesh(np.asarray(devices[:n]), (DATA,), axis_types=(AxisType.Auto,))

@@ -1,7 +1,7 @@
 """The train step: its state, the jitted update (gradient accumulation, non-finite guard), the abstract inputs it is
 compiled for, and the planner that compiles it at each gradient accumulation to find what fits a device.
 
-`build(cfg, mesh, platform)` is the one place a config becomes a step: train.py runs it, plan.py, hardware/aot.py and
+`build(cfg, mesh, platform)` is the one place a config becomes a step: train.py runs it, plan.py, aot.py and
 audit.py compile or trace it, the benchmarks time it. The ConfigDict stops here: the step itself takes StepSettings.
 """
 from __future__ import annotations
@@ -291,14 +291,21 @@ def _check_loss_kernel(model_cfg: ModelConfig, platform: str) -> None:
         f"{platform}: use auto or fused, or model.kernel_interpret=true (the kernel interpreted, slowly)")
 
 
+def plan_for_device(built: Built, cfg, batch: int):
+  """(device, planner, accumulation, figures, fit) of `batch` rows on the first device of the built step's mesh, at
+  the accumulation grad_accum_steps asks for (0: the smallest that fits the device's memory)."""
+  device = built.batch_sh.mesh.devices.flat[0]
+  planner = built.planner(batch)
+  accum, info, fit = planner.choose(memory.device_memory(device.device_kind, cfg.train.device_memory_gb),
+                                    device.platform)
+  return device, planner, accum, info, fit
+
+
 def compile_for_device(built: Built, cfg) -> tuple[Any, dict]:
   """(train step, memory plan) on this mesh's devices: the step compiled ahead (shapes only, under the mesh, so the
   Pallas kernels and the fused loss run per shard) and XLA's figures; with train.memory_check a step that cannot
   fit the device is a ConfigError before anything is allocated. grad_accum_steps=0 picks the smallest that fits."""
-  device = built.batch_sh.mesh.devices.flat[0]
-  planner = built.planner(cfg.train.train_batch_size)
-  accum, info, fit = planner.choose(memory.device_memory(device.device_kind, cfg.train.device_memory_gb),
-                                    device.platform)
+  device, planner, accum, info, fit = plan_for_device(built, cfg, cfg.train.train_batch_size)
   if cfg.train.memory_check and fit["fits"] is False:
     memory.refuse(cfg, info["peak"], fit, device.device_kind, accum)
   return planner.executables[accum], {"checked": cfg.train.memory_check, "grad_accum_steps": accum,

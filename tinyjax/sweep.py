@@ -101,7 +101,7 @@ def split_args(how: str, after: list[str]) -> tuple[list[str], list[str]]:
   tpu/slurm take their launcher's args, then optionally `--` and main args."""
   if how not in ("tpu", "slurm"):
     return [], after
-  return (after[:after.index("--")], after[after.index("--") + 1:]) if "--" in after else (after, [])
+  return C.split_at_dashes(after)
 
 
 def check_extra(sweep: dict, points: list[Point], extra: list[str]) -> None:
@@ -268,7 +268,7 @@ def write_report(sweep: dict, root: str, points: list[Point]) -> tuple[str, list
 
 
 def main(argv: list[str]) -> int:
-  own, after = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+  own, after = C.split_at_dashes(argv)
   p = cli.ArgParser(prog="python -m tinyjax.sweep", description=__doc__.splitlines()[0])
   p.add_argument("sweep_file")
   p.add_argument("--launch", choices=LAUNCHES, default=None, help="run the points (default: local unless --report)")
@@ -276,7 +276,7 @@ def main(argv: list[str]) -> int:
   p.add_argument("--dry-run", action="store_true", help="print the commands the launch would run")
   p.add_argument("--report", action="store_true", help="write ROOT/report.csv and the figures")
   p.add_argument("--targets", default="", help="print which points fit on these (h100, v5p-8, ...; see "
-                 "tinyjax/targets.py) by their own compilers; with --launch tpu|slurm the launch hardware is added")
+                 "tinyjax/hardware/targets.py) by their own compilers; with --launch tpu|slurm the launch hardware is added")
   p.add_argument("--skip-preflight", action="store_true", help="launch on TPU/SLURM without compiling each point "
                  "for the hardware first")
   a = p.parse_args(own)

@@ -213,7 +213,9 @@ def _loop(s: Setup) -> tuple[Any, dict]:
   dyn_log = dynamics.Log(s.wd.local, s.start, [tracker])
   batches = data.train_batches(s.ds, cfg, s.start, jax.process_index(), jax.process_count())
   prof = profile.Profiler.open(cfg.train.profile_steps, s.wd, s.start)  # None when off
-  status, watchdog = "failed", distributed.Watchdog(cfg.distributed.step_timeout_s)  # a lost host must not hang us
+  # The status to record if the loop stops; None once it has completed (_finish records that, and pushes).
+  ended: str | None = "failed"
+  watchdog = distributed.Watchdog(cfg.distributed.step_timeout_s)  # a lost host must not hang us
   gc_policy(cfg.env.gc_policy)
   try:
     signals.stop_point()  # inside the try: a stop here is recorded in run_info.json ("preempted")
@@ -239,26 +241,27 @@ def _loop(s: Setup) -> tuple[Any, dict]:
       s.ckpt.wait()  # the final checkpoint is committed before the run is recorded as completed
     if prof:
       prof.report(s.train_step, s.built.model.cfg, cfg.train.train_batch_size, batch_sh.mesh)
-    status = "running"  # _finish marks it completed once the last records are written
+    ended = None
   except Exception as e:
     end = errors.ending(e)
-    status = end.status if end else "failed"
-    if status == "lost_host":  # the cleanup below would wait for the lost process: leave at once
-      record.finish(s.wd.local, s.info, status)
+    ended = end.status if end else "failed"
+    if ended == "lost_host":  # the cleanup below would wait for the lost process: leave at once
+      record.finish(s.wd.local, s.info, ended)
       distributed.leave_lost_host(end.evidence)
     raise
   finally:  # the watchdog stays on through the final checkpoint's close, which also waits on every process
     _close_all([prof.close if prof else None, dyn_log.flush, tracker.close, lambda: setattr(signals, "phase", "done"),
                 lambda: gc_policy("default"), s.ckpt.close if s.ckpt else None, watchdog.stop,
-                None if status == "running" else lambda: record.finish(s.wd.local, s.info, status), s.wd.push])
+                None if ended is None else lambda: record.finish(s.wd.local, s.info, ended),
+                None if ended is None else s.wd.push])
   return state, log.last
 
 
 def _finish(s: Setup, state, last: dict) -> dict:
   """The one end of a completed run, whether it just finished or a rerun found it complete: whatever of its records
   is missing is written (the final param_sha256 row), run_info.json is marked "completed", then speedrun_results.json
-  is written from it (missing, or written before the run was complete: a stop at the final step once left its status
-  "preempted" for good, measured by benchmarks.chaos), and a remote workdir is pushed."""
+  is written from it when missing or written before the run was complete (a stop at the final step writes it with
+  status "preempted"), and a remote workdir is pushed."""
   workdir, total = s.wd.local, s.total
   if jax.process_index() == 0:
     rows = metrics.read(workdir)

@@ -1,4 +1,4 @@
-"""How much checkpoint saves stall the training loop (issue: < 5% of step time at the default interval).
+"""How much checkpoint saves stall the training loop (the target: < 5% of step time at the default interval).
 
 python -m tinyjax.benchmarks.checkpoint_stall [--steps 200] [--every 20]
 

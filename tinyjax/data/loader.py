@@ -128,7 +128,7 @@ class _ReadWindows:
 
 
 def _worker_watches(parent: int, worker_index: int, worker_count: int) -> None:
-  """A Grain worker exits with the process that reads the batches (before: they outlived a kill -9 of it)."""
+  """A Grain worker exits with the process that reads the batches (a kill -9 of it included)."""
   faults.watch_parent(parent)
 
 

@@ -115,6 +115,14 @@ def run_name(values: dict) -> str:
   return re.sub(r"[^A-Za-z0-9._-]", "_", "_".join(parts)) or "base"
 
 
+def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
+  """A launcher's own arguments, and the ones after `--` (passed on to the program it starts)."""
+  if "--" not in argv:
+    return list(argv), []
+  i = argv.index("--")
+  return list(argv[:i]), list(argv[i + 1:])
+
+
 def main_argv(main_args: list[str], python: str = "python") -> list[str]:
   """`python -m tinyjax.main ARGS`: ARGS (--config=..., --config.a.b=v, --workdir=gs://...) pass through unchanged."""
   return [python, "-m", "tinyjax.main", *main_args]

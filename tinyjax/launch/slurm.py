@@ -46,7 +46,7 @@ def _parser() -> cli.ArgParser:
 
 
 def main(argv: list[str]) -> int:
-  own, main_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+  own, main_args = C.split_at_dashes(argv)
   a = _parser().parse_args(own)
   if not main_args:
     cli.fail("the training arguments go after --, e.g. -- --config=configs/c4_50m.py --workdir=/shared/runs/x")

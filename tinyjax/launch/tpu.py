@@ -207,7 +207,7 @@ def _parser() -> cli.ArgParser:
 
 
 def main(argv: list[str]) -> int:
-  own, main_args = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+  own, main_args = C.split_at_dashes(argv)
   a = _parser().parse_args(own)
   t = C.Tpu(a.name, a.zone, a.accelerator_type, a.version, a.project, a.spot, a.queued)
   if a.verb in ("setup", "babysit") and not a.repo:

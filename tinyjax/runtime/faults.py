@@ -20,7 +20,7 @@ _SAID_BY_US = "Reached preemption sync point"
 
 
 def quiet_background_noise():
-  """Keeps a failed checkpoint write to the one line main prints (measured before: 806 lines, 55 tracebacks).
+  """Keeps a failed checkpoint write to the one line main prints (without this: hundreds of lines and tracebacks).
 
   Orbax logs each failed write of its background threads with a traceback, and tensorstore's late callbacks print
   "Event loop is closed" (through sys.unraisablehook) once Orbax has closed their event loop. A full disk always
@@ -78,11 +78,10 @@ class Signals:
   """The one handler of SIGTERM, SIGINT and SIGHUP for a run's life (installed by `handling_signals`).
 
   Signals are handled by a thread of their own, woken through Python's signal wakeup fd, so the main thread is never
-  interrupted and never needs to be free: before, the handler raised an exception wherever the main thread happened
-  to be (caught by the restore's `except Exception`, which then called the good newest checkpoint unreadable, moved
-  it aside and resumed from the previous one; or raised inside JAX's gc callback, where Python only printed
-  "Exception ignored" and the run went on), and a Python-level handler waits for the main thread to leave a long C
-  call (an XLA compile). The thread records the first signal; the run acts on it where it is safe:
+  interrupted and never needs to be free: a handler raising in the main thread would land wherever it happens to be
+  (inside the restore's `except Exception`, which would call a good checkpoint unreadable; inside JAX's gc callback,
+  where Python only prints "Exception ignored"), and a Python-level handler waits for the main thread to leave a long
+  C call (an XLA compile). The thread records the first signal; the run acts on it where it is safe:
     setup (phase "setup": the data build, restore, compile, anything before the first step): the next `stop_point()`
       raises StoppedInSetup (main: one line, exit 75); in the programs (grace_s=SETUP_GRACE_S), if none comes in
       time, the thread prints the same line and exits 75;
@@ -284,9 +283,9 @@ def _wait_for_exit(parent: int) -> None:
 def watch_parent_if_spawned() -> None:
   """Called when tinyjax is imported. A process that multiprocessing spawned from a tinyjax program (the cache
   builder's pool, Grain's prefetch workers) imports tinyjax while it still unpickles its work (its parent's main
-  module, or its task), so from this moment it dies with its parent: before, a build worker lived on for > 5 s of
-  startup after a kill -9, then died with an UnpicklingError traceback, and Grain workers did not die at all. Their
-  initializers call watch_parent too (a parent that is no tinyjax program: a script)."""
+  module, or its task), so from this moment it dies with its parent (a kill -9 of the parent leaves no worker
+  behind, and none ends in an UnpicklingError traceback). Their initializers call watch_parent too (a parent that is
+  no tinyjax program: a script)."""
   import multiprocessing.process  # noqa: PLC0415
   parent = os.environ.get(PARENT_PID_ENV, "")
   if getattr(multiprocessing.process.current_process(), "_inheriting", False) and parent.isdigit():
