@@ -260,7 +260,7 @@ def _stable_rows(workdir):
 
 # As if the disk filled up while the save ran: the space check before the save sees room (Orbax's write then fails).
 _NO_SPACE_CHECK = ("import runpy, sys; from tinyjax.runtime import checkpoint; "
-                   "checkpoint.Checkpointer._free_bytes = lambda self: None; "
+                   "checkpoint.DiskSpace.free = lambda self: None; "
                    "sys.argv = ['tinyjax.main'] + sys.argv[1:]; runpy.run_module('tinyjax.main', run_name='__main__')")
 
 
@@ -288,7 +288,7 @@ def test_disk_full_is_one_line_and_the_run_resumes_exactly(main, error_line, tra
 # The disk fills up completely the moment the save of step 4 starts (the run waits for the test to fill it): the
 # save, TensorBoard, metrics.jsonl and run_info.json writes all fail.
 _FILL_DURING_SAVE = ("import os, runpy, sys, time; from tinyjax.runtime import checkpoint; "
-                     "checkpoint.Checkpointer._free_bytes = lambda self: None; real = checkpoint.Checkpointer.save\n"
+                     "checkpoint.DiskSpace.free = lambda self: None; real = checkpoint.Checkpointer.save\n"
                      "def save(self, step, state, meta):\n"
                      "  if step == 4:\n"
                      "    open(os.environ['FILL_NOW'], 'w').close()\n"

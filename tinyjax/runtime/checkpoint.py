@@ -50,6 +50,64 @@ def _flat(d: dict, prefix: str = "") -> dict:
   return out
 
 
+class DiskSpace:
+  """Full disks around a checkpoint directory. A save is refused before it starts when the space is visibly missing
+  (the newest checkpoint's size, or the state's bytes before the first, against the free space), else Orbax's error
+  is turned into one line by the Checkpointer. Either way the unfinished `<step>.orbax-checkpoint-tmp` is removed and
+  older checkpoints are untouched."""
+
+  def __init__(self, directory: str):
+    self.directory, self.remote = directory, "://" in directory
+
+  def needed(self, committed: int | None, state) -> int:
+    """Bytes a next checkpoint needs: 10% above the newest one on disk, or the state's raw bytes before the first."""
+    newest = os.path.join(self.directory, str(committed)) if committed is not None else None
+    if newest and os.path.isdir(newest):
+      on_disk = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(newest) for n in names)
+      return int(on_disk * 1.1) + (1 << 20)
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)) + (1 << 20)
+
+  def free(self) -> int | None:
+    if self.remote or jax.process_count() > 1:  # remote, or several writers: Orbax's errors only
+      return None
+    os.makedirs(self.directory, exist_ok=True)
+    return shutil.disk_usage(self.directory).free
+
+  def shortfall(self, committed: int | None, state) -> tuple[str, str] | None:
+    """(needed, free) as text when the next checkpoint visibly does not fit, else None."""
+    free, needed = self.free(), self.needed(committed, state)
+    return (_mb(needed), _mb(free)) if free is not None and free < needed else None
+
+  @staticmethod
+  def after_full(committed: int | None) -> str:
+    if committed is None:
+      return "no checkpoint had been written yet: free space and rerun to start again"
+    return (f"the last complete checkpoint, step {committed}, is intact: free space (or lower "
+            "checkpoint.max_to_keep) and rerun to resume from it")
+
+  def discard_unfinished(self, step: int) -> None:
+    """Removes a failed save's tmp folder. Orbax's writer threads (and the pool threads they use) outlive the failure
+    they report and were measured to refill a folder removed at once: join Orbax's threads, then remove until the
+    folder has stayed away for 0.5 s (10 s cap)."""
+    deadline = time.monotonic() + 10
+    for t in threading.enumerate():
+      if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
+        with contextlib.suppress(Exception):  # Orbax's threads re-raise their failure (this one) from join()
+          t.join(max(0.0, deadline - time.monotonic()))
+    if jax.process_index() != 0 or self.remote:
+      return
+    path, gone_since = os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp"), None
+    while time.monotonic() < deadline:
+      if os.path.exists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        gone_since = None
+      elif gone_since is None:
+        gone_since = time.monotonic()
+      elif time.monotonic() - gone_since >= 0.5:
+        return
+      time.sleep(0.05)
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, cfg, directory: str | None = None):
@@ -57,6 +115,7 @@ class Checkpointer:
     # directory: <workdir>/checkpoints, or a remote one (gs://...) for a remote workdir (workdir.py)
     self.directory = directory or os.path.join(os.path.abspath(workdir), "checkpoints")
     self.remote = "://" in self.directory
+    self.space = DiskSpace(self.directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=k.max_to_keep, keep_period=k.keep_period or None, enable_async_checkpointing=k.async_save,
         cleanup_tmp_directories=True, create=True, todelete_subdir=None if self.remote else DELETING)
@@ -84,66 +143,16 @@ class Checkpointer:
                                                       meta=ocp.args.JsonSave(meta)), force=True)
     self.pending, self.last_save_time, self.last_step = step, time.monotonic(), step
 
-  # A full disk: the save is refused before it starts when the space is visibly missing (the newest checkpoint's
-  # size, or the state's bytes before the first, against the free space), else Orbax's error is turned into one
-  # line. Either way the unfinished `<step>.orbax-checkpoint-tmp` is removed and older checkpoints are untouched.
-  def space_needed(self, state) -> int:
-    """Bytes a next checkpoint needs: 10% above the newest one on disk, or the state's raw bytes before the first."""
-    newest = os.path.join(self.directory, str(self.committed)) if self.committed is not None else None
-    if newest and os.path.isdir(newest):
-      on_disk = sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(newest) for n in names)
-      return int(on_disk * 1.1) + (1 << 20)
-    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)) + (1 << 20)
-
-  def _free_bytes(self) -> int | None:
-    if self.remote or jax.process_count() > 1:  # remote, or several writers: Orbax's errors only
-      return None
-    os.makedirs(self.directory, exist_ok=True)
-    return shutil.disk_usage(self.directory).free
-
-  def _shortfall(self, state) -> tuple[str, str] | None:
-    """(needed, free) as text when the next checkpoint visibly does not fit, else None."""
-    free, needed = self._free_bytes(), self.space_needed(state)
-    return (_mb(needed), _mb(free)) if free is not None and free < needed else None
-
   def check_space(self, state) -> None:
     """Before training: a workdir without room for one checkpoint of this state is a ConfigError."""
-    if short := self._shortfall(state):
+    if short := self.space.shortfall(self.committed, state):
       raise ConfigError(f"{self.directory} has {short[1]} free but a checkpoint of this run needs about "
                         f"{short[0]}: free space or choose another --workdir")
 
   def _check_space(self, step: int, state) -> None:
-    if short := self._shortfall(state):
+    if short := self.space.shortfall(self.committed, state):
       raise errors.DiskFull(f"disk full: checkpoint step {step} needs about {short[0]} and {self.directory} has "
-                            f"{short[1]} free; {self._after_disk_full()}")
-
-  def _discard_unfinished(self, step: int) -> None:
-    """Removes a failed save's tmp folder. Orbax's writer threads (and the pool threads they use) outlive the failure
-    they report and were measured to refill a folder removed at once: join Orbax's threads, then remove until the
-    folder has stayed away for 0.5 s (10 s cap)."""
-    deadline = time.monotonic() + 10
-    for t in threading.enumerate():
-      if t is not threading.current_thread() and type(t).__module__.startswith("orbax"):
-        with contextlib.suppress(Exception):  # Orbax's threads re-raise their failure (this one) from join()
-          t.join(max(0.0, deadline - time.monotonic()))
-    if jax.process_index() != 0 or "://" in self.directory:
-      return
-    path, gone_since = os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp"), None
-    while time.monotonic() < deadline:
-      if os.path.exists(path):
-        shutil.rmtree(path, ignore_errors=True)
-        gone_since = None
-      elif gone_since is None:
-        gone_since = time.monotonic()
-      elif time.monotonic() - gone_since >= 0.5:
-        return
-      time.sleep(0.05)
-
-  def _after_disk_full(self) -> str:
-    if self.committed is None:
-      return "no checkpoint had been written yet: free space and rerun to start again"
-    return (f"the last complete checkpoint, step {self.committed}, is intact: free space (or lower "
-            "checkpoint.max_to_keep) and rerun to resume from it")
+                            f"{short[1]} free; {self.space.after_full(self.committed)}")
 
   @contextlib.contextmanager
   def _disk_full_is_one_line(self, step: int | None):
@@ -155,10 +164,10 @@ class Checkpointer:
         raise
       with contextlib.suppress(Exception):  # Orbax keeps the error for a later call: it is reported here, once
         self.manager.check_for_errors()
-      self._discard_unfinished(step)
+      self.space.discard_unfinished(step)
       self.pending = None
       raise errors.DiskFull(f"disk full: checkpoint step {step} could not be written to {self.directory} ({reason}); "
-                            f"{self._after_disk_full()}") from e
+                            f"{self.space.after_full(self.committed)}") from e
 
   def _check_config(self, saved: dict, step: int) -> None:
     """A checkpoint of a different model is a user mistake: name every differing model field."""
