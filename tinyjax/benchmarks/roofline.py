@@ -21,9 +21,8 @@ import os
 
 import jax
 
-from tinyjax import cli, config, env, sharding, step
+from tinyjax import aot, cli, config, env, sharding, step
 from tinyjax.benchmarks import device
-from tinyjax import aot
 from tinyjax.hardware import targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -15,8 +15,7 @@ import os
 
 import jax
 
-from tinyjax import cli, config, env, plan, sharding
-from tinyjax import aot
+from tinyjax import aot, cli, config, env, plan, sharding
 from tinyjax.hardware import targets
 
 CONFIGS = ("tiny", "stability_tiny", "c4_30m", "c4_50m", "c4_75m", "c4_130m")
