@@ -27,7 +27,9 @@ LOSS_RTOL, DISPLACEMENT_RTOL = 3e-4, 4e-4
 
 
 def _small_cfg(**overrides):
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  tests = os.path.dirname(os.path.abspath(__file__))
+  if tests not in sys.path:  # run as a script (`python tests/test_gate.py`); under pytest conftest put it there
+    sys.path.insert(0, tests)
   import support  # noqa: PLC0415
   return support.set_keys(support.load_config(support.SMALL_CONFIG), overrides)
 

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tinyjax.benchmarks import chaos
+
 STEPS = 60
 
 
@@ -61,32 +63,11 @@ def test_sigkill_five_times_then_identical(run_program, token_cache, tmp_path):
   assert sha == ref_sha and len(sha) == 1, f"final params differ after kills at {kills}"
 
 
-# Fields that measure time, name the run's process/dir, or the source tree's git state (others commit while it runs)
-# differ between any two runs; everything else must match.
-TIMED = ("time", "second", "argv", "workdir", "mfu", "per_s", "eta", "hour", "date", "duration", "host", "pid", "git")
-
-
-def _stable(x):
-  if isinstance(x, dict):
-    return {k: _stable(v) for k, v in x.items() if not any(t in k.lower() for t in TIMED)}
-  if isinstance(x, list):
-    return [_stable(v) for v in x]
-  return x
-
-
-def _flat(x, prefix=""):
-  if isinstance(x, dict):
-    return {k: v for key, val in x.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
-  if isinstance(x, list):
-    return {k: v for i, val in enumerate(x) for k, v in _flat(val, f"{prefix}{i}.").items()}
-  return {prefix: x}
-
-
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [_stable(json.loads(line)) for line in f]
+    rows = [chaos.stable(json.loads(line)) for line in f]
   with open(os.path.join(workdir, "speedrun_results.json")) as f:
-    return rows, _stable(json.load(f))
+    return rows, chaos.stable(json.load(f))
 
 
 def _kill_when(run_program, args, ready):
@@ -123,4 +104,4 @@ def test_sigkill_in_a_save_tmp_folder_and_after_the_final_checkpoint(run_program
   ref_rows, ref_results = _records(tmp_path / "ref")
   assert [r for r in rows if "param_sha256" in r] == [r for r in ref_rows if "param_sha256" in r]
   assert rows == ref_rows
-  assert _flat(results) == _flat(ref_results)
+  assert chaos.flat(results) == chaos.flat(ref_results)

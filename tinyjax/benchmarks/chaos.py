@@ -244,19 +244,21 @@ def start_and_maybe_strike(args, processes, logs, workdir, steps, fault, disk) -
 
 # ---- What must match ----
 
-def _stable(x):
+def stable(x):
+  """x without the fields that differ between any two runs (TIMED)."""
   if isinstance(x, dict):
-    return {k: _stable(v) for k, v in x.items() if not any(t in k.lower() for t in TIMED)}
+    return {k: stable(v) for k, v in x.items() if not any(t in k.lower() for t in TIMED)}
   if isinstance(x, list):
-    return [_stable(v) for v in x]
+    return [stable(v) for v in x]
   return x
 
 
-def _flat(x, prefix=""):
+def flat(x, prefix=""):
+  """A nested JSON value as {dotted.path: leaf}."""
   if isinstance(x, dict):
-    return {k: v for key, val in x.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {k: v for key, val in x.items() for k, v in flat(val, f"{prefix}{key}.").items()}
   if isinstance(x, list):
-    return {k: v for i, val in enumerate(x) for k, v in _flat(val, f"{prefix}{i}.").items()}
+    return {k: v for i, val in enumerate(x) for k, v in flat(val, f"{prefix}{i}.").items()}
   return {prefix.rstrip("."): x}
 
 
@@ -268,7 +270,7 @@ def records(workdir: str) -> dict:
       rows.append(json.loads(line))
     except ValueError:
       problems.append(f"metrics.jsonl line {number} is torn: {line[:60]!r}")
-  plain = [_stable(r) for r in rows if "event" not in r]
+  plain = [stable(r) for r in rows if "event" not in r]
   keys = [(r.get("step"), tuple(sorted(r))) for r in plain]
   dupes = sorted({k[0] for k in keys if keys.count(k) > 1}, key=str)
   if dupes:
@@ -277,7 +279,7 @@ def records(workdir: str) -> dict:
   for name in ("run_info.json", "speedrun_results.json"):
     try:
       with open(os.path.join(workdir, name)) as f:
-        out[name] = _flat(_stable(json.load(f)))
+        out[name] = flat(stable(json.load(f)))
     except (OSError, ValueError) as e:
       out[name] = {}
       problems.append(f"{name} unreadable ({type(e).__name__})")
