@@ -106,6 +106,29 @@ def test_other_ends_pass_through_unchanged(supervised):
   assert err == NATIVE_WARNING.decode() + "tinyjax: diverged: non-finite loss at step 7\n", err  # in order, none lost
 
 
+# A supervisor slow to reach its signal handlers after the fork (CI: the trainer printed its first line before them).
+EARLY = """
+import os, signal, sys, time
+from tinyjax.runtime import distributed
+forked = distributed.faults.forked
+def slow_supervisor(child):
+  forked(child=child)
+  if not child:
+    time.sleep(1)
+distributed.faults.forked = slow_supervisor
+distributed.supervise(0, 2)
+signal.signal(signal.SIGTERM, lambda s, f: (print("child got SIGTERM", flush=True), sys.exit(75)))
+os.kill(os.getppid(), signal.SIGTERM)
+time.sleep(60)
+"""
+
+
+def test_a_signal_before_the_supervisors_handlers_still_reaches_the_trainer(run_program):
+  """Before: the supervisor died of the SIGTERM (-15) and the trainer ran on without its notice."""
+  p = run_program(code=EARLY, timeout=60)
+  assert p.returncode == 75 and p.stdout == "child got SIGTERM\n", (p.returncode, p.stdout, p.stderr)
+
+
 @pytest.mark.slow
 def test_signals_reach_the_trainer_and_it_dies_with_its_supervisor(supervised):
   p = supervised("signals")

@@ -177,9 +177,28 @@ def supervise(index: int | None, count: int | None) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   read_fd, write_fd = os.pipe()
+  # The forwarding handlers are in place before the fork: a signal that comes before the trainer's pid is known waits
+  # in `early` (before, one right after the fork killed the supervisor and the trainer ran on without its notice).
+  # The trainer starts with these signals blocked and unblocks them once its own handlers are back.
+  trainer, early = [], []
+
+  def forward(signum, frame):
+    if trainer:
+      _forward(trainer[0], signum)
+    else:
+      early.append(signum)
+
+  previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+  mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
   parent, pid = os.getpid(), os.fork()
+  if pid == 0:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+  else:
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
   faults.forked(child=pid == 0)
   if pid == 0:
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(read_fd)
     _die_with(parent)
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the supervisor alone, which forwards it once
@@ -187,8 +206,9 @@ def supervise(index: int | None, count: int | None) -> None:
     os.close(write_fd)
     return
   os.close(write_fd)
-  for s in FORWARDED_SIGNALS:
-    signal.signal(s, lambda signum, frame: _forward(pid, signum))
+  trainer.append(pid)
+  for signum in early:
+    _forward(pid, signum)
   relay = _Relay(read_fd)
   _exit_as(os.waitstatus_to_exitcode(relay.run(pid)), relay, index, count)
 
