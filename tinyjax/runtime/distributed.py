@@ -192,8 +192,8 @@ def supervise(index: int | None, count: int | None) -> None:
   mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
   parent, pid = os.getpid(), os.fork()
   if pid == 0:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
+    for s, handler in previous.items():  # None: a handler installed outside Python (none is, before this point)
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)
   else:
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
   faults.forked(child=pid == 0)
