@@ -31,7 +31,7 @@ import numpy as np
 
 from tinyjax import cli, env
 from tinyjax.launch import commands as C
-from tinyjax.runtime import metrics
+from tinyjax.runtime import metrics, workdir as workdirs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ def read_run(workdir: str) -> dict:
   """A finished run's per-step rows, final param_sha256 and recorded env (run_info.json)."""
   try:
     rows = metrics.read(workdir)
-    with open(os.path.join(workdir, "run_info.json")) as f:
+    with open(os.path.join(workdir, workdirs.RUN_INFO)) as f:
       recorded = json.load(f).get("env") or {}
   except (OSError, ValueError) as e:
     cli.fail(f"{workdir}: not a finished tinyjax run ({getattr(e, 'strerror', None) or e})")

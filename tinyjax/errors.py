@@ -42,7 +42,8 @@ _DISK_FULL_TEXT = {"No space left on device": _FULL, "os_error_code='28'": _FULL
                    "Disk quota exceeded": _QUOTA, "os_error_code='122'": _QUOTA}
 
 
-def _reason_in_text(text: str) -> str | None:
+def disk_full_text(text: str) -> str | None:
+  """The full disk a message (an exception's, a log record's) reports, or None."""
   return next((reason for marker, reason in _DISK_FULL_TEXT.items() if marker in text), None)
 
 
@@ -71,16 +72,12 @@ def peer_lost(exc: BaseException | None) -> str | None:
   another process is gone; None otherwise, and always None in a single-process run. JAX raises these as
   JaxRuntimeError, or as ValueError from a jitted call (measured: Orbax's sync_global_devices -> "ValueError:
   UNKNOWN: Gloo AllGather failed: ... Connection closed by peer")."""
-  import jax  # noqa: PLC0415 - errors stays importable without jax (worker processes)
-  if isinstance(exc, ConfigError) or not jax.distributed.is_initialized():
+  if isinstance(exc, ConfigError) or not _distributed():
     return None
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    text = str(exc).strip()
-    if isinstance(exc, (RuntimeError, ValueError)) and any(marker in text for marker in _PEER_GONE):
+  for e in chain(exc):
+    text = str(e).strip()
+    if isinstance(e, (RuntimeError, ValueError)) and any(marker in text for marker in _PEER_GONE):
       return text.splitlines()[0][:240]
-    exc = exc.__cause__ or exc.__context__
   return None
 
 
@@ -108,31 +105,31 @@ def ending(exc: BaseException, where: str = "") -> Ending | None:
 
 
 def _distributed() -> bool:
-  import jax  # noqa: PLC0415
+  import jax  # noqa: PLC0415 - errors stays importable without jax (worker processes)
   return jax.distributed.is_initialized()
+
+
+def chain(exc: BaseException | None):
+  """exc, then its cause (or context), and so on: each exception once."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    yield exc
+    exc = exc.__cause__ or exc.__context__
 
 
 def in_chain(exc: BaseException | None, kind: type) -> BaseException | None:
   """The first exception of type `kind` in exc's chain (itself, its cause or context, ...), or None."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    if isinstance(exc, kind):
-      return exc
-    seen.add(id(exc))
-    exc = exc.__cause__ or exc.__context__
-  return None
+  return next((e for e in chain(exc) if isinstance(e, kind)), None)
 
 
 def disk_full_reason(exc: BaseException | None) -> str | None:
   """"No space left on device" (or the quota variant) when exc or an exception in its chain is a full disk."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-      return os.strerror(exc.errno)
-    if reason := _reason_in_text(str(exc)):
+  for e in chain(exc):
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return os.strerror(e.errno)
+    if reason := disk_full_text(str(e)):
       return reason
-    exc = exc.__cause__ or exc.__context__
   return None
 
 

@@ -33,6 +33,7 @@ import tempfile
 import time
 
 from tinyjax import cli
+from tinyjax.runtime import workdir as workdirs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EVAL_EVERY, SAVE_EVERY = 8, 4
@@ -126,7 +127,7 @@ class Run:
 
 def _rows(workdir: str) -> list[str]:
   try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with open(os.path.join(workdir, workdirs.METRICS)) as f:
       return f.read().splitlines()
   except OSError:
     return []
@@ -142,7 +143,7 @@ def _last_step(workdir: str) -> int:
 
 
 def _saving(workdir: str) -> bool:
-  ckpts = os.path.join(workdir, "checkpoints")
+  ckpts = os.path.join(workdir, workdirs.CHECKPOINTS)
   return os.path.isdir(ckpts) and any(".orbax-checkpoint-tmp" in n for n in os.listdir(ckpts))
 
 
@@ -190,7 +191,7 @@ def reached(f: Fault, run: Run, workdir: str, steps: int) -> bool:
     return _saving(workdir)
   if f.moment == "eval":
     return _in_eval(workdir)
-  return os.path.exists(os.path.join(workdir, "checkpoints", str(steps), "commit_success.txt"))
+  return os.path.exists(os.path.join(workdir, workdirs.CHECKPOINTS, str(steps), "commit_success.txt"))
 
 
 def fill(disk: str) -> None:
@@ -276,22 +277,20 @@ def records(workdir: str) -> dict:
   if dupes:
     problems.append(f"metrics.jsonl has duplicate rows for steps {dupes}")
   out = {"rows": plain, "problems": problems, "sha": [r["param_sha256"] for r in rows if "param_sha256" in r]}
-  for name in ("run_info.json", "speedrun_results.json"):
+  for name in (workdirs.RUN_INFO, workdirs.RESULTS):
     try:
       with open(os.path.join(workdir, name)) as f:
         out[name] = flat(stable(json.load(f)))
     except (OSError, ValueError) as e:
       out[name] = {}
       problems.append(f"{name} unreadable ({type(e).__name__})")
-  ckpts = os.path.join(workdir, "checkpoints")
+  ckpts = os.path.join(workdir, workdirs.CHECKPOINTS)
   names = sorted(os.listdir(ckpts)) if os.path.isdir(ckpts) else []
   out["checkpoints"] = [n for n in names if n.isdigit()]
   for n in names:
     if not n.isdigit():
       problems.append(f"checkpoints/{n} left behind")
-    elif not all(os.path.exists(os.path.join(ckpts, n, *p)) for p in
-                 (("commit_success.txt",), ("_CHECKPOINT_METADATA",), ("state", "commit_success.txt"),
-                  ("meta", "commit_success.txt"))):
+    elif not workdirs.complete_checkpoint(os.path.join(ckpts, n)):
       problems.append(f"checkpoints/{n} is incomplete (half-written or half-deleted): "
                       f"{sorted(os.listdir(os.path.join(ckpts, n)))}")
   for root, dirs, files in os.walk(workdir):
@@ -311,7 +310,7 @@ def differences(ref: dict, got: dict) -> list[str]:
     if ref_rows.get(key) != got_rows.get(key):
       what = "eval" if any(k.startswith("eval/") for k in key[1]) else "row"
       diff.append(f"metrics {what} at step {key[0]}: {_short(got_rows.get(key))} != {_short(ref_rows.get(key))}")
-  for name in ("run_info.json", "speedrun_results.json"):
+  for name in (workdirs.RUN_INFO, workdirs.RESULTS):
     keys = sorted(set(ref[name]) | set(got[name]))
     changed = [f"{k}: {got[name].get(k)!r} != {ref[name].get(k)!r}" for k in keys if ref[name].get(k) != got[name].get(k)]
     diff += [f"{name} {c}" for c in changed[:5]] + ([f"{name}: {len(changed) - 5} more fields"] if len(changed) > 5 else [])

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from tinyjax import errors
 from tinyjax.config import EXECUTION_ONLY_MODEL_KEYS, ConfigError
-from tinyjax.runtime import faults
+from tinyjax.runtime import faults, workdir as workdirs
 
 # What a resumed run may not change silently (it changes the trajectory): optimizer, budget, batch, data order.
 TRAINING_KEY_PREFIXES = ("seed", "optimizer.", "train.train_batch_size", "train.num_train_steps",
@@ -34,10 +34,6 @@ TRAINING_KEY_PREFIXES = ("seed", "optimizer.", "train.train_batch_size", "train.
 
 
 DELETING = "deleting"  # checkpoints/deleting/: the checkpoints Orbax dropped, renamed there whole, then removed
-# What every complete checkpoint folder holds (orbax-checkpoint 0.12: the manager's _CHECKPOINT_METADATA, and a
-# commit_success.txt at its top and in each item); a kill while Orbax deleted one leaves some of them missing.
-COMPLETE = (("_CHECKPOINT_METADATA",), ("commit_success.txt",), ("state", "commit_success.txt"),
-            ("meta", "commit_success.txt"))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -113,9 +109,9 @@ class Checkpointer:
   def __init__(self, workdir: str, cfg, directory: str | None = None):
     self.cfg, k = cfg, cfg.checkpoint
     # directory: <workdir>/checkpoints, or a remote one (gs://...) for a remote workdir (workdir.py)
-    self.directory = directory or os.path.join(os.path.abspath(workdir), "checkpoints")
-    self.remote = "://" in self.directory
+    self.directory = directory or os.path.join(os.path.abspath(workdir), workdirs.CHECKPOINTS)
     self.space = DiskSpace(self.directory)
+    self.remote = self.space.remote
     options = ocp.CheckpointManagerOptions(
         max_to_keep=k.max_to_keep, keep_period=k.keep_period or None, enable_async_checkpointing=k.async_save,
         cleanup_tmp_directories=True, create=True, todelete_subdir=None if self.remote else DELETING)
@@ -248,8 +244,7 @@ class Checkpointer:
     removed = []
     for name in os.listdir(self.directory):
       path = os.path.join(self.directory, name)
-      if name.isdigit() and int(name) < below and os.path.isdir(path) and not all(
-          os.path.exists(os.path.join(path, *part)) for part in COMPLETE):
+      if name.isdigit() and int(name) < below and os.path.isdir(path) and not workdirs.complete_checkpoint(path):
         shutil.rmtree(path, ignore_errors=True)
         removed.append(int(name))
     if removed:
@@ -258,7 +253,7 @@ class Checkpointer:
       self.manager.reload()
 
   def _move_aside(self, steps: list[int]) -> None:
-    if not steps or jax.process_index() != 0 or "://" in self.directory:
+    if not steps or jax.process_index() != 0 or self.remote:
       return
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for step in steps:

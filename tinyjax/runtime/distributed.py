@@ -110,9 +110,12 @@ def preempted(step: int, local_signal: str | None) -> bool:
 _LEAVING = threading.Lock()  # one line, even when the watchdog and the main thread notice at the same moment
 
 
+def _who(index: int | None, count: int | None) -> str:
+  return f"process {index} of {count}" if index is not None and count else "this process"
+
+
 def lost_host_line(index: int | None, count: int | None, evidence: str) -> str:
-  who = f"process {index} of {count}" if index is not None and count else "this process"
-  return (f"tinyjax: error: lost host: {who}: {evidence}; another process of this run (or its host) is gone; "
+  return (f"tinyjax: error: lost host: {_who(index, count)}: {evidence}; another process of this run (or its host) is gone; "
           f"exiting with code {errors.EXIT_LOST_HOST} (rerun the same command to resume from the last checkpoint)")
 
 
@@ -303,8 +306,7 @@ def _exit_as(code: int, relay: _Relay, index: int | None, count: int | None) -> 
 
 
 def killed_line(index: int | None, count: int | None) -> str:
-  who = f"process {index} of {count}" if index is not None and count else "this process"
-  return (f"tinyjax: error: {who}: the trainer was killed by SIGKILL (the kernel's out-of-memory killer, or kill -9); "
+  return (f"tinyjax: error: {_who(index, count)}: the trainer was killed by SIGKILL (the kernel's out-of-memory killer, or kill -9); "
           f"exiting with code {128 + signal.SIGKILL} (rerun the same command to resume from the last checkpoint)")
 
 

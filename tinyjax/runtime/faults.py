@@ -39,7 +39,7 @@ def quiet_background_noise():
 
   def keep(record: logging.LogRecord) -> bool:
     return not (errors.disk_full_reason(record.exc_info[1] if record.exc_info else None)
-                or errors.disk_full_reason(RuntimeError(record.getMessage())) or _SAID_BY_US in record.getMessage())
+                or errors.disk_full_text(record.getMessage()) or _SAID_BY_US in record.getMessage())
   # multiprocessing's resource tracker (a process of its own, started with this process's -W options) warns about
   # "leaked semaphore objects" after a parent that died abruptly (kill -9, or the stop-signal backstop): it cleans
   # them up itself, so the warning is noise on the one-line exit.

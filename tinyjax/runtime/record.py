@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from tinyjax.runtime import files
+from tinyjax.runtime import files, workdir as workdirs
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorstore", "tokenizers", "numpy",
             "ml_collections", "absl-py", "libtpu", "libtpu-nightly", "jax-cuda12-plugin", "jax-cuda13-plugin",
@@ -75,4 +75,4 @@ def finish(workdir: str, info: dict, status: str) -> None:
 
 def _write(workdir: str, info: dict) -> None:
   if jax.process_index() == 0:
-    files.atomic_write(os.path.join(workdir, "run_info.json"), json.dumps(info, indent=2, sort_keys=True, default=str))
+    files.atomic_write(os.path.join(workdir, workdirs.RUN_INFO), json.dumps(info, indent=2, sort_keys=True, default=str))

@@ -23,6 +23,16 @@ from tinyjax.errors import ConfigError
 CONFIG, RUN_INFO, METRICS, DYNAMICS = "config.json", "run_info.json", "metrics.jsonl", "dynamics.jsonl"
 RESULTS, SAMPLES, CHECKPOINTS, TENSORBOARD = "speedrun_results.json", "samples.json", "checkpoints", "tensorboard"
 MIRRORED = (CONFIG, METRICS, DYNAMICS, RUN_INFO, RESULTS, SAMPLES, TENSORBOARD)
+# What every complete checkpoint folder (CHECKPOINTS/<step>) holds (orbax-checkpoint 0.12: the manager's
+# _CHECKPOINT_METADATA, and a commit_success.txt at its top and in each item); a kill while Orbax deleted one leaves
+# some of them missing.
+COMPLETE_CHECKPOINT = (("_CHECKPOINT_METADATA",), ("commit_success.txt",), ("state", "commit_success.txt"),
+                       ("meta", "commit_success.txt"))
+
+
+def complete_checkpoint(path: str) -> bool:
+  """Whether the folder `path` holds a complete checkpoint (COMPLETE_CHECKPOINT)."""
+  return all(os.path.exists(os.path.join(path, *part)) for part in COMPLETE_CHECKPOINT)
 
 
 def read_json(workdir: str, name: str):
